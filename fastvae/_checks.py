@@ -1,0 +1,97 @@
+"""Input validation shared by every backend, run before any kernel is launched.
+
+Each check raises TypeError (wrong kind of thing) or ValueError (right kind, wrong value)
+with a message that names what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# "none" is only meaningful where the result can stay elementwise (the KL alone).
+KL_REDUCTIONS = ("sum", "batchmean", "mean", "none")
+LOSS_REDUCTIONS = ("sum", "batchmean", "mean")
+
+# Seeds feed Philox as a 64-bit key; negative values would alias positive ones after the cast.
+SEED_LIMIT = 2**63
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+        )
+
+
+def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    """Two tensors that are combined elementwise: same shape, dtype and device."""
+    check_float_tensor(name_a, a)
+    check_float_tensor(name_b, b)
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} has shape {shape_str(a)} but {name_b} has {shape_str(b)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}; pass the same dtype")
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def check_reduction(reduction: object, allowed: tuple[str, ...]) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+
+
+def check_batched(name: str, t: torch.Tensor, reduction: str) -> None:
+    if reduction == "batchmean" and t.dim() == 0:
+        raise ValueError(f"reduction 'batchmean' needs a batch dimension, but {name} is 0-dimensional")
+
+
+def check_seed(seed: object) -> None:
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+def check_latents(mu: torch.Tensor, logvar: torch.Tensor, reduction: str | None = None) -> None:
+    check_pair("mu", mu, "logvar", logvar)
+    if reduction is not None:
+        check_reduction(reduction, KL_REDUCTIONS)
+        check_batched("mu", mu, reduction)
+
+
+def check_vae_loss(
+    x_hat: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    beta: object,
+    reduction: str,
+) -> None:
+    check_pair("x_hat", x_hat, "x", x)
+    check_pair("mu", mu, "logvar", logvar)
+    check_reduction(reduction, LOSS_REDUCTIONS)
+    if x.dim() == 0 or mu.dim() == 0:
+        raise ValueError(
+            f"x and mu need a batch dimension, got x of shape {shape_str(x)} and mu of shape {shape_str(mu)}"
+        )
+    if x.shape[0] != mu.shape[0]:
+        raise ValueError(f"x has batch size {x.shape[0]} but mu has {mu.shape[0]}")
+    if x.device != mu.device:
+        raise ValueError(f"x is on {x.device} but mu is on {mu.device}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Reductions and returned losses are float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
