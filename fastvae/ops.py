@@ -66,10 +66,18 @@ def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str
         if reason is not None:
             raise ValueError(f"backend={backend!r} cannot run {op} on {device}: {reason}")
         return backend
+    return auto_choice(op, device)[0]
+
+
+def auto_choice(op: str, device: torch.device) -> tuple[str, list[str]]:
+    """The backend "auto" picks for ``op`` on ``device``, and why each faster one was passed over."""
+    passed_over = []
     for candidate in _AUTO_ORDER.get(device.type, ()):
-        if unavailable_reason(candidate, op, device) is None:
-            return candidate
-    return "reference"
+        reason = unavailable_reason(candidate, op, device)
+        if reason is None:
+            return candidate, passed_over
+        passed_over.append(f"{candidate}: {reason}")
+    return "reference", passed_over
 
 
 def _implementation(op: str, device: torch.device, backend: str):

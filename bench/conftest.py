@@ -1,0 +1,94 @@
+"""pytest-benchmark setup: ``pytest bench/`` runs each case once (a smoke test for CI);
+``pytest bench/ --benchmark`` times every case, prints one table and writes bench/results/."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from fastvae import benchmark as fb
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# Enough timed rounds for a stable median within about this many seconds per case.
+BUDGET_S = 1.0
+_ROWS: list[fb.Row] = []
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--benchmark",
+        action="store_true",
+        help="time every case (warm-up, many rounds) and write bench/results/; without it each case runs once",
+    )
+
+
+def pytest_configure(config):
+    if not config.getoption("--benchmark"):
+        config.option.benchmark_disable = True
+    # fastvae's own table says what matters; keep pytest-benchmark's to the raw medians.
+    config.option.benchmark_columns = ["median", "iqr", "rounds"]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        quick = not metafunc.config.getoption("--benchmark")
+        selected = [c for c in fb.cases(DEVICE, quick=quick) if c.op == metafunc.module.OP]
+        metafunc.parametrize("case", selected, ids=[c.id for c in selected])
+
+
+@pytest.fixture
+def run_case(benchmark):
+    def run(case: fb.Case) -> None:
+        def setup():
+            args = case.setup()
+            fb.synchronize(DEVICE)
+            return args, {}
+
+        def target(*args):
+            case.target(*args)
+            fb.synchronize(DEVICE)
+
+        if benchmark.disabled:
+            benchmark.pedantic(target, setup=setup)
+            return
+        # Warm up (torch.compile compiles here, so no compile time is timed), then size the rounds.
+        estimate = fb.time_case(case.setup, case.target, DEVICE, rounds=1, warmup=3)
+        rounds = max(5, min(200, int(BUDGET_S / max(estimate, 1e-6))))
+        benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
+        _ROWS.append(
+            fb.Row(
+                case.op, case.method, case.pass_, case.size, case.numel, benchmark.stats.stats.median,
+                case.bytes_moved, fb.saved_bytes(case), _peak_bytes(case),
+            )
+        )
+
+    return run
+
+
+def _peak_bytes(case: fb.Case) -> int | None:
+    if DEVICE.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    case.target(*case.setup())
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated(DEVICE)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not _ROWS:
+        return
+    rows = sorted(_ROWS, key=fb.row_order)
+    bandwidth = fb.copy_bandwidth(DEVICE)
+    env = fb.environment(DEVICE, "pytest " + " ".join(config.invocation_params.args))
+    terminalreporter.write_sep("=", f"fastvae benchmarks on {env['device']}")
+    terminalreporter.write_line(fb.format_table(rows, bandwidth))
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    os.makedirs(RESULTS, exist_ok=True)
+    fb.write_results(os.path.join(RESULTS, f"{slug}.json"), rows, bandwidth, env)
+    fb.plot(os.path.join(RESULTS, f"{slug}.png"), rows, env["device"])
+    terminalreporter.write_line(f"results written to bench/results/{slug}.json and .png")

@@ -1,0 +1,371 @@
+"""Benchmark cases shared by ``pytest bench/ --benchmark`` and ``fastvae bench``.
+
+Each case times one op (or the whole training step) one way: ``eager`` (fastvae.reference),
+``compile`` (torch.compile of the reference), ``fused`` (fastvae's kernels), or a memory ``floor``
+(a copy or an elementwise op over the same bytes). The table reports medians, speedups against
+eager and compile, achieved bandwidth as a fraction of the measured copy bandwidth, and the bytes
+each method keeps saved for the backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from fastvae import ops, reference
+from fastvae.model import VAE
+
+@dataclass
+class Case:
+    op: str
+    method: str
+    pass_: str
+    size: str
+    numel: int
+    # Bytes the op must move through memory; None where bandwidth is not the limit (training step).
+    bytes_moved: int | None
+    # setup() builds fresh inputs (untimed) and returns the arguments of target(*args) (timed).
+    setup: Callable[[], tuple] = field(repr=False)
+    target: Callable[..., object] = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.pass_}-{self.size}-{self.method}"
+
+
+@dataclass
+class Row:
+    op: str
+    method: str
+    pass_: str
+    size: str
+    numel: int
+    median_s: float
+    bytes_moved: int | None
+    saved_bytes: int | None = None
+    peak_bytes: int | None = None
+
+
+def _fused_backend(op: str, device: torch.device) -> str | None:
+    """The fused backend for ``op`` on ``device``, or None when none can run here."""
+    name = ops.auto_choice(op, device)[0]
+    return None if name == "reference" else name
+
+
+def _passes(forward: Callable, make_inputs: Callable[[], tuple], grad_of: Callable[[object], torch.Tensor]):
+    """(setup, target) for each pass of a differentiable ``forward(*inputs)``."""
+
+    def fwd_setup():
+        return make_inputs()
+
+    def fwd_bwd(*inputs):
+        grad_of(forward(*inputs)).backward()
+
+    def bwd_setup():
+        return (grad_of(forward(*make_inputs())),)
+
+    def bwd(scalar):
+        scalar.backward()
+
+    return {"fwd": (fwd_setup, forward), "bwd": (bwd_setup, bwd), "fwd+bwd": (fwd_setup, fwd_bwd)}
+
+
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)
+
+
+def _latent_cases(device: torch.device, shapes: list[tuple[int, int]], dtype: torch.dtype) -> list[Case]:
+    fused = _fused_backend("reparameterize_kl", device)
+    methods = {
+        "eager": lambda mu, lv: reference.reparameterize_kl(mu, lv),
+        "compile": _compiled(lambda mu, lv: reference.reparameterize_kl(mu, lv)),
+    }
+    if fused:
+        methods["fused"] = lambda mu, lv: ops.reparameterize_kl(mu, lv, backend=fused)
+    cases = []
+    for b, d in shapes:
+        n = b * d
+        size = dtype.itemsize
+
+        def make(b=b, d=d):
+            mu = torch.randn(b, d, device=device, dtype=dtype, requires_grad=True)
+            lv = (0.1 * torch.randn(b, d, device=device, dtype=dtype)).requires_grad_()
+            return mu, lv
+
+        def scalar(out):
+            z, kl = out
+            return z.sum() + kl
+
+        # Forward reads mu, logvar and writes z; backward reads grad_z, z and logvar and writes
+        # both gradients. The reductions' scalars are negligible.
+        moved = {"fwd": 3 * n * size, "bwd": 5 * n * size, "fwd+bwd": 8 * n * size}
+        for method, fn in methods.items():
+            for pass_, (setup, target) in _passes(fn, make, scalar).items():
+                cases.append(Case("reparameterize_kl", method, pass_, f"{b}x{d}", n, moved[pass_], setup, target))
+    return cases
+
+
+def _loss_cases(device: torch.device, batches: list[int], dtype: torch.dtype, image=(3, 64, 64), latent=128) -> list[Case]:
+    fused = _fused_backend("vae_loss", device)
+    methods = {
+        "eager": lambda *t: reference.vae_loss(*t),
+        "compile": _compiled(lambda *t: reference.vae_loss(*t)),
+    }
+    if fused:
+        methods["fused"] = lambda *t: ops.vae_loss(*t, backend=fused)
+    cases = []
+    for b in batches:
+        n = b * math.prod(image)
+        size = dtype.itemsize
+
+        def make(b=b):
+            x_hat = torch.rand(b, *image, device=device, dtype=dtype, requires_grad=True)
+            x = torch.rand(b, *image, device=device, dtype=dtype)
+            mu = torch.randn(b, latent, device=device, dtype=dtype, requires_grad=True)
+            lv = (0.1 * torch.randn(b, latent, device=device, dtype=dtype)).requires_grad_()
+            return x_hat, x, mu, lv
+
+        # The images dominate: forward reads x_hat and x, backward reads both and writes grad_x_hat.
+        moved = {"fwd": 2 * n * size, "bwd": 3 * n * size, "fwd+bwd": 5 * n * size}
+        label = f"{b}x{'x'.join(map(str, image))}"
+        for method, fn in methods.items():
+            for pass_, (setup, target) in _passes(fn, make, lambda out: out[0]).items():
+                cases.append(Case("vae_loss", method, pass_, label, n, moved[pass_], setup, target))
+
+        def sub_setup(b=b):
+            a, c = torch.rand(2, b, *image, device=device, dtype=dtype)
+            return a, c, torch.empty_like(a)
+
+        cases.append(Case("vae_loss", "floor", "fwd", label, n, 3 * n * size, sub_setup, lambda a, c, out: torch.sub(a, c, out=out)))
+    return cases
+
+
+def _train_cases(device: torch.device, batch: int, compile_: bool) -> list[Case]:
+    """One optimizer step of fastvae.VAE at the CelebA recipe (64x64, latent 128)."""
+    variants = {"eager": ("reference", False), "fused": ("auto", False)}
+    if compile_:
+        variants |= {"compile": ("reference", True), "fused+compile": ("auto", True)}
+    cases = []
+    for method, (backend, compiled) in variants.items():
+        state: list = []
+
+        def setup(backend=backend, compiled=compiled, state=state):
+            # Built once per case: a new model each round would make torch.compile recompile.
+            if not state:
+                torch.manual_seed(0)
+                model = VAE(backend=backend).to(device).train()
+                optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+                step_loss = _compiled(model.loss) if compiled else model.loss
+                state.extend([optimizer, step_loss, torch.rand(batch, 3, 64, 64, device=device)])
+            return tuple(state)
+
+        def step(optimizer, step_loss, x):
+            optimizer.zero_grad(set_to_none=True)
+            step_loss(x).loss.backward()
+            optimizer.step()
+
+        cases.append(Case("train_step", method, "step", f"batch {batch} 64x64", batch, None, setup, step))
+    return cases
+
+
+def cases(device: torch.device, quick: bool = False) -> list[Case]:
+    """Every case for ``device``; ``quick`` keeps the sizes that say the most in the least time."""
+    if device.type == "cuda":
+        latents = [(128, 128), (1024, 1024)] if quick else [(128, 128), (1024, 1024), (8192, 1024), (16384, 4096)]
+        batches = [128] if quick else [128, 512, 2048]
+        train_batch = 128
+    else:
+        latents = [(128, 128), (1024, 1024)] if quick else [(128, 128), (1024, 1024), (4096, 1024)]
+        batches = [128] if quick else [16, 128]
+        train_batch = 16
+    return (
+        _latent_cases(device, latents, torch.float32)
+        + _loss_cases(device, batches, torch.float32)
+        + _train_cases(device, train_batch, compile_=not quick)
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, numel: int = 1 << 24, rounds: int = 20) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), the memory ceiling."""
+    src = torch.empty(numel, device=device, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    seconds = time_case(lambda: (src, dst), lambda s, d: d.copy_(s), device, rounds=rounds, warmup=3)
+    return 2 * src.nbytes / seconds
+
+
+def time_case(setup: Callable[[], tuple], target: Callable, device: torch.device, rounds: int, warmup: int) -> float:
+    """Median seconds of ``target(*setup())`` over ``rounds`` runs; setup is not timed."""
+    times = []
+    for i in range(warmup + rounds):
+        args = setup()
+        synchronize(device)
+        start = time.perf_counter()
+        target(*args)
+        synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_bytes(case: Case) -> int | None:
+    """Bytes of the tensors the autograd graph of one forward keeps for the backward."""
+    if case.op == "train_step" or case.method == "floor" or case.pass_ != "fwd":
+        return None
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        inputs = case.setup()
+        case.target(*inputs)
+    # The op's inputs are alive whatever the backward needs; count only what the graph adds.
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
+def measure(case: Case, device: torch.device, rounds: int, warmup: int) -> Row:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    median = time_case(case.setup, case.target, device, rounds, warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return Row(case.op, case.method, case.pass_, case.size, case.numel, median, case.bytes_moved, saved_bytes(case), peak)
+
+
+_METHOD_ORDER = ("eager", "compile", "fused", "fused+compile", "floor")
+_PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
+
+
+def row_order(row: Row) -> tuple:
+    """Sort key that puts the methods of one op, size and pass next to each other."""
+    return (row.op, row.numel, _PASS_ORDER.index(row.pass_), _METHOD_ORDER.index(row.method))
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def format_table(rows: list[Row], bandwidth: float | None) -> str:
+    """One line per case: median, speedups against eager and compile, bandwidth, saved bytes."""
+    baseline = {(r.op, r.pass_, r.size, r.method): r.median_s for r in rows}
+    header = f"{'op':18} {'pass':8} {'size':18} {'method':15} {'median':>10} {'vs eager':>9} {'vs compile':>10} {'GB/s':>8} {'of copy':>8} {'saved MB':>9} {'peak MB':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        eager = baseline.get((r.op, r.pass_, r.size, "eager"))
+        compiled = baseline.get((r.op, r.pass_, r.size, "compile"))
+        gbps = r.bytes_moved / r.median_s / 1e9 if r.bytes_moved else None
+        lines.append(
+            f"{r.op:18} {r.pass_:8} {r.size:18} {r.method:15} {_format_seconds(r.median_s):>10} "
+            f"{_ratio(eager, r.median_s):>9} {_ratio(compiled, r.median_s):>10} "
+            f"{f'{gbps:.1f}' if gbps else '-':>8} "
+            f"{f'{gbps * 1e9 / bandwidth:.0%}' if gbps and bandwidth else '-':>8} "
+            f"{f'{r.saved_bytes / 2**20:.2f}' if r.saved_bytes is not None else '-':>9} "
+            f"{f'{r.peak_bytes / 2**20:.0f}' if r.peak_bytes is not None else '-':>8}"
+        )
+    if bandwidth:
+        lines.append(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def _format_seconds(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device, command: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command,
+    }
+
+
+def write_results(path: str, rows: list[Row], bandwidth: float | None, env: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({**env, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows]}, f, indent=1)
+
+
+def plot(path: str, rows: list[Row], title: str) -> None:
+    """Speedup over eager against size, one line per op and method (fwd+bwd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eager = {(r.op, r.size): r.median_s for r in rows if r.method == "eager" and r.pass_ == "fwd+bwd"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for op in sorted({r.op for r in rows if r.op != "train_step"}):
+        for method in ("compile", "fused"):
+            points = sorted(
+                (r.numel, eager[(r.op, r.size)] / r.median_s)
+                for r in rows
+                if r.op == op and r.method == method and r.pass_ == "fwd+bwd" and (r.op, r.size) in eager
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{op} {method}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("elements")
+    ax.set_ylabel("speedup over eager (forward + backward)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Time the fused ops and the training step against eager PyTorch and torch.compile."
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=10, help="timed runs per case (median reported)")
+    parser.add_argument("--full", action="store_true", help="every size and the compiled training step (slow on a CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    bandwidth = copy_bandwidth(device)
+    rows = [measure(case, device, rounds=args.rounds, warmup=3) for case in cases(device, quick=not args.full)]
+    rows.sort(key=row_order)
+    print(f"{device_name(device)}, torch {torch.__version__}")
+    print(format_table(rows, bandwidth))
+    return 0
