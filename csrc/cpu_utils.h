@@ -1,0 +1,57 @@
+// CPU building blocks: accumulate types, the fixed chunking that makes parallel sums
+// deterministic, and the choice between the baseline and the AVX2 build of vectorized loops.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+// Extensions are compiled for the x86-64 baseline (SSE2), where at::vec::Vectorized is a plain
+// array. The vectorized loops are therefore compiled twice, the second time with AVX2 (see
+// vae_loss/vae_loss_cpu_avx2.cpp), and the AVX2 build is called when the CPU has it.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FASTVAE_AVX2_BUILD 1
+#else
+#define FASTVAE_AVX2_BUILD 0
+#endif
+
+namespace fastvae::cpu {
+
+#if FASTVAE_AVX2_BUILD
+// Follows torch's choice (ATEN_CPU_CAPABILITY=default turns the AVX2 loops off too).
+inline bool use_avx2() {
+  static const bool enabled = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return enabled;
+}
+#endif
+
+// float16/bfloat16 are computed in float, like at::opmath_type.
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Parallel sums are taken over fixed chunks of kChunk elements whatever the number of threads,
+// and the chunk partials are added in chunk order, so a sum has the same bits with 1 or 64
+// threads. 16Ki elements amortize a task's overhead and are a multiple of every vector width.
+constexpr int64_t kChunk = int64_t{1} << 14;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+inline int64_t chunk_end(int64_t chunk, int64_t n) { return std::min(n, (chunk + 1) * kChunk); }
+
+// Chunk partials added in chunk order.
+template <typename acc>
+inline acc ordered_sum(const std::vector<acc>& partials) {
+  acc total = 0;
+  for (const acc p : partials) total += p;
+  return total;
+}
+
+}  // namespace fastvae::cpu

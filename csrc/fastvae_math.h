@@ -1,0 +1,139 @@
+// The per-element math of fastvae, written once for g++ (CPU kernels, C++ tests) and nvcc (CUDA
+// kernels). The Triton kernels mirror these functions and name them in comments.
+//
+// Everything here is a pure function of its arguments: no tensors, no ATen, so the C++ unit
+// tests can check it against known answers and finite differences without a Python runtime.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTVAE_HD __host__ __device__ __forceinline__
+#else
+#define FASTVAE_HD inline
+#endif
+
+namespace fastvae {
+
+// ---------------------------------------------------------------------------------------------
+// Reconstruction: squared error. Templated on T so the CPU kernel runs the same expression on
+// at::vec::Vectorized lanes as on scalars.
+
+template <typename T>
+FASTVAE_HD T squared_error(T x_hat, T x) {
+  const T d = x_hat - x;
+  return d * d;
+}
+
+// d/dx_hat of weight * (x_hat - x)^2 is (x_hat - x) * 2 * weight. The factor is folded into the
+// weight once per launch, so the per-element cost is one subtract and one multiply;
+// d/dx is the negative of it.
+template <typename T>
+FASTVAE_HD T squared_error_grad_factor(T weight) {
+  return T(2) * weight;
+}
+
+template <typename T>
+FASTVAE_HD T squared_error_grad(T x_hat, T x, T factor) {
+  return (x_hat - x) * factor;
+}
+
+// ---------------------------------------------------------------------------------------------
+// KL(N(mu, exp(logvar)) || N(0, 1)) per latent, and its gradients.
+
+FASTVAE_HD float exp_(float v) { return expf(v); }
+FASTVAE_HD double exp_(double v) { return exp(v); }
+
+template <typename T>
+FASTVAE_HD T kl_term(T mu, T logvar) {
+  return T(-0.5) * (T(1) + logvar - mu * mu - exp_(logvar));
+}
+
+template <typename T>
+FASTVAE_HD T kl_grad_mu(T mu) {
+  return mu;
+}
+
+template <typename T>
+FASTVAE_HD T kl_grad_logvar(T logvar) {
+  return T(0.5) * (exp_(logvar) - T(1));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reparameterization z = mu + exp(0.5 * logvar) * eps and what its backward needs.
+
+template <typename T>
+FASTVAE_HD T reparameterize(T mu, T logvar, T eps) {
+  return mu + exp_(T(0.5) * logvar) * eps;
+}
+
+// dz/dlogvar; dz/dmu is 1.
+template <typename T>
+FASTVAE_HD T reparameterize_grad_logvar(T logvar, T eps) {
+  return T(0.5) * exp_(T(0.5) * logvar) * eps;
+}
+
+// The backward keeps z rather than mu: mu is recovered from z and the regenerated eps.
+template <typename T>
+FASTVAE_HD T recover_mu(T z, T logvar, T eps) {
+  return z - exp_(T(0.5) * logvar) * eps;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Noise: exactly Triton's tl.randn(seed, offset) (triton/language/random.py), so one seed gives
+// the same eps from the C++ CPU kernel and from the Triton kernel.
+
+struct Philox4x32 {
+  uint32_t c0, c1, c2, c3;
+};
+
+FASTVAE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Philox-4x32-10 (Salmon et al., SC'11), round for round as triton's philox_impl.
+FASTVAE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+  constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t c0 = ctr.c0, c2 = ctr.c2;
+    ctr.c0 = mulhi32(kRoundB, c2) ^ ctr.c1 ^ k0;
+    ctr.c2 = mulhi32(kRoundA, c0) ^ ctr.c3 ^ k1;
+    ctr.c1 = kRoundB * c2;
+    ctr.c3 = kRoundA * c0;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  return ctr;
+}
+
+// triton's uint_to_uniform_float for 32-bit inputs: a float in [0, 1). The int32 is rounded to
+// float first, then scaled, as Triton does.
+FASTVAE_HD float uint_to_uniform(uint32_t bits) {
+  int32_t x = static_cast<int32_t>(bits);
+  x = x < 0 ? ~x : x;
+  return static_cast<float>(x) * 4.6566127342e-10f;
+}
+
+// triton's pair_uniform_to_normal (Box-Muller), first output only, all in float32.
+FASTVAE_HD float uniform_pair_to_normal(float u1, float u2) {
+  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
+  const float theta = 6.283185307179586f * u2;
+  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+}
+
+// eps for the element with logical row-major index `index`: key = the seed's two 32-bit halves,
+// counter = (index_lo, index_hi, 0, 0), as tl.randn(seed, index) with an int64 index.
+FASTVAE_HD float philox_normal(uint64_t seed, uint64_t index) {
+  const Philox4x32 r = philox4x32_10(
+      Philox4x32{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return uniform_pair_to_normal(uint_to_uniform(r.c0), uint_to_uniform(r.c1));
+}
+
+}  // namespace fastvae

@@ -1,0 +1,35 @@
+// The schemas of every fastvae operator, in one place. Implementations register per device:
+// vae_loss/vae_loss_cpu.cpp, vae_loss/vae_loss_cuda.cu, reparameterize_kl/reparameterize_kl_cpu.cpp.
+// Fake (meta) kernels and autograd live in fastvae/backends/cpp_ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastvae, m) {
+  // Where the fake kernels are: torch imports it when tracing needs them.
+  m.set_python_module("fastvae.backends.cpp_ops");
+  // The negative ELBO (loss = recon + beta * kl) in one pass. loss, recon and kl are 0-dim, in
+  // float32 (float64 for float64 x); recon is reduced over x, kl over mu. With
+  // compute_image_grad, the same pass also writes image_grad = d loss / d x_hat in x's dtype,
+  // which the backward scales (empty otherwise).
+  m.def(
+      "vae_loss(Tensor x_hat, Tensor x, Tensor mu, Tensor logvar, float beta, str reduction,"
+      " bool compute_image_grad) -> (Tensor loss, Tensor recon, Tensor kl, Tensor image_grad)");
+  // Every input gradient of vae_loss in one launch, given the gradients of loss, recon and kl:
+  // grad_x_hat = image_grad * (grad_loss + grad_recon) unless scale_image is false (the caller
+  // knows that weight is 1 and uses image_grad itself; grad_x_hat is then empty), grad_x its
+  // negative when compute_grad_x (else empty), grad_mu and grad_logvar from mu and logvar.
+  m.def(
+      "vae_loss_backward(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor image_grad,"
+      " Tensor mu, Tensor logvar, float beta, str reduction, bool scale_image, bool compute_grad_x)"
+      " -> (Tensor grad_x_hat, Tensor grad_x, Tensor grad_mu, Tensor grad_logvar)");
+  // z = mu + exp(0.5 * logvar) * eps with eps = tl.randn(seed, index), and the KL of the same
+  // latents. seed is a 0-dim int64 CPU tensor, needed when compute_z. An output not computed is
+  // an empty tensor. reduction may be "none" (elementwise KL).
+  m.def(
+      "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? seed, str reduction, bool compute_z,"
+      " bool compute_kl) -> (Tensor z, Tensor kl)");
+  // (grad_mu, grad_logvar). With a seed, `saved` is z and eps is regenerated from the seed
+  // (mu = z - exp(0.5 * logvar) * eps); without, `saved` is mu and grad_z must be None.
+  m.def(
+      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor saved, Tensor logvar,"
+      " Tensor? seed, str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
+}

@@ -1,0 +1,173 @@
+// fastvae::reparameterize_kl and its backward on CPU. Sampling on CUDA is the Triton backend's
+// job; this kernel draws the same Philox stream (fastvae_math.h) so a seed gives the same z.
+#include <optional>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "../common.h"
+#include "../cpu_utils.h"
+#include "../fastvae_math.h"
+
+namespace fastvae {
+namespace {
+
+using cpu::acc_t;
+using cpu::kChunk;
+
+uint64_t read_seed(const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(seed.has_value() && seed->defined(), "sampling z needs a seed tensor, got None");
+  TORCH_CHECK(seed->dim() == 0 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+              "seed must be a 0-dim int64 CPU tensor, got shape ", seed->sizes(), " ", seed->scalar_type(),
+              " on ", seed->device());
+  // The Philox key is the seed's 64 bits; fastvae.ops only passes seeds in [0, 2**63).
+  return static_cast<uint64_t>(*seed->const_data_ptr<int64_t>());
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastvae::reparameterize_kl has a CPU kernel only (CUDA sampling is the "
+              "Triton backend's), got ", name, " on ", t.device());
+}
+
+at::TensorOptions accumulate_options(const at::Tensor& like) {
+  return like.options().dtype(accumulate_type(like.scalar_type()));
+}
+
+template <typename scalar_t>
+void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64_t n, uint64_t seed,
+                               Reduction reduction, double divisor, scalar_t* z, acc_t<scalar_t>* kl) {
+  using acc = acc_t<scalar_t>;
+  const bool elementwise = reduction == Reduction::None;
+  std::vector<acc> partials(kl != nullptr && !elementwise ? cpu::num_chunks(n) : 0);
+  at::parallel_for(0, cpu::num_chunks(n), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      acc total = 0;
+      for (int64_t i = c * kChunk, end = cpu::chunk_end(c, n); i < end; ++i) {
+        const acc m = mu[i], lv = logvar[i];
+        if (z != nullptr) {
+          z[i] = static_cast<scalar_t>(reparameterize<acc>(m, lv, philox_normal(seed, i)));
+        }
+        if (kl != nullptr) {
+          const acc term = kl_term(m, lv);
+          if (elementwise) {
+            kl[i] = term;
+          } else {
+            total += term;
+          }
+        }
+      }
+      if (!partials.empty()) partials[c] = total;
+    }
+  });
+  if (kl != nullptr && !elementwise) {
+    *kl = cpu::ordered_sum(partials) / static_cast<acc>(divisor);
+  }
+}
+
+template <typename scalar_t>
+void reparameterize_kl_backward(const scalar_t* grad_z, const acc_t<scalar_t>* grad_kl, bool grad_kl_elementwise,
+                                const scalar_t* saved, const scalar_t* logvar, int64_t n,
+                                std::optional<uint64_t> seed, double divisor, scalar_t* grad_mu,
+                                scalar_t* grad_logvar) {
+  using acc = acc_t<scalar_t>;
+  const acc kl_weight = grad_kl != nullptr && !grad_kl_elementwise ? *grad_kl / static_cast<acc>(divisor) : acc(0);
+  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc lv = logvar[i];
+      const acc eps = seed ? static_cast<acc>(philox_normal(*seed, i)) : acc(0);
+      acc g_mu = 0, g_logvar = 0;
+      if (grad_z != nullptr) {
+        const acc g = grad_z[i];
+        g_mu += g;
+        g_logvar += g * reparameterize_grad_logvar(lv, eps);
+      }
+      if (grad_kl != nullptr) {
+        const acc m = seed ? recover_mu<acc>(saved[i], lv, eps) : acc(saved[i]);
+        const acc w = grad_kl_elementwise ? grad_kl[i] : kl_weight;
+        g_mu += w * kl_grad_mu(m);
+        g_logvar += w * kl_grad_logvar(lv);
+      }
+      grad_mu[i] = static_cast<scalar_t>(g_mu);
+      grad_logvar[i] = static_cast<scalar_t>(g_logvar);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                                         const std::optional<at::Tensor>& seed,
+                                                         c10::string_view reduction_name, bool compute_z,
+                                                         bool compute_kl) {
+  check_pair("mu", mu_in, "logvar", logvar_in);
+  check_cpu(mu_in, "mu");
+  const Reduction reduction = parse_reduction(reduction_name, /*allow_none=*/true);
+  const double divisor = reduction_divisor(reduction, mu_in);
+  const uint64_t seed_value = compute_z ? read_seed(seed) : 0;
+  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
+  // Outputs not asked for are empty, so the schema keeps one fixed return type.
+  at::Tensor z = compute_z ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  at::Tensor kl = !compute_kl                     ? at::empty({0}, accumulate_options(mu))
+                  : reduction == Reduction::None ? at::empty(mu.sizes(), accumulate_options(mu))
+                                                 : at::empty({}, accumulate_options(mu));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_cpu", [&] {
+    reparameterize_kl_forward(mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(), mu.numel(),
+                              seed_value, reduction, divisor,
+                              compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr,
+                              compute_kl ? kl.mutable_data_ptr<acc_t<scalar_t>>() : nullptr);
+  });
+  return {z, kl};
+}
+
+std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(
+    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_kl, const at::Tensor& saved_in,
+    const at::Tensor& logvar_in, const std::optional<at::Tensor>& seed, c10::string_view reduction_name) {
+  check_pair("saved", saved_in, "logvar", logvar_in);
+  check_cpu(saved_in, "saved");
+  const Reduction reduction = parse_reduction(reduction_name, /*allow_none=*/true);
+  const bool has_seed = seed.has_value() && seed->defined();
+  const bool has_grad_z = grad_z.has_value() && grad_z->defined();
+  const bool has_grad_kl = grad_kl.has_value() && grad_kl->defined();
+  TORCH_CHECK(!has_grad_z || has_seed, "grad_z needs the seed z was drawn with; without a seed, saved is mu");
+  std::optional<uint64_t> seed_value;
+  if (has_seed) seed_value = read_seed(seed);
+  at::Tensor gz;
+  if (has_grad_z) {
+    check_pair("grad_z", *grad_z, "z", saved_in);
+    gz = grad_z->contiguous();
+  }
+  at::Tensor gkl;
+  if (has_grad_kl) {
+    const auto acc = accumulate_type(saved_in.scalar_type());
+    TORCH_CHECK(grad_kl->scalar_type() == acc && grad_kl->device() == saved_in.device(), "grad_kl is ",
+                grad_kl->scalar_type(), " on ", grad_kl->device(), " but kl is ", acc, " on ", saved_in.device());
+    if (reduction == Reduction::None) {
+      TORCH_CHECK(grad_kl->sizes() == saved_in.sizes(), "grad_kl has shape ", grad_kl->sizes(),
+                  " but the elementwise kl has ", saved_in.sizes());
+    } else {
+      TORCH_CHECK(grad_kl->dim() == 0, "grad_kl has shape ", grad_kl->sizes(), " but the reduced kl is 0-dim");
+    }
+    gkl = grad_kl->contiguous();
+  }
+  const double divisor = reduction_divisor(reduction, saved_in);
+  const at::Tensor saved = saved_in.contiguous(), logvar = logvar_in.contiguous();
+  at::Tensor grad_mu = at::empty_like(saved), grad_logvar = at::empty_like(logvar);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "reparameterize_kl_backward_cpu", [&] {
+    reparameterize_kl_backward(has_grad_z ? gz.const_data_ptr<scalar_t>() : nullptr,
+                               has_grad_kl ? gkl.const_data_ptr<acc_t<scalar_t>>() : nullptr,
+                               reduction == Reduction::None, saved.const_data_ptr<scalar_t>(),
+                               logvar.const_data_ptr<scalar_t>(), saved.numel(), seed_value, divisor,
+                               grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_mu, grad_logvar};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
+  m.impl("reparameterize_kl", &reparameterize_kl_cpu);
+  m.impl("reparameterize_kl_backward", &reparameterize_kl_backward_cpu);
+}
+
+}  // namespace fastvae

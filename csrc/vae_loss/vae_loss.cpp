@@ -1,0 +1,57 @@
+#include "vae_loss.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+namespace fastvae {
+
+Reduction check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
+                                const at::Tensor& logvar, std::string_view reduction) {
+  check_pair("x_hat", x_hat, "x", x);
+  check_pair("mu", mu, "logvar", logvar);
+  TORCH_CHECK(x.dim() > 0 && mu.dim() > 0, "x and mu need a batch dimension, got x of shape ",
+              x.sizes(), " and mu of shape ", mu.sizes());
+  TORCH_CHECK(x.size(0) == mu.size(0), "x has batch size ", x.size(0), " but mu has ", mu.size(0));
+  TORCH_CHECK(x.device() == mu.device(), "x is on ", x.device(), " but mu is on ", mu.device());
+  return parse_reduction(reduction, /*allow_none=*/false);
+}
+
+Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                         const at::Tensor& mu, const at::Tensor& logvar,
+                                         std::string_view reduction) {
+  check_pair("mu", mu, "logvar", logvar);
+  check_float("image_grad", image_grad);
+  TORCH_CHECK(image_grad.device() == mu.device(), "image_grad is on ", image_grad.device(), " but mu is on ",
+              mu.device());
+  TORCH_CHECK(mu.dim() > 0, "mu needs a batch dimension, got shape ", mu.sizes());
+  const auto acc = accumulate_type(image_grad.scalar_type());
+  const auto check = [&](const char* name, const at::Tensor& grad) {
+    TORCH_CHECK(grad.dim() == 0, name, " must be 0-dimensional, got shape ", grad.sizes());
+    TORCH_CHECK(grad.scalar_type() == acc, name, " is ", grad.scalar_type(), " but the output it is the gradient of is ",
+                acc);
+    TORCH_CHECK(grad.device() == mu.device(), name, " is on ", grad.device(), " but the inputs are on ", mu.device());
+  };
+  check("grad_loss", grad_loss);
+  check("grad_recon", grad_recon);
+  check("grad_kl", grad_kl);
+  return parse_reduction(reduction, /*allow_none=*/false);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,
+                                                                                  bool compute_image_grad) {
+  const auto options = x.options().dtype(accumulate_type(x.scalar_type()));
+  at::Tensor image_grad = compute_image_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  return {at::empty({}, options), at::empty({}, options), at::empty({}, options), image_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_backward_outputs(
+    const at::Tensor& image_grad, const at::Tensor& mu, bool scale_image, bool compute_grad_x) {
+  const auto like_image = [&](bool needed) {
+    return needed ? at::empty(image_grad.sizes(), image_grad.options()) : at::empty({0}, image_grad.options());
+  };
+  return {like_image(scale_image), like_image(compute_grad_x), at::empty(mu.sizes(), mu.options()),
+          at::empty(mu.sizes(), mu.options())};
+}
+
+}  // namespace fastvae

@@ -1,0 +1,37 @@
+// What the CPU and CUDA implementations of fastvae::vae_loss share: input checks, the weights
+// the backward applies, and output allocation.
+#pragma once
+
+#include <string_view>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+#include "../common.h"
+
+namespace fastvae {
+
+// Checks the inputs (naming both sides on mismatch) and returns the reduction. x_hat/x may have
+// another dtype than mu/logvar: each term accumulates in its own inputs' accumulate type.
+Reduction check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
+                                const at::Tensor& logvar, std::string_view reduction);
+
+// The backward's inputs: image_grad (x's dtype, as the forward wrote it, or empty when no image
+// gradient is needed) next to mu/logvar, and the incoming gradients of (loss, recon, kl): 0-dim
+// tensors of x's accumulate type (kl is returned in it too) on the same device, read by the
+// kernels on the device, so a CUDA backward needs no host synchronization.
+Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                         const at::Tensor& mu, const at::Tensor& logvar,
+                                         std::string_view reduction);
+
+// (loss, recon, kl) as 0-dim tensors of x's accumulate type, and image_grad: like x when
+// compute_image_grad, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,
+                                                                                  bool compute_image_grad);
+
+// Backward outputs: grad_x_hat and grad_x like image_grad when asked for, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_backward_outputs(
+    const at::Tensor& image_grad, const at::Tensor& mu, bool scale_image, bool compute_grad_x);
+
+}  // namespace fastvae

@@ -1,0 +1,105 @@
+// The vectorized image loops of vae_loss on CPU. This header is compiled twice: for the x86-64
+// baseline by vae_loss_cpu.cpp and with AVX2 by vae_loss_cpu_avx2.cpp. As in ATen, each build
+// lives in a namespace named by CPU_CAPABILITY (at::vec's Vectorized too), so the two builds
+// never share a symbol.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/macros/Macros.h>
+
+#include "../cpu_utils.h"
+#include "../fastvae_math.h"
+
+namespace fastvae::cpu {
+
+// The AVX2 build's entry points, defined in vae_loss_cpu_avx2.cpp for the four dtypes.
+template <bool kWriteGrad, typename scalar_t>
+acc_t<scalar_t> squared_error_sum_avx2(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> factor,
+                                       scalar_t* image_grad, int64_t begin, int64_t end);
+template <typename scalar_t>
+void scale_image_grad_avx2(const scalar_t* image_grad, acc_t<scalar_t> weight, scalar_t* grad_x_hat,
+                           scalar_t* grad_x, int64_t begin, int64_t end);
+
+inline namespace CPU_CAPABILITY {
+
+template <typename scalar_t>
+using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
+
+// AccVec<scalar_t>::size() elements of `src`, widened to the accumulate type, and back.
+template <typename scalar_t>
+C10_ALWAYS_INLINE AccVec<scalar_t> load_widened(const scalar_t* src) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::Vectorized<float> out;
+    at::vec::load_to_float(src, out);
+    return out;
+  } else {
+    return AccVec<scalar_t>::loadu(src);
+  }
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void store_narrowed(scalar_t* dst, const AccVec<scalar_t>& v) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(dst, AccVec<scalar_t>::size());
+  } else {
+    v.store(dst);
+  }
+}
+
+// Sum of squared_error over [begin, end), in a fixed order of lanes then tail; with kWriteGrad
+// also image_grad = squared_error_grad(x_hat, x, factor) from the same loads. Vectorized has
+// 256 bits in both builds (an array, or an AVX2 register), so the lanes, their order and the
+// bits of the sum are the same.
+template <bool kWriteGrad, typename scalar_t>
+acc_t<scalar_t> squared_error_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> factor,
+                                  scalar_t* image_grad, int64_t begin, int64_t end) {
+  using Vec = AccVec<scalar_t>;
+  const Vec f(factor);
+  // Two independent accumulators hide the add latency.
+  Vec acc0(0), acc1(0);
+  int64_t i = begin;
+  for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
+    const Vec a0 = load_widened(x_hat + i), b0 = load_widened(x + i);
+    const Vec a1 = load_widened(x_hat + i + Vec::size()), b1 = load_widened(x + i + Vec::size());
+    acc0 = acc0 + squared_error(a0, b0);
+    acc1 = acc1 + squared_error(a1, b1);
+    if constexpr (kWriteGrad) {
+      store_narrowed(image_grad + i, squared_error_grad(a0, b0, f));
+      store_narrowed(image_grad + i + Vec::size(), squared_error_grad(a1, b1, f));
+    }
+  }
+  acc0 = acc0 + acc1;
+  acc_t<scalar_t> lanes[Vec::size()];
+  acc0.store(lanes);
+  acc_t<scalar_t> total = 0;
+  for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
+  for (; i < end; ++i) {
+    const acc_t<scalar_t> a = x_hat[i], b = x[i];
+    total += squared_error(a, b);
+    if constexpr (kWriteGrad) image_grad[i] = static_cast<scalar_t>(squared_error_grad(a, b, factor));
+  }
+  return total;
+}
+
+// grad_x_hat = weight * image_grad and grad_x = -weight * image_grad, each where not null.
+template <typename scalar_t>
+void scale_image_grad(const scalar_t* image_grad, acc_t<scalar_t> weight, scalar_t* grad_x_hat, scalar_t* grad_x,
+                      int64_t begin, int64_t end) {
+  using Vec = AccVec<scalar_t>;
+  const Vec w(weight);
+  int64_t i = begin;
+  for (; i + Vec::size() <= end; i += Vec::size()) {
+    const Vec g = load_widened(image_grad + i) * w;
+    if (grad_x_hat != nullptr) store_narrowed(grad_x_hat + i, g);
+    if (grad_x != nullptr) store_narrowed(grad_x + i, g.neg());
+  }
+  for (; i < end; ++i) {
+    const acc_t<scalar_t> g = static_cast<acc_t<scalar_t>>(image_grad[i]) * weight;
+    if (grad_x_hat != nullptr) grad_x_hat[i] = static_cast<scalar_t>(g);
+    if (grad_x != nullptr) grad_x[i] = static_cast<scalar_t>(-g);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastvae::cpu

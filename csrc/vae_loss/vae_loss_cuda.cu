@@ -1,0 +1,302 @@
+// fastvae::vae_loss on CUDA. Forward: one kernel reads the image pair and the latents once,
+// writes per-block partial sums (and, when asked, d loss / d x_hat from the same loads), and a
+// one-block kernel adds the partials in a fixed order. Backward: one kernel writes every
+// gradient, scaling the forward's image gradient by incoming gradients it reads on the device.
+// (Why the image gradient is written in the forward: see vae_loss_cpu.cpp; on the GPU both
+// choices move 5N elements, and this one keeps one code path.)
+//
+// Determinism: the grid size is a function of the input sizes only (not of the GPU), each block
+// reduces with a fixed tree of warp shuffles, and the partials are added by one block in a fixed
+// order. No float atomics: the same inputs give the same loss bit for bit.
+#include <algorithm>
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../fastvae_math.h"
+#include "vae_loss.h"
+
+namespace fastvae {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Enough blocks to fill an H100 (132 SMs x 8 blocks of 256 threads); a fixed cap rather than a
+// multiple of the SM count keeps the reduction tree, hence the bits, the same on every GPU.
+constexpr int64_t kMaxBlocks = 1024;
+// Each thread handles at least this many 16-byte packs before another block is added.
+constexpr int64_t kPacksPerThread = 4;
+
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+// kVec scalars moved as one load or store: 128 bits when kVec = 16 / sizeof(scalar_t).
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Block-wide sum, valid in thread 0. `scratch` holds one value per warp.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kWarps ? scratch[lane] : T(0);
+  return warp == 0 ? warp_sum(v) : T(0);
+}
+
+template <typename image_t, typename latent_t, int kVec>
+__global__ void __launch_bounds__(kThreads)
+    vae_loss_forward_kernel(const image_t* __restrict__ x_hat, const image_t* __restrict__ x, int64_t n_image,
+                            const latent_t* __restrict__ mu, const latent_t* __restrict__ logvar, int64_t n_latent,
+                            acc_t<image_t> grad_factor, image_t* __restrict__ image_grad,
+                            acc_t<image_t>* __restrict__ recon_partials, acc_t<latent_t>* __restrict__ kl_partials) {
+  using image_acc = acc_t<image_t>;
+  using latent_acc = acc_t<latent_t>;
+  using P = Pack<image_t, kVec>;
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  image_acc recon = 0;
+  const int64_t n_packs = n_image / kVec;
+  for (int64_t p = start; p < n_packs; p += stride) {
+    const P a = reinterpret_cast<const P*>(x_hat)[p];
+    const P b = reinterpret_cast<const P*>(x)[p];
+    P g;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const image_acc va = static_cast<image_acc>(a.v[j]), vb = static_cast<image_acc>(b.v[j]);
+      recon += squared_error(va, vb);
+      g.v[j] = static_cast<image_t>(squared_error_grad(va, vb, grad_factor));
+    }
+    if (image_grad != nullptr) reinterpret_cast<P*>(image_grad)[p] = g;
+  }
+  for (int64_t i = n_packs * kVec + start; i < n_image; i += stride) {
+    const image_acc va = static_cast<image_acc>(x_hat[i]), vb = static_cast<image_acc>(x[i]);
+    recon += squared_error(va, vb);
+    if (image_grad != nullptr) image_grad[i] = static_cast<image_t>(squared_error_grad(va, vb, grad_factor));
+  }
+  latent_acc kl = 0;
+  for (int64_t i = start; i < n_latent; i += stride) {
+    kl += kl_term(static_cast<latent_acc>(mu[i]), static_cast<latent_acc>(logvar[i]));
+  }
+
+  __shared__ image_acc recon_scratch[kWarps];
+  __shared__ latent_acc kl_scratch[kWarps];
+  recon = block_sum(recon, recon_scratch);
+  kl = block_sum(kl, kl_scratch);
+  if (threadIdx.x == 0) {
+    recon_partials[blockIdx.x] = recon;
+    kl_partials[blockIdx.x] = kl;
+  }
+}
+
+template <typename image_acc, typename latent_acc>
+__global__ void __launch_bounds__(kThreads)
+    vae_loss_finalize_kernel(const image_acc* __restrict__ recon_partials, const latent_acc* __restrict__ kl_partials,
+                             int num_partials, double beta, double image_divisor, double latent_divisor,
+                             image_acc* __restrict__ loss, image_acc* __restrict__ recon, image_acc* __restrict__ kl) {
+  image_acc r = 0;
+  latent_acc k = 0;
+  for (int i = threadIdx.x; i < num_partials; i += kThreads) {
+    r += recon_partials[i];
+    k += kl_partials[i];
+  }
+  __shared__ image_acc recon_scratch[kWarps];
+  __shared__ latent_acc kl_scratch[kWarps];
+  r = block_sum(r, recon_scratch);
+  k = block_sum(k, kl_scratch);
+  if (threadIdx.x == 0) {
+    // Divisions, as the reference divides; the mean of nothing is 0/0 = nan, as in torch.
+    const image_acc recon_value = r / static_cast<image_acc>(image_divisor);
+    const image_acc kl_value = static_cast<image_acc>(k / static_cast<latent_acc>(latent_divisor));
+    *recon = recon_value;
+    *kl = kl_value;
+    *loss = recon_value + static_cast<image_acc>(beta) * kl_value;
+  }
+}
+
+// grad_x_hat and grad_x (each where not null) from image_grad, and the latent gradients.
+template <typename image_t, typename latent_t, int kVec>
+__global__ void __launch_bounds__(kThreads) vae_loss_backward_kernel(
+    const acc_t<image_t>* __restrict__ grad_loss, const acc_t<image_t>* __restrict__ grad_recon,
+    const acc_t<image_t>* __restrict__ grad_kl, double beta, double latent_divisor,
+    const image_t* __restrict__ image_grad, int64_t n_image, const latent_t* __restrict__ mu,
+    const latent_t* __restrict__ logvar, int64_t n_latent, image_t* __restrict__ grad_x_hat,
+    image_t* __restrict__ grad_x, latent_t* __restrict__ grad_mu, latent_t* __restrict__ grad_logvar) {
+  using image_acc = acc_t<image_t>;
+  using latent_acc = acc_t<latent_t>;
+  using P = Pack<image_t, kVec>;
+  // The image term appears in loss and recon, the KL term in loss (times beta) and kl.
+  const image_acc g_loss = *grad_loss;
+  const image_acc image_weight = g_loss + *grad_recon;
+  const latent_acc kl_weight = static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + *grad_kl) /
+                               static_cast<latent_acc>(latent_divisor);
+  const int64_t start = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+
+  const int64_t n_packs = n_image / kVec;
+  for (int64_t p = start; p < n_packs; p += stride) {
+    const P in = reinterpret_cast<const P*>(image_grad)[p];
+    P g, neg;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const image_acc v = static_cast<image_acc>(in.v[j]) * image_weight;
+      g.v[j] = static_cast<image_t>(v);
+      neg.v[j] = static_cast<image_t>(-v);
+    }
+    if (grad_x_hat != nullptr) reinterpret_cast<P*>(grad_x_hat)[p] = g;
+    if (grad_x != nullptr) reinterpret_cast<P*>(grad_x)[p] = neg;
+  }
+  for (int64_t i = n_packs * kVec + start; i < n_image; i += stride) {
+    const image_acc v = static_cast<image_acc>(image_grad[i]) * image_weight;
+    if (grad_x_hat != nullptr) grad_x_hat[i] = static_cast<image_t>(v);
+    if (grad_x != nullptr) grad_x[i] = static_cast<image_t>(-v);
+  }
+  for (int64_t i = start; i < n_latent; i += stride) {
+    grad_mu[i] = static_cast<latent_t>(kl_weight * kl_grad_mu(static_cast<latent_acc>(mu[i])));
+    grad_logvar[i] = static_cast<latent_t>(kl_weight * kl_grad_logvar(static_cast<latent_acc>(logvar[i])));
+  }
+}
+
+// A function of the sizes only, so the reduction tree is the same on every GPU.
+int num_blocks(int64_t n_image, int64_t n_latent, int vec) {
+  const int64_t work = std::max((n_image + vec - 1) / vec, n_latent);
+  const int64_t blocks = (work + kThreads * kPacksPerThread - 1) / (kThreads * kPacksPerThread);
+  return static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxBlocks));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void check_cuda(const at::Tensor& image, const at::Tensor& mu) {
+  TORCH_CHECK(image.is_cuda() && mu.is_cuda(), "the CUDA kernel of fastvae::vae_loss got tensors on ",
+              image.device(), " and ", mu.device());
+}
+
+#define FASTVAE_DISPATCH_IMAGE_LATENT(image, latent, name, ...)                       \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image, name, [&] {    \
+    using image_t = scalar_t;                                                       \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, latent, name, [&] { \
+      using latent_t = scalar_t;                                                    \
+      __VA_ARGS__();                                                                \
+    });                                                                             \
+  })
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(const at::Tensor& x_hat_in,
+                                                                         const at::Tensor& x_in,
+                                                                         const at::Tensor& mu_in,
+                                                                         const at::Tensor& logvar_in, double beta,
+                                                                         c10::string_view reduction_name,
+                                                                         bool compute_image_grad) {
+  const Reduction reduction = check_vae_loss_inputs(x_hat_in, x_in, mu_in, logvar_in, reduction_name);
+  check_cuda(x_in, mu_in);
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor x_hat = x_hat_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
+  auto [loss, recon, kl, image_grad] = empty_vae_loss_outputs(x, compute_image_grad);
+  FASTVAE_DISPATCH_IMAGE_LATENT(x.scalar_type(), mu.scalar_type(), "vae_loss_cuda", [&] {
+    using image_acc = acc_t<image_t>;
+    using latent_acc = acc_t<latent_t>;
+    constexpr int kVec = 16 / sizeof(image_t);
+    const auto* xh = x_hat.const_data_ptr<image_t>();
+    const auto* xx = x.const_data_ptr<image_t>();
+    // A fresh image_grad from the caching allocator is always 16-byte aligned.
+    const bool vectorized = aligned16(xh) && aligned16(xx);
+    const int blocks = num_blocks(x.numel(), mu.numel(), vectorized ? kVec : 1);
+    const double image_divisor = reduction_divisor(reduction, x);
+    const image_acc grad_factor = squared_error_grad_factor(image_acc(1) / static_cast<image_acc>(image_divisor));
+    at::Tensor recon_partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<image_acc>::value));
+    at::Tensor kl_partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<latent_acc>::value));
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kThreads, 0, stream>>>(xh, xx, x.numel(), mu.const_data_ptr<latent_t>(),
+                                              logvar.const_data_ptr<latent_t>(), mu.numel(), grad_factor,
+                                              compute_image_grad ? image_grad.mutable_data_ptr<image_t>() : nullptr,
+                                              recon_partials.mutable_data_ptr<image_acc>(),
+                                              kl_partials.mutable_data_ptr<latent_acc>());
+    };
+    if (vectorized) {
+      launch(vae_loss_forward_kernel<image_t, latent_t, kVec>);
+    } else {
+      launch(vae_loss_forward_kernel<image_t, latent_t, 1>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    vae_loss_finalize_kernel<image_acc, latent_acc><<<1, kThreads, 0, stream>>>(
+        recon_partials.const_data_ptr<image_acc>(), kl_partials.const_data_ptr<latent_acc>(), blocks, beta,
+        image_divisor, reduction_divisor(reduction, mu), loss.mutable_data_ptr<image_acc>(),
+        recon.mutable_data_ptr<image_acc>(), kl.mutable_data_ptr<image_acc>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, recon, kl, image_grad};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+    const at::Tensor& image_grad_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta,
+    c10::string_view reduction_name, bool scale_image, bool compute_grad_x) {
+  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad_in, mu_in,
+                                                             logvar_in, reduction_name);
+  check_cuda(image_grad_in, mu_in);
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor image_grad = image_grad_in.contiguous();
+  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
+  auto [grad_x_hat, grad_x, grad_mu, grad_logvar] =
+      empty_vae_loss_backward_outputs(image_grad, mu, scale_image, compute_grad_x);
+  const int64_t n_image = scale_image || compute_grad_x ? image_grad.numel() : 0;
+  FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cuda", [&] {
+    using image_acc = acc_t<image_t>;
+    constexpr int kVec = 16 / sizeof(image_t);
+    const auto* in = image_grad.const_data_ptr<image_t>();
+    // The outputs are fresh, so 16-byte aligned; image_grad is unless a caller passed a view.
+    const bool vectorized = aligned16(in);
+    const int blocks = num_blocks(n_image, mu.numel(), vectorized ? kVec : 1);
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kThreads, 0, stream>>>(
+          grad_loss.const_data_ptr<image_acc>(), grad_recon.const_data_ptr<image_acc>(),
+          grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu), in, n_image,
+          mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
+          scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
+          compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu.mutable_data_ptr<latent_t>(),
+          grad_logvar.mutable_data_ptr<latent_t>());
+    };
+    if (vectorized) {
+      launch(vae_loss_backward_kernel<image_t, latent_t, kVec>);
+    } else {
+      launch(vae_loss_backward_kernel<image_t, latent_t, 1>);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x_hat, grad_x, grad_mu, grad_logvar};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae, CUDA, m) {
+  m.impl("vae_loss", &vae_loss_cuda);
+  m.impl("vae_loss_backward", &vae_loss_backward_cuda);
+}
+
+}  // namespace fastvae

@@ -1,0 +1,396 @@
+"""fastvae::vae_loss, the C++/CUDA fused negative ELBO, against fastvae.reference and float64 math.
+
+Tolerances, per dtype of x_hat/x: the loss is accumulated in float32 (float64 for float64) from
+the upcast inputs, as the reference does, so float16/bfloat16 inputs only change the gradients.
+Those are rounded to the input dtype (half an ulp: 2**-11 for float16, 2**-8 for bfloat16) once,
+or twice when the incoming weight of the image term is not 1 and the backward scales the image
+gradient the forward wrote. Float32 sums differ from the reference's by summation order only.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastvae
+from fastvae import ops, reference
+
+pytestmark = pytest.mark.skipif(fastvae.extension_error is not None, reason="fastvae._C is not built")
+
+from fastvae.backends import cpp_ops  # noqa: E402  (registers fakes and autograd once _C is loaded)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+REDUCTIONS = ["sum", "batchmean", "mean"]
+# (atol, rtol) of the 0-dim losses, relative to their size, and of the gradients.
+LOSS_TOL = {
+    torch.float16: (1e-5, 1e-5),
+    torch.bfloat16: (1e-5, 1e-5),
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+}
+GRAD_TOL = {
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 8e-3),
+    torch.float32: (1e-6, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+}
+
+
+def sample_inputs(device, requires_grad, dtype=torch.float32, image=(4, 3, 9, 7), latent=(4, 10), seed=0):
+    """(x_hat, x, mu, logvar) with sizes that are not multiples of any vector width."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(shape, scale=1.0):
+        t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    return make(image), make(image), make(latent), make(latent, 0.5)
+
+
+def divisors(x, mu, reduction):
+    """What the summed recon and KL terms are divided by."""
+    return tuple({"sum": 1, "batchmean": t.shape[0], "mean": t.numel()}[reduction] for t in (x, mu))
+
+
+def float64_loss(x_hat, x, mu, logvar, beta, reduction):
+    """The negative ELBO in float64, written out independently of fastvae."""
+    x_hat, x, mu, logvar = (t.detach().double() for t in (x_hat, x, mu, logvar))
+    recon_div, kl_div = divisors(x, mu, reduction)
+    recon = ((x_hat - x) ** 2).sum() / recon_div
+    kl = (-0.5 * (1 + logvar - mu**2 - torch.exp(logvar))).sum() / kl_div
+    return recon + beta * kl, recon, kl
+
+
+def float64_grads(x_hat, x, mu, logvar, beta, reduction, weights):
+    """d(w_loss * loss + w_recon * recon + w_kl * kl) / d(x_hat, x, mu, logvar), in float64."""
+    x_hat, x, mu, logvar = (t.detach().double() for t in (x_hat, x, mu, logvar))
+    w_loss, w_recon, w_kl = weights
+    recon_div, kl_div = divisors(x, mu, reduction)
+    grad_x_hat = 2 * (x_hat - x) * (w_loss + w_recon) / recon_div
+    kl_weight = (beta * w_loss + w_kl) / kl_div
+    return grad_x_hat, -grad_x_hat, kl_weight * mu, kl_weight * 0.5 * (torch.exp(logvar) - 1)
+
+
+def assert_losses_close(actual, expected, dtype):
+    atol, rtol = LOSS_TOL[dtype]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double().cpu(), e.double().cpu(), atol=atol * max(1.0, abs(e.item())), rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("beta", [0.0, 1.0, 4.5])
+def test_forward_matches_reference_and_float64(device, dtype, reduction, beta):
+    inputs = sample_inputs(device, False, dtype)
+    loss, recon, kl = ops.vae_loss(*inputs, beta=beta, reduction=reduction, backend="cpp")
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    assert all(t.shape == () and t.dtype == accumulate and t.device.type == device for t in (loss, recon, kl))
+    assert_losses_close((loss, recon, kl), reference.vae_loss(*inputs, beta=beta, reduction=reduction), dtype)
+    assert_losses_close((loss, recon, kl), float64_loss(*inputs, beta, reduction), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+# Incoming gradients of (loss, recon, kl): loss.backward(); all three with an image weight
+# (loss + recon) of 1, where the forward's image gradient is used as is; and one to scale by.
+@pytest.mark.parametrize("weights, beta", [((1.0, 0.0, 0.0), 1.0), ((1.5, -0.5, 2.0), 0.25), ((0.5, 0.25, -1.0), 3.0)])
+def test_gradients_of_all_three_outputs(device, dtype, reduction, weights, beta):
+    inputs = sample_inputs(device, True, dtype)
+    grad_outputs = [torch.tensor(w, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                    for w in weights]
+    outputs = ops.vae_loss(*inputs, beta=beta, reduction=reduction, backend="cpp")
+    grads = torch.autograd.grad(outputs, inputs, grad_outputs)
+    expected_outputs = reference.vae_loss(*inputs, beta=beta, reduction=reduction)
+    reference_grads = torch.autograd.grad(expected_outputs, inputs, grad_outputs)
+    atol, rtol = GRAD_TOL[dtype]
+    for name, g, r, e in zip(("x_hat", "x", "mu", "logvar"), grads, reference_grads,
+                             float64_grads(*inputs, beta, reduction, weights)):
+        assert g.dtype == dtype and g.shape == e.shape, name
+        torch.testing.assert_close(g.double().cpu(), e.cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name} vs reference: {m}")
+
+
+def test_only_the_inputs_that_need_it_get_a_gradient():
+    x_hat, x, mu, logvar = sample_inputs("cpu", False)
+    x_hat.requires_grad_(True)
+    loss, _, _ = ops.vae_loss(x_hat, x, mu, logvar, backend="cpp")
+    (grad,) = torch.autograd.grad(loss, x_hat)
+    torch.testing.assert_close(grad, 2 * (x_hat - x))
+
+
+def test_image_gradient_is_only_written_when_a_backward_can_need_it():
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.fastvae.vae_loss.default:
+                calls.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    inputs = sample_inputs("cpu", True)
+    with Record():
+        ops.vae_loss(*inputs, backend="cpp")
+        with torch.no_grad():
+            ops.vae_loss(*inputs, backend="cpp")
+        ops.vae_loss(*(t.detach() for t in inputs), backend="cpp")
+    assert calls == [True, False, False]
+
+
+def test_raw_op_without_image_gradient_refuses_to_backpropagate_to_the_image():
+    inputs = sample_inputs("cpu", True)
+    loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "sum", False)[0]
+    with pytest.raises(RuntimeError, match="compute_image_grad=False"):
+        torch.autograd.grad(loss, inputs[0])
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(reduction):
+    inputs = sample_inputs("cpu", True, torch.float64, image=(3, 2, 5), latent=(3, 4))
+    assert torch.autograd.gradcheck(
+        lambda *args: ops.vae_loss(*args, beta=0.7, reduction=reduction, backend="cpp"), inputs
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_opcheck(device, reduction):
+    inputs = sample_inputs(device, True, torch.float32, image=(3, 2, 5), latent=(3, 4))
+    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*inputs, 0.7, reduction, True))
+    # Without the image gradient, only the latents can get gradients.
+    frozen_image = (inputs[0].detach(), inputs[1].detach(), *inputs[2:])
+    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*frozen_image, 0.7, reduction, False))
+    grads = [torch.tensor(w, device=device) for w in (1.0, 0.5, -2.0)]
+    image_grad, _, mu, logvar = (t.detach() for t in inputs)
+    for scale_image, compute_grad_x in [(True, True), (False, True), (True, False), (False, False)]:
+        torch.library.opcheck(
+            torch.ops.fastvae.vae_loss_backward.default,
+            (*grads, image_grad, mu, logvar, 0.7, reduction, scale_image, compute_grad_x),
+        )
+
+
+def test_torch_compile_fullgraph():
+    def loss_fn(x_hat, x, mu, logvar):
+        loss, recon, kl = ops.vae_loss(x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", backend="cpp")
+        return loss + 0.5 * kl, recon
+
+    # aot_eager traces dynamo, the fake kernels and the autograd formula, without inductor's
+    # code generation, which would only cost time here.
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    inputs = sample_inputs("cpu", True)
+    actual, expected = compiled(*inputs), loss_fn(*inputs)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    for a, e in zip(torch.autograd.grad(actual[0], inputs), torch.autograd.grad(expected[0], inputs)):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype):
+    # Several 16Ki-element chunks, so two threads really split the work.
+    inputs = sample_inputs("cpu", True, dtype, image=(5, 3, 64, 70), latent=(5, 9000))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for num_threads in (1, 2, 2):
+            torch.set_num_threads(num_threads)
+            outputs = ops.vae_loss(*inputs, beta=0.3, reduction="sum", backend="cpp")
+            grads = torch.autograd.grad(outputs[0], inputs)
+            results.append([t.detach() for t in (*outputs, *grads)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+_SAME_BITS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from fastvae import ops
+
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        inputs = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+                  for shape in ((3, 5003), (3, 5003), (3, 7), (3, 7))]
+        outputs = ops.vae_loss(*inputs, beta=0.5, backend="cpp")
+        # A weight other than 1, so the backward's scaling loop runs too.
+        results += [*outputs, *torch.autograd.grad(0.7 * outputs[0], inputs)]
+    torch.save([r.detach() for r in results], sys.argv[1])
+    """
+)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="the CPU has no AVX2")
+def test_avx2_and_baseline_builds_give_the_same_bits(tmp_path):
+    runs = []
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        path = tmp_path / f"{capability}.pt"
+        subprocess.run([sys.executable, "-c", _SAME_BITS_SCRIPT, str(path)], env=env, check=True)
+        runs.append(torch.load(path))
+    for baseline, avx2 in zip(*runs):
+        assert torch.equal(baseline, avx2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "image, latent",
+    [
+        ((0, 3, 4, 4), (0, 8)),  # empty batch
+        ((1,), (1, 1)),  # one element
+        ((2, 17), (2, 3)),  # shorter than one vector
+        ((3, 5, 7), (3, 11)),
+        ((2, 16385), (2, 5)),  # one element past a chunk
+    ],
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_edge_sizes(device, image, latent, reduction):
+    inputs = sample_inputs(device, True, torch.float32, image, latent)
+    outputs = ops.vae_loss(*inputs, beta=0.5, reduction=reduction, backend="cpp")
+    expected = reference.vae_loss(*inputs, beta=0.5, reduction=reduction)
+    for o, e in zip(outputs, expected):
+        # The mean of nothing is nan, as in torch.
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5, equal_nan=True)
+    if outputs[0].isfinite():
+        grads = torch.autograd.grad(outputs[0], inputs)
+        for g, e in zip(grads, torch.autograd.grad(expected[0], inputs)):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    big = sample_inputs(device, False, torch.float32, image=(4, 3, 9, 8), latent=(4, 12))
+    # A transpose, a strided slice, and views whose data starts off a 16-byte boundary.
+    views = (big[0].transpose(2, 3), big[1].transpose(2, 3), big[2][:, 1:], big[3][:, :-1])
+    leaves = [v.detach().requires_grad_(True) for v in views]
+    outputs = ops.vae_loss(*leaves, beta=1.5, reduction="mean", backend="cpp")
+    contiguous = [v.detach().contiguous().requires_grad_(True) for v in views]
+    expected = ops.vae_loss(*contiguous, beta=1.5, reduction="mean", backend="cpp")
+    for o, e in zip(outputs, expected):
+        assert torch.equal(o, e)
+    for g, e in zip(torch.autograd.grad(outputs[0], leaves), torch.autograd.grad(expected[0], contiguous)):
+        assert torch.equal(g, e)
+    # Contiguous, but one element into their storage: the CUDA kernels cannot use 16-byte loads.
+    shifted = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in big]
+    assert all(t.is_contiguous() and t.storage_offset() == 1 for t in shifted)
+    assert_losses_close(ops.vae_loss(*shifted, reduction="sum", backend="cpp"), float64_loss(*big, 1.0, "sum"), torch.float32)
+
+
+@pytest.mark.parametrize("image_dtype, latent_dtype", [(torch.float16, torch.float64), (torch.float64, torch.bfloat16)])
+def test_image_and_latent_dtypes_may_differ(image_dtype, latent_dtype):
+    x_hat, x, _, _ = sample_inputs("cpu", True, image_dtype)
+    _, _, mu, logvar = sample_inputs("cpu", True, latent_dtype)
+    outputs = ops.vae_loss(x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", backend="cpp")
+    expected = reference.vae_loss(x_hat, x, mu, logvar, beta=2.0, reduction="batchmean")
+    assert_losses_close(outputs, expected, image_dtype)
+    grads = torch.autograd.grad(outputs[0], (x_hat, mu))
+    for g, e, dtype in zip(grads, torch.autograd.grad(expected[0], (x_hat, mu)), (image_dtype, latent_dtype)):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g, e, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (lambda a: {**a, "x": a["x"][:, :2]}, ValueError, r"x_hat has shape \(4, 3, 9, 7\) but x has \(4, 2, 9, 7\)"),
+        (lambda a: {**a, "mu": a["mu"][:3], "logvar": a["logvar"][:3]}, ValueError, "x has batch size 4 but mu has 3"),
+        (lambda a: {**a, "x": a["x"].double()}, TypeError, "x_hat is torch.float32 but x is torch.float64"),
+        (lambda a: {**a, "logvar": a["logvar"].to("meta")}, ValueError, "mu is on cpu but logvar is on meta"),
+        (lambda a: {**a, "x_hat": a["x_hat"].int(), "x": a["x"].int()}, TypeError, "x_hat must be float16"),
+        (lambda a: {**a, "reduction": "none"}, ValueError, "reduction must be one of 'sum', 'batchmean', 'mean'"),
+        (lambda a: {**a, "beta": "1"}, TypeError, "beta must be a float"),
+    ],
+)
+def test_bad_inputs_raise_before_any_kernel(change, error, message):
+    x_hat, x, mu, logvar = sample_inputs("cpu", False)
+    args = change({"x_hat": x_hat, "x": x, "mu": mu, "logvar": logvar, "beta": 1.0, "reduction": "sum"})
+    with pytest.raises(error, match=message):
+        ops.vae_loss(args.pop("x_hat"), args.pop("x"), args.pop("mu"), args.pop("logvar"), **args, backend="cpp")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.__setitem__(1, a[1][:, :2]), r"x_hat has shape \[4, 3, 9, 7\] but x has \[4, 2, 9, 7\]"),
+        (lambda a: a.__setitem__(2, a[2][:3]), r"mu has shape \[3, 10\] but logvar has \[4, 10\]"),
+        (lambda a: (a.__setitem__(2, a[2][:3]), a.__setitem__(3, a[3][:3])), "x has batch size 4 but mu has 3"),
+        (lambda a: a.__setitem__(0, a[0].half()), "x_hat is Half but x is Float"),
+        (lambda a: (a.__setitem__(0, a[0].long()), a.__setitem__(1, a[1].long())), "x_hat must be float16"),
+        (lambda a: (a.__setitem__(0, a[0][0, 0, 0, 0]), a.__setitem__(1, a[1][0, 0, 0, 0])), "need a batch dimension"),
+        (lambda a: a.__setitem__(5, "avg"), "reduction must be one of 'sum', 'batchmean', 'mean', got 'avg'"),
+    ],
+)
+def test_raw_op_rejects_bad_input_with_runtime_error(change, message):
+    args = [*sample_inputs("cpu", False), 1.0, "sum", True]
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastvae.vae_loss(*args)
+
+
+def test_raw_backward_op_rejects_bad_incoming_gradients():
+    _, image_grad, mu, logvar = sample_inputs("cpu", False)
+    one = torch.tensor(1.0)
+    with pytest.raises(RuntimeError, match="grad_recon must be 0-dimensional"):
+        torch.ops.fastvae.vae_loss_backward(one, torch.ones(2), one, image_grad, mu, logvar, 1.0, "sum", True, True)
+    with pytest.raises(RuntimeError, match="grad_kl is Double but the output it is the gradient of is Float"):
+        torch.ops.fastvae.vae_loss_backward(one, one, one.double(), image_grad, mu, logvar, 1.0, "sum", True, True)
+
+
+def test_backward_is_one_operator_call():
+    inputs = sample_inputs("cpu", True)
+    loss, recon, kl = ops.vae_loss(*inputs, backend="cpp")
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        torch.autograd.grad(loss, inputs)
+    kernels = [c for c in record.calls if "fastvae" in c]
+    assert kernels == ["fastvae.vae_loss_backward"], record.calls
+
+
+def test_cpp_backend_availability():
+    assert cpp_ops.unavailable_reason(torch.device("cpu")) is None
+    cuda = torch.device("cuda")
+    assert "Triton backend" in cpp_ops.unavailable_reason(cuda, "reparameterize")
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastvae::vae_loss", "CUDA")
+    reason = cpp_ops.unavailable_reason(cuda, "vae_loss")
+    assert (reason is None) == (has_kernel and torch.cuda.is_available()), reason
+    if not has_kernel:
+        assert "built without its CUDA kernels" in reason
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype):
+    cpu_inputs = sample_inputs("cpu", True, dtype, image=(6, 3, 33, 31), latent=(6, 50))
+    cuda_inputs = [t.detach().cuda().requires_grad_(True) for t in cpu_inputs]
+    runs = []
+    for _ in range(2):
+        outputs = ops.vae_loss(*cuda_inputs, beta=0.5, reduction="mean", backend="cpp")
+        runs.append([t.detach() for t in (*outputs, *torch.autograd.grad(outputs[0], cuda_inputs))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    cpu_outputs = ops.vae_loss(*cpu_inputs, beta=0.5, reduction="mean", backend="cpp")
+    cpu_grads = torch.autograd.grad(cpu_outputs[0], cpu_inputs)
+    assert_losses_close(runs[0][:3], cpu_outputs, dtype)
+    for g, e in zip(runs[0][3:], cpu_grads):
+        torch.testing.assert_close(g.cpu(), e, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
