@@ -50,7 +50,7 @@ def unavailable_reason(backend: str, op: str, device: torch.device) -> str | Non
         return f"{backend} backend failed to import: {exc}"
     if op not in module.OPS:
         return f"{backend} backend does not implement {op}"
-    return module.unavailable_reason(device)
+    return module.unavailable_reason(device, op)
 
 
 def resolve_backend(op: str, device: torch.device, backend: str = "auto") -> str:

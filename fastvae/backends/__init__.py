@@ -4,5 +4,6 @@ Each backend module defines the ops it implements with the signatures of
 :mod:`fastvae.reference` (inputs are already validated by :mod:`fastvae.ops`), plus:
 
 * ``OPS``: the names of the ops it implements;
-* ``unavailable_reason(device) -> str | None``: why it cannot run on ``device``, or None.
+* ``unavailable_reason(device, op) -> str | None``: why it cannot run ``op`` on ``device``,
+  or None.
 """

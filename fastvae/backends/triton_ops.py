@@ -1,0 +1,199 @@
+"""The Triton backend: custom ops around :mod:`fastvae.kernels.reparameterize_kl`.
+
+Each op is a ``torch.library.custom_op`` in the ``fastvae`` namespace (prefixed ``triton_``)
+with a fake kernel and an autograd registration whose backward is itself a custom op, so
+``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see through them. They run on
+CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
+
+The seed reaches the ops as a 0-dim int64 CPU tensor (:func:`fastvae._seed.seed_tensor`), read
+with ``.item()`` only inside the real kernels, where a compiled graph does not trace.
+"""
+
+import os
+from typing import Optional
+
+import torch
+
+from fastvae._checks import accumulate_dtype
+from fastvae._seed import seed_tensor
+
+OPS = frozenset({"reparameterize", "kl_divergence", "reparameterize_kl"})
+
+try:
+    from fastvae.kernels import reparameterize_kl as _kernels
+except ImportError as exc:  # triton missing, or unusable on this platform
+    _kernels = None
+    _import_error = f"the Triton kernels could not be imported ({exc})"
+
+
+def unavailable_reason(device: torch.device, op: Optional[str] = None) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device``, or None when they can.
+
+    Every op in :data:`OPS` runs wherever the kernels do, so ``op`` does not change the answer.
+    """
+    if _kernels is None:
+        return _import_error
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "CUDA is not available"
+    if device.type == "cpu":
+        if _kernels.INTERPRETED:
+            return None
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return (
+                "TRITON_INTERPRET=1 was set after triton built the kernels; "
+                "set it before importing fastvae"
+            )
+        return (
+            "Triton runs CPU tensors only under its interpreter; "
+            "set TRITON_INTERPRET=1 before importing triton"
+        )
+    return f"Triton kernels run on CUDA tensors, not {device.type}"
+
+
+def _latent_like(mu: torch.Tensor) -> torch.Tensor:
+    # The kernels write contiguous outputs whatever the input strides.
+    return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+
+
+def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
+    shape = mu.shape if reduction == "none" else ()
+    return torch.empty(shape, dtype=accumulate_dtype(mu.dtype), device=mu.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward ops
+
+
+@torch.library.custom_op("fastvae::triton_reparameterize", mutates_args=())
+def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    z, _ = _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=None)
+    return z
+
+
+@_reparameterize.register_fake
+def _(mu, logvar, seed):
+    return _latent_like(mu)
+
+
+@torch.library.custom_op("fastvae::triton_kl_divergence", mutates_args=())
+def _kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str) -> torch.Tensor:
+    _, kl = _kernels.reparameterize_kl_forward(mu, logvar, 0, write_z=False, reduction=reduction)
+    return kl
+
+
+@_kl_divergence.register_fake
+def _(mu, logvar, reduction):
+    return _kl_like(mu, reduction)
+
+
+@torch.library.custom_op("fastvae::triton_reparameterize_kl", mutates_args=())
+def _reparameterize_kl(
+    mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, reduction: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=reduction)
+
+
+@_reparameterize_kl.register_fake
+def _(mu, logvar, seed, reduction):
+    return _latent_like(mu), _kl_like(mu, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward op, shared by the three forward ops
+
+
+@torch.library.custom_op("fastvae::triton_reparameterize_kl_backward", mutates_args=())
+def _reparameterize_kl_backward(
+    grad_z: Optional[torch.Tensor],
+    grad_kl: Optional[torch.Tensor],
+    latent: Optional[torch.Tensor],
+    logvar: torch.Tensor,
+    seed: Optional[torch.Tensor],
+    latent_is_z: bool,
+    reduction: Optional[str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_mu, grad_logvar)``; ``latent`` is z (then mu = z - std * eps) or mu."""
+    return _kernels.reparameterize_kl_backward(
+        grad_z,
+        grad_kl,
+        latent,
+        logvar,
+        None if seed is None else seed.item(),
+        latent_is_z=latent_is_z,
+        reduction=reduction,
+    )
+
+
+@_reparameterize_kl_backward.register_fake
+def _(grad_z, grad_kl, latent, logvar, seed, latent_is_z, reduction):
+    return _latent_like(logvar), _latent_like(logvar)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. Unused outputs get None gradients (not zeros) so the backward skips their terms.
+
+
+def _setup_reparameterize(ctx, inputs, output):
+    _, logvar, seed = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(logvar, seed)
+
+
+def _backward_reparameterize(ctx, grad_z):
+    logvar, seed = ctx.saved_tensors
+    grad_mu, grad_logvar = _reparameterize_kl_backward(grad_z, None, None, logvar, seed, False, None)
+    return grad_mu, grad_logvar, None
+
+
+def _setup_kl_divergence(ctx, inputs, output):
+    mu, logvar, reduction = inputs
+    ctx.reduction = reduction
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(mu, logvar)
+
+
+def _backward_kl_divergence(ctx, grad_kl):
+    mu, logvar = ctx.saved_tensors
+    grad_mu, grad_logvar = _reparameterize_kl_backward(None, grad_kl, mu, logvar, None, False, ctx.reduction)
+    return grad_mu, grad_logvar, None
+
+
+def _setup_reparameterize_kl(ctx, inputs, output):
+    _, logvar, seed, reduction = inputs
+    z, _ = output
+    ctx.reduction = reduction
+    ctx.set_materialize_grads(False)
+    # z instead of mu: the decoder keeps z alive anyway, and mu is recovered from it.
+    ctx.save_for_backward(z, logvar, seed)
+
+
+def _backward_reparameterize_kl(ctx, grad_z, grad_kl):
+    z, logvar, seed = ctx.saved_tensors
+    if grad_z is None and grad_kl is None:
+        return None, None, None, None
+    grad_mu, grad_logvar = _reparameterize_kl_backward(grad_z, grad_kl, z, logvar, seed, True, ctx.reduction)
+    return grad_mu, grad_logvar, None, None
+
+
+_reparameterize.register_autograd(_backward_reparameterize, setup_context=_setup_reparameterize)
+_kl_divergence.register_autograd(_backward_kl_divergence, setup_context=_setup_kl_divergence)
+_reparameterize_kl.register_autograd(_backward_reparameterize_kl, setup_context=_setup_reparameterize_kl)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend's functions, with the signatures of fastvae.reference (inputs already validated)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[int]) -> torch.Tensor:
+    return torch.ops.fastvae.triton_reparameterize(mu, logvar, seed_tensor(seed))
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str) -> torch.Tensor:
+    return torch.ops.fastvae.triton_kl_divergence(mu, logvar, reduction)
+
+
+def reparameterize_kl(
+    mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str, seed: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    z, kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, seed_tensor(seed), reduction)
+    return z, kl

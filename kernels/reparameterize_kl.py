@@ -1,0 +1,333 @@
+"""Fused reparameterization and KL divergence of a diagonal Gaussian posterior, in Triton.
+
+Forward, one launch: read ``mu`` and ``logvar`` once, draw ``eps`` in the kernel, write
+``z = mu + exp(0.5 * logvar) * eps`` and reduce ``KL = -0.5 * (1 + logvar - mu^2 - exp(logvar))``
+in the same pass. Backward, one launch: ``grad_mu`` and ``grad_logvar`` from ``grad_z`` and
+``grad_kl`` together, regenerating ``eps`` from the seed instead of reading a saved copy.
+
+The per-element math mirrors ``csrc/fastvae_math.h``, shared with the C++ backend:
+``kl_term``, ``kl_grad_mu``, ``kl_grad_logvar``, ``reparameterize``,
+``reparameterize_grad_logvar``, ``recover_mu`` and ``philox_normal`` (which reproduces
+``tl.randn``: key = the 64-bit seed, counter = the row-major element index).
+
+Arithmetic is float32 (float64 for float64 inputs) whatever the storage dtype: inputs are
+converted after the load and results before the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+
+from fastvae._checks import accumulate_dtype
+
+# What the forward computes besides z: nothing, the elementwise KL, or one reduced value.
+KL_NONE = tl.constexpr(0)
+KL_ELEMENTWISE = tl.constexpr(1)
+KL_REDUCED = tl.constexpr(2)
+
+# 1024 elements per tile with 4 warps is 8 elements a thread: two 16-byte loads per fp32 input
+# and enough independent Philox streams per thread to hide integer-multiply latency.
+BLOCK = 1024
+NUM_WARPS = 4
+# Persistent programs per SM on CUDA. ptxas (sm_90) gives these kernels 48 to 72 registers a
+# thread in float32 and up to 128 in float64, so four 4-warp programs are resident on an SM in
+# every variant; a fifth would run as a second wave and double its programs' share of the time.
+# Four tiles of two inputs in flight per SM (32 KiB in float32) keep HBM busy.
+PROGRAMS_PER_SM = 4
+# The interpreter runs programs one after another, so on CPU a handful suffices to exercise
+# the cross-program reduction without paying per-program overhead.
+CPU_PROGRAMS = 4
+
+# Offsets are int32 unless the last tile's offsets (up to numel + BLOCK - 1) could overflow.
+_INT32_LIMIT = 2**31 - 1 - BLOCK
+
+
+@triton.jit(do_not_specialize=["seed", "divisor"])
+def _reparameterize_kl_forward_kernel(
+    mu_ptr,
+    logvar_ptr,
+    z_ptr,
+    kl_ptr,
+    partials_ptr,
+    counter_ptr,
+    seed,
+    n_elements,
+    divisor,
+    WRITE_Z: tl.constexpr,
+    KL_MODE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_PROGRAMS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(n_elements, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], COMPUTE)
+    # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and with it
+    # the reduced KL, depends only on the grid size, never on scheduling.
+    for tile in range(pid, num_tiles, num_programs):
+        if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
+            offsets = tl.cast(tile, tl.int64) * BLOCK + lanes
+        else:
+            offsets = tile * BLOCK + lanes
+        mask = offsets < n_elements
+        mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        if WRITE_Z:
+            # The offset is the logical row-major index: the host passes contiguous tensors.
+            eps = tl.randn(seed, offsets).to(COMPUTE)  # philox_normal
+            z = mu + tl.exp(0.5 * logvar) * eps  # reparameterize
+            tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
+        if KL_MODE != KL_NONE:
+            kl = -0.5 * (1.0 + logvar - mu * mu - tl.exp(logvar))  # kl_term
+            if KL_MODE == KL_ELEMENTWISE:
+                tl.store(kl_ptr + offsets, kl.to(kl_ptr.dtype.element_ty), mask=mask)
+            else:
+                acc += tl.where(mask, kl, 0.0)
+
+    if KL_MODE == KL_REDUCED:
+        # Deterministic one-launch reduction: every program publishes its partial, and the
+        # program that arrives last at the counter sums all partials in index order.
+        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        # The partial may be stored by a different thread than the one issuing the atomic; the
+        # CTA barrier orders that store before the atomic's release, and release cumulativity
+        # then makes it visible at GPU scope to whoever acquires the counter after us.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_programs - 1:
+            # Every other program's release happened before our acquire. The ".cg" loads read
+            # through L2 (the coherence point) rather than a possibly stale L1 line.
+            index = tl.arange(0, MAX_PROGRAMS)
+            partials = tl.load(
+                partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
+            )
+            tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+            # Ready for the next launch on this stream; nobody else touches it in this one.
+            tl.store(counter_ptr, 0)
+
+
+@triton.jit(do_not_specialize=["seed", "divisor"])
+def _reparameterize_kl_backward_kernel(
+    grad_z_ptr,
+    grad_kl_ptr,
+    latent_ptr,
+    logvar_ptr,
+    grad_mu_ptr,
+    grad_logvar_ptr,
+    seed,
+    n_elements,
+    divisor,
+    HAS_GRAD_Z: tl.constexpr,
+    GRAD_KL_MODE: tl.constexpr,
+    LATENT_IS_Z: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    num_tiles = tl.cdiv(n_elements, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    if GRAD_KL_MODE == KL_REDUCED:
+        # d(reduced KL)/d(element) is the reduction's scale: one scalar read, no host sync.
+        grad_kl_scalar = tl.load(grad_kl_ptr).to(COMPUTE) / divisor
+    for tile in range(pid, num_tiles, num_programs):
+        if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
+            offsets = tl.cast(tile, tl.int64) * BLOCK + lanes
+        else:
+            offsets = tile * BLOCK + lanes
+        mask = offsets < n_elements
+        logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+        std = tl.exp(0.5 * logvar)
+        if HAS_GRAD_Z or (LATENT_IS_Z and GRAD_KL_MODE != KL_NONE):
+            eps = tl.randn(seed, offsets).to(COMPUTE)
+        grad_mu = tl.zeros([BLOCK], COMPUTE)
+        grad_logvar = tl.zeros([BLOCK], COMPUTE)
+        if HAS_GRAD_Z:
+            # dz/dmu = 1, dz/dlogvar = 0.5 * std * eps (reparameterize_grad_logvar).
+            grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            grad_mu += grad_z
+            grad_logvar += grad_z * (0.5 * std * eps)
+        if GRAD_KL_MODE != KL_NONE:
+            # Only z, logvar and the seed are saved: z is kept by the decoder anyway, so the
+            # latent path costs one extra tensor (logvar) instead of mu, logvar and eps.
+            # mu = z - std * eps is exact up to z's rounding. Recovering eps = (z - mu) / std
+            # instead would need mu saved as well.
+            if LATENT_IS_Z:  # recover_mu
+                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE) - std * eps
+            else:
+                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            if GRAD_KL_MODE == KL_ELEMENTWISE:
+                grad_kl = tl.load(grad_kl_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            else:
+                grad_kl = grad_kl_scalar
+            # kl_grad_mu = mu, kl_grad_logvar = 0.5 * (exp(logvar) - 1).
+            grad_mu += grad_kl * mu
+            grad_logvar += grad_kl * (0.5 * (tl.exp(logvar) - 1.0))
+        tl.store(grad_mu_ptr + offsets, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + offsets, grad_logvar.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+# True when TRITON_INTERPRET was set as triton built the kernels: they then run on CPU tensors.
+INTERPRETED = isinstance(_reparameterize_kl_forward_kernel, InterpretedFunction)
+
+
+def _compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _divisor(reduction: str, shape: torch.Size, numel: int) -> int:
+    """The reduced KL is the sum divided by this: 1, the batch size or the element count."""
+    if reduction == "batchmean":
+        return shape[0]
+    if reduction == "mean":
+        return numel
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_PROGRAMS
+
+
+def _grid(device: torch.device, numel: int) -> int:
+    return min(triton.cdiv(numel, BLOCK), _max_programs(device))
+
+
+# One arrival counter per (device, stream): each reducing launch leaves it at zero, and launches
+# on one stream never overlap, so it is allocated (and zeroed) once instead of every call.
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counter(device: torch.device) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _counters:
+        _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
+def _on(device: torch.device):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _empty_reduction(reduction: str, shape: torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
+    # torch's convention for empty inputs: the sum is 0, and 0 / 0 (mean, batchmean of a zero
+    # batch) is nan.
+    divisor = _divisor(reduction, shape, 0)
+    value = 0.0 if divisor else float("nan")
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def reparameterize_kl_forward(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    seed: int,
+    *,
+    write_z: bool,
+    reduction: str | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is."""
+    device, shape, numel = mu.device, mu.shape, mu.numel()
+    acc_dtype = accumulate_dtype(mu.dtype)
+    z = torch.empty(shape, dtype=mu.dtype, device=device) if write_z else None
+    if reduction is None:
+        kl_mode, kl = KL_NONE, None
+    elif reduction == "none":
+        kl_mode, kl = KL_ELEMENTWISE, torch.empty(shape, dtype=acc_dtype, device=device)
+    else:
+        kl_mode, kl = KL_REDUCED, torch.empty((), dtype=acc_dtype, device=device)
+    if numel == 0:
+        if kl_mode == KL_REDUCED:
+            kl = _empty_reduction(reduction, shape, acc_dtype, device)
+        return z, kl
+
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    grid = _grid(device, numel)
+    max_programs = _max_programs(device)
+    # Unused pointers still need a tensor of the right device; the constexpr flags keep the
+    # kernel from touching them.
+    partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if kl_mode == KL_REDUCED else mu
+    counter = _counter(device) if kl_mode == KL_REDUCED else mu
+    with _on(device):
+        _reparameterize_kl_forward_kernel[(grid,)](
+            mu,
+            logvar,
+            z if z is not None else mu,
+            kl if kl is not None else mu,
+            partials,
+            counter,
+            seed,
+            numel,
+            _divisor(reduction, shape, numel) if kl_mode == KL_REDUCED else 1,
+            WRITE_Z=write_z,
+            KL_MODE=kl_mode,
+            COMPUTE=_compute_dtype(mu.dtype),
+            INT64=numel > _INT32_LIMIT,
+            BLOCK=BLOCK,
+            MAX_PROGRAMS=triton.next_power_of_2(max_programs),
+            num_warps=NUM_WARPS,
+        )
+    return z, kl
+
+
+def reparameterize_kl_backward(
+    grad_z: torch.Tensor | None,
+    grad_kl: torch.Tensor | None,
+    latent: torch.Tensor | None,
+    logvar: torch.Tensor,
+    seed: int | None,
+    *,
+    latent_is_z: bool,
+    reduction: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_mu, grad_logvar)`` in one launch.
+
+    ``latent`` is ``z`` (``latent_is_z``: mu is recovered as ``z - std * eps``) or ``mu``; it is
+    only read when ``grad_kl`` is given. ``seed`` is needed when ``grad_z`` is given or
+    ``latent_is_z``. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
+    """
+    device, shape, numel = logvar.device, logvar.shape, logvar.numel()
+    grad_mu = torch.empty(shape, dtype=logvar.dtype, device=device)
+    grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device)
+    if numel == 0:
+        return grad_mu, grad_logvar
+
+    if grad_kl is None:
+        grad_kl_mode = KL_NONE
+    elif reduction == "none":
+        grad_kl_mode, grad_kl = KL_ELEMENTWISE, grad_kl.contiguous()
+    else:
+        grad_kl_mode = KL_REDUCED
+    logvar = logvar.contiguous()
+    with _on(device):
+        _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
+            grad_z.contiguous() if grad_z is not None else logvar,
+            grad_kl if grad_kl is not None else logvar,
+            latent.contiguous() if grad_kl is not None else logvar,
+            logvar,
+            grad_mu,
+            grad_logvar,
+            seed if seed is not None else 0,
+            numel,
+            _divisor(reduction, shape, numel) if grad_kl_mode == KL_REDUCED else 1,
+            HAS_GRAD_Z=grad_z is not None,
+            GRAD_KL_MODE=grad_kl_mode,
+            LATENT_IS_Z=latent_is_z,
+            COMPUTE=_compute_dtype(logvar.dtype),
+            INT64=numel > _INT32_LIMIT,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+    return grad_mu, grad_logvar

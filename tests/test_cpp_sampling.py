@@ -1,0 +1,274 @@
+"""fastvae::reparameterize_kl, the CPU sampling op of the C++ backend, and the noise contract.
+
+z must equal mu + exp(0.5 * logvar) * eps with eps from tests/philox.py (a numpy model of
+Triton's tl.randn), computed here in float64. The C++ kernel computes log/cos with libm while
+numpy uses its own float32 routines: eps agrees to a few float32 ulps (|eps| < 6, so 2e-6),
+then z is rounded once to its dtype.
+"""
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import ops, reference
+
+import philox
+
+pytestmark = pytest.mark.skipif(fastvae.extension_error is not None, reason="fastvae._C is not built")
+
+from fastvae.backends import cpp_ops  # noqa: E402  (registers fakes and autograd once _C is loaded)
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+REDUCTIONS = ["sum", "batchmean", "mean", "none"]
+# (atol, rtol) of z and of the gradients: eps is float32 whatever the dtype, then one rounding.
+TOL = {
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (2e-2, 8e-3),
+    torch.float32: (4e-6, 2e-6),
+    torch.float64: (4e-6, 2e-6),
+}
+# The KL does not involve eps: float32 accumulation, or float64.
+KL_TOL = {torch.float16: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1e-5), torch.float32: (1e-5, 1e-5),
+          torch.float64: (1e-12, 1e-12)}
+
+
+def sample_inputs(device, requires_grad, dtype=torch.float32, shape=(7, 13), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=gen, dtype=torch.float64)
+    logvar = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.5
+    return tuple(t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, logvar))
+
+
+def philox_eps(seed, shape):
+    return torch.from_numpy(philox.randn_like(seed, tuple(shape))).double()
+
+
+def float64_z(mu, logvar, seed):
+    mu, logvar = mu.detach().double(), logvar.detach().double()
+    return mu + torch.exp(0.5 * logvar) * philox_eps(seed, mu.shape)
+
+
+def float64_kl(mu, logvar, reduction):
+    mu, logvar = mu.detach().double(), logvar.detach().double()
+    kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar))
+    divisor = {"sum": 1, "batchmean": mu.shape[0], "mean": mu.numel(), "none": None}[reduction]
+    return kl if divisor is None else kl.sum() / divisor
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 9, 17), (33, 1000)])
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**63 - 1])
+def test_z_follows_the_noise_contract(dtype, shape, seed):
+    mu, logvar = sample_inputs("cpu", False, dtype, shape)
+    z = ops.reparameterize(mu, logvar, seed=seed, backend="cpp")
+    assert z.dtype == dtype and z.shape == mu.shape
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(z.double(), float64_z(mu, logvar, seed), atol=atol, rtol=rtol)
+
+
+def test_noise_is_standard_normal_and_depends_on_the_seed():
+    mu, logvar = torch.zeros(200_000), torch.zeros(200_000)
+    eps = ops.reparameterize(mu, logvar, seed=5, backend="cpp").double()
+    assert abs(eps.mean()) < 0.01 and abs(eps.std() - 1) < 0.01
+    assert torch.equal(eps, ops.reparameterize(mu, logvar, seed=5, backend="cpp").double())
+    assert not torch.equal(eps, ops.reparameterize(mu, logvar, seed=6, backend="cpp").double())
+    # seed=None draws the key from torch's generator, so torch.manual_seed makes runs repeat.
+    torch.manual_seed(1)
+    first = ops.reparameterize(mu, logvar, backend="cpp")
+    torch.manual_seed(1)
+    assert torch.equal(first, ops.reparameterize(mu, logvar, backend="cpp"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_matches_reference_and_float64(dtype, reduction):
+    mu, logvar = sample_inputs("cpu", False, dtype, (6, 11))
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    atol, rtol = KL_TOL[dtype]
+    kl = ops.kl_divergence(mu, logvar, reduction=reduction, backend="cpp")
+    z, fused_kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=3, backend="cpp")
+    assert kl.dtype == accumulate and torch.equal(kl, fused_kl)
+    torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction=reduction), atol=atol, rtol=rtol)
+    torch.testing.assert_close(kl.double(), float64_kl(mu, logvar, reduction), atol=atol, rtol=rtol)
+    assert torch.equal(z, ops.reparameterize(mu, logvar, seed=3, backend="cpp"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradients(dtype, reduction):
+    mu, logvar = sample_inputs("cpu", True, dtype, (5, 12))
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=99, backend="cpp")
+    gen = torch.Generator().manual_seed(1)
+    grad_z = torch.randn(z.shape, generator=gen).to(dtype)
+    grad_kl = torch.randn(kl.shape, generator=gen).to(kl.dtype)
+    grad_mu, grad_logvar = torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl))
+
+    m, lv, eps = mu.detach().double(), logvar.detach().double(), philox_eps(99, mu.shape)
+    divisor = {"sum": 1, "batchmean": mu.shape[0], "mean": mu.numel(), "none": 1}[reduction]
+    w = grad_kl.double() / divisor
+    expected_mu = grad_z.double() + w * m
+    expected_logvar = grad_z.double() * 0.5 * torch.exp(0.5 * lv) * eps + w * 0.5 * (torch.exp(lv) - 1)
+    atol, rtol = TOL[dtype]
+    # mu is recovered from z (rounded to dtype) in the backward: one more rounding of z's size.
+    atol = atol * 4 if dtype in (torch.float16, torch.bfloat16) else atol
+    torch.testing.assert_close(grad_mu.double(), expected_mu, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_logvar.double(), expected_logvar, atol=atol, rtol=rtol)
+
+    # The KL alone keeps mu itself, so its gradients match the reference's closely.
+    kl_only = ops.kl_divergence(mu, logvar, reduction=reduction, backend="cpp")
+    expected = reference.kl_divergence(mu, logvar, reduction=reduction)
+    atol, rtol = TOL[dtype] if dtype in (torch.float16, torch.bfloat16) else KL_TOL[dtype]
+    for g, e in zip(torch.autograd.grad(kl_only, (mu, logvar), grad_kl), torch.autograd.grad(expected, (mu, logvar), grad_kl)):
+        torch.testing.assert_close(g, e, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(reduction):
+    mu, logvar = sample_inputs("cpu", True, torch.float64, (3, 4))
+    assert torch.autograd.gradcheck(lambda m, lv: ops.reparameterize_kl(m, lv, reduction=reduction, seed=7,
+                                                                         backend="cpp"), (mu, logvar))
+    assert torch.autograd.gradcheck(lambda m, lv: ops.kl_divergence(m, lv, reduction=reduction, backend="cpp"),
+                                    (mu, logvar))
+    assert torch.autograd.gradcheck(lambda m, lv: ops.reparameterize(m, lv, seed=7, backend="cpp"), (mu, logvar))
+
+
+@pytest.mark.parametrize("compute_z, compute_kl, reduction", [(True, True, "mean"), (True, False, "sum"),
+                                                               (False, True, "none"), (True, True, "none")])
+def test_opcheck(compute_z, compute_kl, reduction):
+    mu, logvar = sample_inputs("cpu", True, torch.float32, (4, 6))
+    seed = torch.tensor(11) if compute_z else None
+    torch.library.opcheck(torch.ops.fastvae.reparameterize_kl.default,
+                          (mu, logvar, seed, reduction, compute_z, compute_kl))
+    grad_kl = torch.randn(mu.shape if reduction == "none" else ()) if compute_kl else None
+    saved = mu.detach() + 1 if compute_z else mu.detach()
+    torch.library.opcheck(torch.ops.fastvae.reparameterize_kl_backward.default,
+                          (torch.randn(4, 6) if compute_z else None, grad_kl, saved, logvar.detach(), seed, reduction))
+
+
+def test_torch_compile_fullgraph_with_a_drawn_seed():
+    def sample(mu, logvar):
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", backend="cpp")
+        return z.square().sum() + kl
+
+    compiled = torch.compile(sample, fullgraph=True, backend="aot_eager")
+    mu, logvar = sample_inputs("cpu", True)
+    torch.manual_seed(4)
+    actual = compiled(mu, logvar)
+    torch.manual_seed(4)
+    expected = sample(mu, logvar)
+    torch.testing.assert_close(actual, expected, atol=0, rtol=0)
+    for a, e in zip(torch.autograd.grad(actual, (mu, logvar)), torch.autograd.grad(expected, (mu, logvar))):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+def saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_backward_saves_z_logvar_and_the_seed_only():
+    mu, logvar = sample_inputs("cpu", True, torch.float32, (64, 32))
+    z, saved = saved_tensors(lambda: ops.reparameterize(mu, logvar, seed=1, backend="cpp"))
+    others = [t for t in saved if t is not z]
+    assert len(others) == len(saved) - 1, "z itself is saved"
+    assert all(t.nbytes <= z.nbytes for t in others)
+    assert sum(t.nbytes for t in others) <= z.nbytes + 8  # logvar and the 8-byte seed
+    # z stays alive anyway (the decoder keeps it); the reference keeps eps and exp(0.5 * logvar) on top.
+    reference_z, reference_saved = saved_tensors(lambda: reference.reparameterize(mu, logvar, seed=1))
+    reference_extra = sum(t.nbytes for t in reference_saved if t is not reference_z)
+    assert reference_extra == 2 * z.nbytes
+    assert sum(t.nbytes for t in others) < reference_extra
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result():
+    mu, logvar = sample_inputs("cpu", False, torch.float32, (12, 10))
+    views = (mu.t(), logvar[:, ::1].t())
+    z, kl = ops.reparameterize_kl(*views, reduction="none", seed=8, backend="cpp")
+    expected_z, expected_kl = ops.reparameterize_kl(*(v.contiguous() for v in views), reduction="none", seed=8,
+                                                    backend="cpp")
+    assert torch.equal(z, expected_z) and torch.equal(kl, expected_kl)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_empty_and_single_element(reduction):
+    for shape in [(0, 4), (1, 1)]:
+        mu, logvar = sample_inputs("cpu", True, torch.float32, shape)
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=2, backend="cpp")
+        torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction=reduction), equal_nan=True)
+        torch.testing.assert_close(z.double(), float64_z(mu, logvar, 2), atol=4e-6, rtol=2e-6)
+        grads = torch.autograd.grad((z.sum(), kl.sum()), (mu, logvar))
+        assert all(g.shape == shape for g in grads)
+
+
+def test_bitwise_deterministic_across_thread_counts():
+    mu, logvar = sample_inputs("cpu", False, torch.float32, (9, 9000))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for num_threads in (1, 2):
+            torch.set_num_threads(num_threads)
+            results.append(ops.reparameterize_kl(mu, logvar, reduction="sum", seed=3, backend="cpp"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.zeros(2, 3), torch.zeros(3, 2), torch.tensor(1), "sum", True, True),
+         r"mu has shape \[2, 3\] but logvar has \[3, 2\]"),
+        ((torch.zeros(2, 3), torch.zeros(2, 3), None, "sum", True, False), "sampling z needs a seed tensor"),
+        ((torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor(1.0), "sum", True, False), "seed must be a 0-dim int64"),
+        ((torch.zeros(2, 3), torch.zeros(2, 3), None, "avg", False, True), "reduction must be one of .*got 'avg'"),
+        ((torch.zeros(2, 3, dtype=torch.int32), torch.zeros(2, 3, dtype=torch.int32), None, "sum", False, True),
+         "mu must be float16, bfloat16, float32 or float64, got Int"),
+        ((torch.zeros(()), torch.zeros(()), None, "batchmean", False, True), "'batchmean' needs a batch dimension"),
+    ],
+)
+def test_raw_op_rejects_bad_input_with_runtime_error(args, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastvae.reparameterize_kl(*args)
+
+
+def test_raw_backward_op_needs_the_seed_for_grad_z():
+    with pytest.raises(RuntimeError, match="grad_z needs the seed"):
+        torch.ops.fastvae.reparameterize_kl_backward(torch.zeros(2, 3), None, torch.zeros(2, 3), torch.zeros(2, 3),
+                                                     None, "sum")
+
+
+def test_bad_inputs_raise_through_ops_before_any_kernel():
+    mu = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"mu has shape \(2, 3\) but logvar has \(2, 4\)"):
+        ops.reparameterize_kl(mu, torch.zeros(2, 4), backend="cpp")
+    with pytest.raises(TypeError, match="mu is torch.float32 but logvar is torch.float64"):
+        ops.reparameterize(mu, mu.double(), backend="cpp")
+    with pytest.raises(ValueError, match="seed must be in"):
+        ops.reparameterize(mu, mu, seed=-1, backend="cpp")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.kl_divergence(mu, mu, reduction="avg", backend="cpp")
+
+
+def test_cuda_sampling_is_left_to_triton():
+    reason = cpp_ops.unavailable_reason(torch.device("cuda"), "reparameterize_kl")
+    assert "Triton backend" in reason
+
+
+def test_same_z_as_the_triton_kernel():
+    from fastvae.backends import triton_ops
+
+    reason = triton_ops.unavailable_reason(torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(reason)
+    mu, logvar = sample_inputs("cpu", False, torch.float32, (5, 37))
+    for seed in (0, 2**40 + 7):
+        triton_z = ops.reparameterize(mu, logvar, seed=seed, backend="triton")
+        torch.testing.assert_close(ops.reparameterize(mu, logvar, seed=seed, backend="cpp"), triton_z,
+                                   atol=4e-6, rtol=2e-6)

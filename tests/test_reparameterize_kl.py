@@ -1,0 +1,447 @@
+"""The Triton reparameterize / KL kernels against fastvae.reference and float64 math.
+
+eps comes from tests/philox.py, an independent model of the in-kernel noise, so z and its
+gradients are checked element by element. Without a GPU the kernels run under Triton's
+interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES
+
+import philox
+from fastvae import ops, reference
+
+# CPU-only torch wheels come without triton; the Triton backend then has nothing to test.
+pytest.importorskip("triton")
+from fastvae.kernels import reparameterize_kl as kernels  # noqa: E402
+
+REDUCTIONS = ("sum", "batchmean", "mean", "none")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Empty, one element, not a multiple of the 1024-element tile, several tiles per program on CPU
+# (its grid is 4 programs), and a 4-D latent map that is an exact number of tiles.
+SHAPES = ((0, 8), (1,), (3, 1000), (41, 401), (2, 4, 16, 16))
+SMALL_SHAPES = ((1,), (3, 1000), (2, 4, 16, 16))
+
+# z and the gradients are computed in float32 (float64) and rounded once to the input dtype:
+# half an ulp (rtol), plus float32 noise in eps near zero (atol).
+Z_TOL = {
+    torch.float16: (1e-5, 1e-3),
+    # One ulp: Triton's interpreter truncates float32 -> bfloat16 where GPUs round to nearest.
+    torch.bfloat16: (1e-5, 8e-3),
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+}
+# The KL is accumulated in float32 (float64 for float64): the fused sum and torch's sum add in
+# different orders.
+KL_TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-12, 1e-12)}
+# The backward of reparameterize_kl recovers mu as z - std * eps from z stored in the input
+# dtype, so grad_mu of the KL also carries z's rounding: half an ulp of |z| < 16 (see
+# sample_inputs) times grad_kl < 1.5.
+RECOVERED_GRAD_TOL = {
+    torch.float16: (1.5 * 2.0**-8, 2e-3),
+    torch.bfloat16: (1.5 * 2.0**-5, 1.6e-2),
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sample_inputs(device, dtype, shape, requires_grad=False, seed=0):
+    """|mu| < 5 and std < 1.7 in practice; with |eps| <= 5.7 (u1 >= 1e-7), |z| < 16."""
+    generator = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=generator, dtype=torch.float64)
+    logvar = torch.randn(shape, generator=generator, dtype=torch.float64).clamp(-3, 1)
+    mu, logvar = (t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, logvar))
+    return mu, logvar
+
+
+def eps_like(seed, t):
+    return torch.from_numpy(philox.randn_like(seed, tuple(t.shape))).to(torch.float64)
+
+
+def float64_z(mu, logvar, seed):
+    """z from float64 math with the contract's eps; differentiable in mu and logvar."""
+    eps = eps_like(seed, mu).to(mu.device)
+    return mu.double() + torch.exp(0.5 * logvar.double()) * eps
+
+
+def float64_kl(mu, logvar, reduction):
+    mu, logvar = mu.double(), logvar.double()
+    elementwise = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar))
+    if reduction == "none":
+        return elementwise
+    divisor = {"sum": 1, "batchmean": mu.shape[0], "mean": mu.numel()}[reduction]
+    return elementwise.sum() / divisor
+
+
+def assert_close(actual, expected, tol):
+    atol, rtol = tol
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol, rtol=rtol, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reparameterize_matches_float64_math(device, dtype, shape):
+    mu, logvar = sample_inputs(device, dtype, shape)
+    z = ops.reparameterize(mu, logvar, seed=1234, backend="triton")
+    assert z.dtype == dtype and z.shape == mu.shape and z.device == mu.device
+    assert_close(z.cpu(), float64_z(mu.cpu(), logvar.cpu(), 1234), Z_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_divergence_matches_reference(device, dtype, shape, reduction):
+    mu, logvar = sample_inputs(device, dtype, shape)
+    kl = ops.kl_divergence(mu, logvar, reduction=reduction, backend="triton")
+    expected = reference.kl_divergence(mu, logvar, reduction=reduction)
+    assert kl.dtype == acc_dtype(dtype) and kl.shape == expected.shape
+    tol = KL_TOL[acc_dtype(dtype)]
+    assert_close(kl, expected, tol)
+    assert_close(kl.cpu(), float64_kl(mu.cpu(), logvar.cpu(), reduction), tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reparameterize_kl_is_both_ops_in_one(device, dtype, shape, reduction):
+    mu, logvar = sample_inputs(device, dtype, shape)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=77, backend="triton")
+    # Same kernel, same noise, same summation order: bit-identical to the separate ops.
+    assert torch.equal(z, ops.reparameterize(mu, logvar, seed=77, backend="triton"))
+    assert torch.equal(
+        kl.nan_to_num(), ops.kl_divergence(mu, logvar, reduction=reduction, backend="triton").nan_to_num()
+    )
+    assert_close(z.cpu(), float64_z(mu.cpu(), logvar.cpu(), 77), Z_TOL[dtype])
+    assert_close(kl, reference.kl_divergence(mu, logvar, reduction=reduction), KL_TOL[acc_dtype(dtype)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reduction_of_successive_inputs(device):
+    # Different data of one shape back to back: a reduction that summed before every program's
+    # partial was in would pick up the previous call's partials (or garbage) and fail here.
+    for seed in range(3):
+        mu, logvar = sample_inputs(device, torch.float32, (41, 401), seed=seed)
+        kl = ops.kl_divergence(mu, logvar, reduction="sum", backend="triton")
+        assert_close(kl, reference.kl_divergence(mu, logvar, reduction="sum"), KL_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [((0, 8), {"sum": 0.0, "batchmean": float("nan"), "mean": float("nan")}),
+     ((4, 0), {"sum": 0.0, "batchmean": 0.0, "mean": float("nan")})],
+)
+def test_empty_inputs_follow_torch(device, shape, expected):
+    mu, logvar = sample_inputs(device, torch.float32, shape)
+    for reduction, value in expected.items():
+        _, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=0, backend="triton")
+        ref = reference.kl_divergence(mu, logvar, reduction=reduction)
+        torch.testing.assert_close(kl, ref, equal_nan=True)
+        torch.testing.assert_close(kl.cpu(), torch.tensor(value), equal_nan=True)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="none", seed=0, backend="triton")
+    assert z.shape == kl.shape == mu.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+def test_non_contiguous_inputs_match_contiguous_copies(device, dtype):
+    base_mu, base_logvar = sample_inputs(device, dtype, (24, 70))
+    for view in (lambda t: t.t(), lambda t: t[:, ::3], lambda t: t.view(24, 7, 10).permute(2, 0, 1)):
+        mu, logvar = view(base_mu), view(base_logvar)
+        assert not mu.is_contiguous()
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="mean", seed=5, backend="triton")
+        mu_c, logvar_c = mu.contiguous(), logvar.contiguous()
+        z_c, kl_c = ops.reparameterize_kl(mu_c, logvar_c, reduction="mean", seed=5, backend="triton")
+        assert torch.equal(z, z_c) and torch.equal(kl, kl_c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+def grads(outputs, inputs, grad_outputs):
+    return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reparameterize_kl_gradients(device, dtype, shape, reduction):
+    mu, logvar = sample_inputs(device, dtype, shape, requires_grad=True)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=99, backend="triton")
+    # Upstream gradients exactly representable in the dtypes the op receives them in.
+    grad_z = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype).double()
+    grad_kl = 0.5 + torch.rand(kl.shape, generator=torch.Generator().manual_seed(2), dtype=kl.dtype).double()
+    actual = grads((z, kl), (mu, logvar), (grad_z.to(device, dtype), grad_kl.to(device, kl.dtype)))
+
+    mu64, logvar64 = (t.detach().cpu().double().requires_grad_() for t in (mu, logvar))
+    outputs64 = (float64_z(mu64, logvar64, 99), float64_kl(mu64, logvar64, reduction))
+    expected = grads(outputs64, (mu64, logvar64), (grad_z, grad_kl))
+    for a, e in zip(actual, expected):
+        assert a.dtype == dtype and a.shape == shape
+        assert_close(a.cpu(), e, RECOVERED_GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_divergence_gradients_match_reference(device, dtype, reduction):
+    mu, logvar = sample_inputs(device, dtype, (3, 1000), requires_grad=True)
+    kl = ops.kl_divergence(mu, logvar, reduction=reduction, backend="triton")
+    generator = torch.Generator().manual_seed(3)
+    grad_kl = 0.5 + torch.rand(kl.shape, generator=generator, dtype=kl.dtype).to(device)
+    actual = grads(kl, (mu, logvar), grad_kl)
+    expected = grads(reference.kl_divergence(mu, logvar, reduction=reduction), (mu, logvar), grad_kl)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, Z_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reparameterize_gradients(device, dtype):
+    mu, logvar = sample_inputs(device, dtype, (3, 1000), requires_grad=True)
+    z = ops.reparameterize(mu, logvar, seed=8, backend="triton")
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(4)).to(dtype).double()
+    actual = grads(z, (mu, logvar), grad_z.to(device, dtype))
+    mu64, logvar64 = (t.detach().cpu().double().requires_grad_() for t in (mu, logvar))
+    expected = grads(float64_z(mu64, logvar64, 8), (mu64, logvar64), grad_z)
+    for a, e in zip(actual, expected):
+        assert_close(a.cpu(), e, Z_TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_through_one_output_only(device):
+    # The unused output's gradient arrives as None and its term is skipped, not added as zeros.
+    mu, logvar = sample_inputs(device, torch.float32, (5, 300), requires_grad=True)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=6, backend="triton")
+    kl_only = grads(kl, (mu, logvar), None)
+    expected = grads(reference.kl_divergence(mu, logvar, reduction="batchmean"), (mu, logvar), None)
+    for a, e in zip(kl_only, expected):
+        assert_close(a, e, RECOVERED_GRAD_TOL[torch.float32])
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=6, backend="triton")
+    z_only = grads(z.square().sum(), (mu, logvar), None)
+    mu64, logvar64 = (t.detach().cpu().double().requires_grad_() for t in (mu, logvar))
+    expected = grads(float64_z(mu64, logvar64, 6).square().sum(), (mu64, logvar64), None)
+    for a, e in zip(z_only, expected):
+        assert_close(a.cpu(), e, (1e-4, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_tensors_besides_z_are_no_larger_than_z(device):
+    def saved_bytes(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            z, _ = fn()
+        others = [t for t in saved if t.data_ptr() != z.data_ptr()]
+        return sum(t.numel() * t.element_size() for t in others), z.numel() * z.element_size()
+
+    mu, logvar = sample_inputs(device, torch.float32, (64, 32), requires_grad=True)
+    fused, z_bytes = saved_bytes(lambda: ops.reparameterize_kl(mu, logvar, seed=1, backend="triton"))
+    # logvar plus the 8-byte seed; mu and eps are recomputed in the backward.
+    assert fused <= z_bytes + 8
+    unfused, _ = saved_bytes(lambda: reference.reparameterize_kl(mu, logvar, seed=1))
+    assert unfused >= 2 * z_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeds(device):
+    mu, logvar = sample_inputs(device, torch.float32, (16, 100))
+
+    def run(seed):
+        return ops.reparameterize_kl(mu, logvar, reduction="sum", seed=seed, backend="triton")
+
+    z1, kl1 = run(2**40 + 3)
+    z2, kl2 = run(2**40 + 3)
+    assert torch.equal(z1, z2) and torch.equal(kl1, kl2)
+    assert not torch.equal(z1, run(2**40 + 4)[0])
+
+    torch.manual_seed(11)
+    first, second = run(None)[0], run(None)[0]
+    assert not torch.equal(first, second)
+    torch.manual_seed(11)
+    assert torch.equal(run(None)[0], first)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1, 2**31 - 1, 2**31, 2**32 + 5, 2**63 - 1])
+def test_seed_is_the_64_bit_philox_key(device, seed):
+    # Python ints reach the kernel as int32, uint32 or int64 by value; every width must give
+    # the contract's stream.
+    mu, logvar = torch.zeros(3, 50, device=device), torch.zeros(3, 50, device=device)
+    z = ops.reparameterize(mu, logvar, seed=seed, backend="triton")
+    expected = torch.from_numpy(philox.randn_like(seed, (3, 50)))
+    torch.testing.assert_close(z.cpu(), expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library and torch.compile
+
+
+def opcheck_cases(device):
+    mu, logvar = sample_inputs(device, torch.float32, (6, 50), requires_grad=True)
+    seed = torch.tensor(17)
+    z, kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, seed, "batchmean")
+    z, kl, mu_, logvar_ = (t.detach() for t in (z, kl, mu, logvar))
+    grad_z = torch.randn_like(z)
+    fastvae_ops = torch.ops.fastvae
+    backward = fastvae_ops.triton_reparameterize_kl_backward.default
+    return [
+        (fastvae_ops.triton_reparameterize.default, (mu, logvar, seed)),
+        (fastvae_ops.triton_kl_divergence.default, (mu, logvar, "mean")),
+        (fastvae_ops.triton_kl_divergence.default, (mu, logvar, "none")),
+        (fastvae_ops.triton_reparameterize_kl.default, (mu, logvar, seed, "sum")),
+        # After reparameterize_kl (z saved), kl_divergence (mu saved) and reparameterize.
+        (backward, (grad_z, torch.ones_like(kl), z, logvar_, seed, True, "batchmean")),
+        (backward, (None, torch.ones_like(z), mu_, logvar_, None, False, "none")),
+        (backward, (grad_z, None, None, logvar_, seed, False, None)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for op, args in opcheck_cases(device):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+
+    def step(mu, logvar):
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=21, backend="triton")
+        return z.square().mean() + kl
+
+    mu, logvar = sample_inputs(device, torch.float32, (8, 64), requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(mu, logvar)
+    actual = grads(loss, (mu, logvar), None)
+    expected_loss = step(mu, logvar)
+    expected = grads(expected_loss, (mu, logvar), None)
+    torch.testing.assert_close(loss, expected_loss)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e)
+
+
+class Sampler(torch.nn.Module):
+    """A latent head that samples in training and returns the mean otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, h):
+        mu, logvar = self.head(h).chunk(2, dim=1)
+        if self.training:
+            return ops.reparameterize_kl(mu, logvar, reduction="batchmean", backend="triton")
+        return mu, ops.kl_divergence(mu, logvar, reduction="batchmean", backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_module_in_train_mode(device):
+    torch._dynamo.reset()
+    model = Sampler().to(device).train()
+    compiled = torch.compile(model, fullgraph=True)
+    h = torch.randn(32, 16, device=device)
+    z, kl = compiled(h)
+    (z.sum() + kl).backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    mu, logvar = model.head(h).chunk(2, dim=1)
+    torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction="batchmean"))
+    # The seed is drawn fresh per call, in the graph: two steps sample different noise.
+    assert not torch.equal(compiled(h)[0], z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def test_bad_inputs_are_rejected():
+    good = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"mu has shape \(2, 3\) but logvar has \(3, 2\)"):
+        ops.reparameterize_kl(good, torch.zeros(3, 2), backend="triton")
+    with pytest.raises(TypeError, match="mu is torch.float32 but logvar is torch.float64"):
+        ops.reparameterize(good, good.double(), backend="triton")
+    with pytest.raises(ValueError, match="mu is on cpu but logvar is on meta"):
+        ops.kl_divergence(good, torch.zeros(2, 3, device="meta"), backend="triton")
+    with pytest.raises(TypeError, match="mu must be float16, bfloat16, float32 or float64, got torch.int64"):
+        ops.reparameterize_kl(good.long(), good.long(), backend="triton")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        ops.kl_divergence(good, good, reduction="total", backend="triton")
+    with pytest.raises(ValueError, match="needs a batch dimension"):
+        ops.kl_divergence(torch.zeros(()), torch.zeros(()), reduction="batchmean", backend="triton")
+    with pytest.raises(TypeError, match="seed must be an int or None, got float"):
+        ops.reparameterize(good, good, seed=1.5, backend="triton")
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*63\)"):
+        ops.reparameterize_kl(good, good, seed=-1, backend="triton")
+
+
+def test_cpu_without_interpreter_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import torch, fastvae\n"
+        "try:\n"
+        "    fastvae.ops.reparameterize_kl(torch.zeros(2, 2), torch.zeros(2, 2), backend='triton')\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "backend='triton' cannot run reparameterize_kl on cpu" in result.stdout
+    assert "TRITON_INTERPRET=1" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 64-bit offsets
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int64_offsets_give_the_same_results(device, monkeypatch):
+    # Small tensors through the int64-offset variant, as if they had 2**31 elements.
+    mu, logvar = sample_inputs(device, torch.float32, (3, 1000), requires_grad=True)
+
+    def run():
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="mean", seed=3, backend="triton")
+        return (z, kl, *grads((z, kl), (mu, logvar), (torch.ones_like(z), torch.ones_like(kl))))
+
+    expected = run()
+    monkeypatch.setattr(kernels, "_INT32_LIMIT", 0)
+    for actual, value in zip(run(), expected):
+        assert torch.equal(actual, value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_more_than_2_31_elements():
+    if torch.cuda.mem_get_info()[0] < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    numel = 2**31 + 3000
+    mu = torch.zeros(numel, dtype=torch.float16, device="cuda")
+    logvar = torch.zeros_like(mu)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="mean", seed=9, backend="triton")
+    tail = np.arange(numel - 4096, numel, dtype=np.uint64)
+    expected = torch.from_numpy(philox.randn(9, tail)).half()
+    torch.testing.assert_close(z[-4096:].cpu(), expected, atol=1e-3, rtol=1e-3)
+    assert kl.item() == 0.0
