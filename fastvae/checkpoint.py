@@ -1,0 +1,87 @@
+"""Training checkpoints: one file holding everything a run needs to go on exactly where it stopped.
+
+A checkpoint is a plain dict of tensors and Python values, so it loads with
+``torch.load(weights_only=True)``:
+
+* ``model``, ``optimizer``, ``scaler``: the state dicts;
+* ``config``: :attr:`fastvae.VAE.config`, enough to rebuild the model;
+* ``step``: the number of optimizer steps taken, which also fixes the position in the data order;
+* ``rng``: torch's CPU and CUDA generator states;
+* ``args``: the training command's options, for the record.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from fastvae.model import VAE
+
+REQUIRED_KEYS = ("model", "config", "step")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable fastvae checkpoint, or one of another architecture."""
+
+
+def save(payload: dict, path: str | Path) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
+        raise CheckpointError(f"{path}: not a fastvae checkpoint (it needs {', '.join(REQUIRED_KEYS)})")
+    return checkpoint
+
+
+def check_config(checkpoint_config: dict, config: dict, path: str | Path) -> None:
+    """Raise CheckpointError naming each architecture setting where the two configs differ."""
+    differences = [
+        f"{key}={checkpoint_config.get(key)!r} there but {config.get(key)!r} here"
+        for key in sorted(set(checkpoint_config) | set(config))
+        if checkpoint_config.get(key) != config.get(key)
+    ]
+    if differences:
+        raise CheckpointError(f"{path} holds a model of another architecture: {'; '.join(differences)}")
+
+
+def load_model(path: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu") -> tuple[VAE, dict]:
+    """The model saved in the checkpoint at ``path``, in eval mode, and the checkpoint itself."""
+    checkpoint = load(path)
+    try:
+        model = VAE(**checkpoint["config"], backend=backend)
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: its model cannot be rebuilt ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), checkpoint
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,141 @@
+"""The ``fastvae`` command: train | sample | reconstruct | info | bench (also ``python -m fastvae``).
+
+Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
+command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
+Mistakes of the user (bad options, a missing folder, an unusable checkpoint) end in one line on
+stderr and exit status 2; a diverged run ends in one line and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import sys
+from typing import Callable, Sequence
+
+COMMANDS = {
+    "train": "train the conv VAE on built-in shapes or a folder of images",
+    "sample": "decode samples from the prior of a checkpoint into a PNG grid",
+    "reconstruct": "write images beside their reconstructions by a checkpoint as a PNG grid",
+    "info": "show the versions, devices and the backend each op dispatches to",
+    "bench": "time the fused ops against the reference",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, without argparse's usage block: the error is the part a reader needs.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.train import non_negative_int, positive_int
+
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
+    parser.add_argument("--n", type=positive_int, default=64, help="number of samples (default: 64)")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the prior draws (default: 0)")
+    parser.add_argument("--device", help="(default: cuda if available, else cpu)")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastvae.checkpoint import load_model
+    from fastvae.images import save_grid
+    from fastvae.train import resolve_device
+
+    model, _ = load_model(args.checkpoint, device=resolve_device(args.device))
+    samples = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    print(save_grid(samples, args.out, nrow=math.ceil(math.sqrt(args.n))))
+    return 0
+
+
+def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
+    from fastvae.train import positive_int
+
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
+    parser.add_argument("--data", metavar="DIR",
+                        help="folder of images (its first --n in path order); default: held-out built-in shapes")
+    parser.add_argument("--n", type=positive_int, default=16, help="number of images (default: 16)")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--device", help="(default: cuda if available, else cpu)")
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastvae.checkpoint import load_model
+    from fastvae.data import ImageFolder, Shapes
+    from fastvae.images import save_grid, side_by_side
+    from fastvae.train import resolve_device
+
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.checkpoint, device=device)
+    if args.data is None:
+        # Shapes after the training run's own ones, so none of them was trained on.
+        trained = ckpt.get("args", {})
+        images = Shapes(args.n, model.image_size, seed=trained.get("seed", 0), offset=trained.get("train_size", 0))
+    else:
+        images = ImageFolder(args.data, model.image_size)
+    x = torch.stack([images[i] for i in range(min(args.n, len(images)))]).to(device)
+    print(save_grid(side_by_side(x, model.reconstruct(x)), args.out, nrow=8))
+    return 0
+
+
+def _command(name: str) -> tuple[Callable, Callable]:
+    """The (add_arguments, run) pair of a command."""
+    if name == "sample":
+        return add_sample_arguments, run_sample
+    if name == "reconstruct":
+        return add_reconstruct_arguments, run_reconstruct
+    modules = {"train": "fastvae.train", "info": "fastvae.info", "bench": "fastvae.benchmark"}
+    module = importlib.import_module(modules[name])
+    return module.add_arguments, module.run
+
+
+def _one_line(exc: BaseException) -> str:
+    # An error raised in a DataLoader worker comes back with the worker's traceback in its message,
+    # ending with the original "module.Error: message" line.
+    line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return line.removeprefix(prefix)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser, with the options of ``command`` (every command is listed, but only the chosen
+    one's module is imported)."""
+    parser = _Parser(prog="fastvae", description="Fused GPU kernels for VAE training, and a conv VAE to use them.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help in COMMANDS.items():
+        sub = commands.add_parser(name, help=help, description=help)
+        if name == command:
+            _command(name)[0](sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as exc:  # --help, or a parse error already printed on one line
+        return exc.code if isinstance(exc.code, int) else 2
+    run = _command(args.command)[1]
+
+    from fastvae.checkpoint import CheckpointError
+    from fastvae.data import DataError
+    from fastvae.train import ConfigError, DivergedError
+
+    try:
+        return run(args)
+    except (ConfigError, DataError, CheckpointError) as exc:
+        print(f"fastvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except DivergedError as exc:
+        print(f"fastvae {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastvae {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,484 @@
+"""`fastvae train`: the whole training run in one function, read top to bottom.
+
+config -> data -> model -> optimizer -> resume -> the loop, with logging every --log-every steps
+and evaluation, PNG grids and a checkpoint every --every steps and at the end.
+
+One process:       fastvae train --steps 500 --out runs/shapes
+Several (DDP):     torchrun --nproc_per_node 2 -m fastvae train --steps 500 --out runs/shapes
+
+--batch-size is the global batch; under torchrun each rank takes its contiguous part of every
+batch, BatchNorm and the free-bits KL are computed over the global batch, and each image gets
+the same noise, so the run follows the single-process one to float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from fastvae import checkpoint, data, ops
+from fastvae.images import save_grid, side_by_side
+from fastvae.model import VAE
+
+try:  # optional: TensorBoard events beside metrics.jsonl when tensorboard is installed
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
+CHECKPOINT_NAME = "ckpt.pt"
+METRICS_NAME = "metrics.jsonl"
+BETA_SCHEDULES = ("constant", "linear", "cyclical")
+DEFAULT_STEPS = 400
+# A latent dimension is active when its posterior mean varies over the data more than this
+# (Burda et al., 2016); the count falling towards 0 is posterior collapse.
+ACTIVE_UNIT_THRESHOLD = 0.01
+
+
+class ConfigError(ValueError):
+    """Options that cannot make a run (bad sizes, a device or backend that is not there)."""
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _hidden_dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 32,64,128, got {text!r}") from None
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+    return dims
+
+
+def number_at_least(kind: type, low: float, *, strict: bool = False):
+    """An argparse type: a finite ``kind`` (int or float) of at least ``low`` (above it if ``strict``)."""
+    bound = f"{'>' if strict else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bound}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number_at_least(int, 1)
+non_negative_int = number_at_least(int, 0)
+non_negative_float = number_at_least(float, 0)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device named by --device; by default CUDA when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train the conv VAE. The defaults (built-in shapes at 64x64, hidden dims 32,64,128,256, "
+        "latent 32, batch 64, 400 steps) take a few minutes on a 2-core CPU; on a GPU, raise "
+        "--hidden-dims, --latent-dim, --batch-size and --steps."
+    )
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="DIR",
+                       help="folder of images (searched recursively); default: built-in shapes")
+    group.add_argument("--image-size", type=int, default=64, help="power of two >= 16 (default: 64)")
+    group.add_argument("--train-size", type=positive_int, default=20000,
+                       help="shapes images to train on (default: 20000)")
+    group.add_argument("--eval-size", type=positive_int, default=512,
+                       help="held-out images; of --data, at most this many and a tenth of the folder (default: 512)")
+    group.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
+    group.add_argument("--hidden-dims", type=_hidden_dims, default=(32, 64, 128, 256),
+                       help="encoder channels per block, comma-separated (default: 32,64,128,256)")
+    group.add_argument("--backend", choices=ops.BACKENDS, default="auto", help="fastvae.ops backend (default: auto)")
+
+    group = parser.add_argument_group("optimisation")
+    length = group.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=positive_int, help="passes over the training set, instead of --steps")
+    group.add_argument("--batch-size", type=positive_int, default=64, help="global batch size (default: 64)")
+    group.add_argument("--lr", type=number_at_least(float, 0, strict=True), default=1e-3,
+                       help="Adam learning rate (default: 1e-3)")
+    group.add_argument("--beta", type=non_negative_float, default=1.0, help="weight of the KL term (default: 1)")
+    group.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="constant",
+                       help="constant; linear: warm up from 0 over --beta-period steps; "
+                            "cyclical: warm up over the first half of every --beta-period steps (default: constant)")
+    group.add_argument("--beta-period", type=positive_int,
+                       help="steps of the linear warm-up or of one cycle (default: a quarter of the run)")
+    group.add_argument("--free-bits", type=non_negative_float, default=0.0,
+                       help="floor on the batch-mean KL of each latent dimension, in nats (default: 0, off)")
+    group.add_argument("--reduction", choices=("sum", "batchmean", "mean"), default="batchmean",
+                       help="how both loss terms are reduced over the batch (default: batchmean, per image)")
+    group.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
+                       help="autocast dtype; fp16 needs CUDA and uses a GradScaler (default: off)")
+
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    group.add_argument("--seed", type=non_negative_int, default=0,
+                       help="seeds the model, the data and the noise (default: 0)")
+    group.add_argument("--out", default="runs/vae", help="folder for checkpoint, metrics and grids (default: runs/vae)")
+    group.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
+    group.add_argument("--every", type=positive_int, default=100,
+                       help="steps between evaluations, PNG grids and checkpoints (default: 100)")
+    group.add_argument("--log-every", type=positive_int, default=10,
+                       help="steps between NaN checks and progress updates; every step is logged (default: 10)")
+
+
+def beta_at(step: int, beta: float, schedule: str, period: int) -> float:
+    """The KL weight for the step after ``step`` steps have been taken."""
+    if schedule == "linear":
+        return beta * min(1.0, step / period)
+    if schedule == "cyclical":  # Fu et al., 2019: ramp over the first half of each cycle, then hold
+        return beta * min(1.0, 2 * (step % period) / period)
+    return beta
+
+
+class ShardedForward(nn.Module):
+    """The VAE's training forward on one rank's part of a global batch.
+
+    The noise is drawn for the whole global batch, with this rank's latents padded by zeros to
+    their place in it, and then sliced: each image gets the eps it would get in one process.
+    """
+
+    def __init__(self, vae: VAE, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.vae, self.rank, self.world_size = vae, rank, world_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.vae.encode(x)
+        n = mu.shape[0]
+        before, after = self.rank * n, (self.world_size - 1 - self.rank) * n
+        z = ops.reparameterize(
+            F.pad(mu, (0, 0, before, after)), F.pad(logvar, (0, 0, before, after)), backend=self.vae.backend
+        )
+        return self.vae.decode(z[before : before + n]), mu, logvar
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the batch of every rank, for gloo.
+
+    torch's SyncBatchNorm does this for GPU tensors only. The all-reduces are differentiable,
+    so the gradient is that of BatchNorm over the global batch.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        count = x.numel() // x.shape[1] * dist.get_world_size()
+        mean = dist_nn.all_reduce(x.sum((0, 2, 3))) / count
+        centred = x - mean[None, :, None, None]
+        var = dist_nn.all_reduce(centred.square().sum((0, 2, 3))) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            # momentum None means a cumulative average, as in BatchNorm2d
+            factor = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+            self.running_mean.lerp_(mean, factor)
+            self.running_var.lerp_(var * (count / (count - 1)), factor)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+
+def global_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Swap each BatchNorm2d for one over the global batch (same parameters and state dict)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            replacement = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum).to(device)
+            replacement.load_state_dict(child.state_dict())
+            setattr(module, name, replacement)
+        else:
+            global_batchnorm(child, device)
+    return module
+
+
+def free_bits_kl(mu, logvar, *, floor, reduction, global_batch, distributed, backend) -> torch.Tensor:
+    """The KL term with each latent dimension's batch-mean KL raised to at least ``floor``
+    (Kingma et al., 2016), reduced like the reference KL; computed over the global batch."""
+    per_dim = ops.kl_divergence(mu, logvar, reduction="none", backend=backend).sum(0)
+    if distributed:
+        per_dim = dist_nn.all_reduce(per_dim)
+    total = (per_dim / global_batch).clamp(min=floor).sum()
+    if reduction == "sum":
+        return total * global_batch
+    if reduction == "mean":
+        return total / mu.shape[1]
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: VAE, loader: DataLoader, device: torch.device, autocast, backend: str) -> dict:
+    """Per-image negative ELBO (beta = 1, one sample of z, fixed seeds) on the held-out set, and
+    the number of active latent units."""
+    model.eval()
+    recon = kl = 0.0
+    means = []
+    for i, x in enumerate(loader):
+        x = x.to(device)
+        with autocast:
+            mu, logvar = model.encode(x)
+            z = ops.reparameterize(mu, logvar, seed=i, backend=model.backend)
+            x_hat = model.decode(z)
+            _, r, k = ops.vae_loss(x_hat, x.to(x_hat.dtype), mu, logvar, reduction="sum", backend=backend)
+        recon += r.item()
+        kl += k.item()
+        means.append(mu.float())
+    model.train()
+    n = len(loader.dataset)
+    active = int((torch.cat(means).var(0) > ACTIVE_UNIT_THRESHOLD).sum()) if n > 1 else 0
+    return {"eval_loss": (recon + kl) / n, "eval_recon": recon / n, "eval_kl": kl / n, "active_units": active}
+
+
+def write_grids(model: VAE, images: torch.Tensor, out: Path, step: int, seed: int) -> list[Path]:
+    """Reconstructions (each original beside its reconstruction), 64 prior samples and latent
+    interpolations from each of the first 8 images to the next."""
+    generator = torch.Generator().manual_seed(seed)
+    pairs = images[:8], images.roll(-1, 0)[:8]
+    return [
+        save_grid(side_by_side(images, model.reconstruct(images)), out / f"reconstructions_{step:06d}.png", 8),
+        save_grid(model.sample(64, generator=generator), out / f"samples_{step:06d}.png", 8),
+        save_grid(model.interpolate(*pairs, steps=10).flatten(0, 1), out / f"interpolations_{step:06d}.png", 10),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    # ---- config -------------------------------------------------------------------------------
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # set by torchrun
+    rank = int(os.environ["RANK"]) if distributed else 0
+    world_size = int(os.environ["WORLD_SIZE"]) if distributed else 1
+    master = rank == 0
+    device = resolve_device(args.device)
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.batch_size % world_size:
+        raise ConfigError(f"--batch-size {args.batch_size} does not split evenly across {world_size} processes")
+    try:
+        data.check_image_size(args.image_size)
+    except ValueError as exc:
+        raise ConfigError(f"--image-size: {exc}") from None
+    if args.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+    try:
+        ops.resolve_backend("reparameterize", device, args.backend)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    # The loss has no Triton kernel; with --backend triton it goes to the best other backend.
+    loss_backend = "auto" if args.backend == "triton" else args.backend
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    out = Path(args.out)
+    ckpt_path = out / CHECKPOINT_NAME
+    torch.manual_seed(args.seed)
+
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    metrics = writer = progress = None
+    try:
+        # ---- data -----------------------------------------------------------------------------
+        train_set, eval_set = data.train_eval_split(
+            args.data, args.image_size, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size
+        )
+        batches = data.EpochBatches(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
+        total_steps = args.steps or (args.epochs or 0) * batches.per_epoch or DEFAULT_STEPS
+        beta_period = args.beta_period or max(1, total_steps // 4)
+        eval_loader = DataLoader(eval_set, batch_size=args.batch_size, num_workers=args.workers)
+        grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
+
+        # ---- model ----------------------------------------------------------------------------
+        model = VAE(3, args.image_size, args.latent_dim, args.hidden_dims, backend=args.backend).to(device)
+        if distributed:
+            model = global_batchnorm(model, device)  # before the optimizer: it may make new parameters
+
+        # ---- optimizer ------------------------------------------------------------------------
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+        # ---- resume ---------------------------------------------------------------------------
+        step = 0
+        if args.resume and ckpt_path.exists():
+            ckpt = checkpoint.load(ckpt_path)
+            checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if ckpt["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
+                scaler.load_state_dict(ckpt["scaler"])
+            checkpoint.set_rng_state(ckpt["rng"])
+            step = ckpt["step"]
+        elif args.resume and master:
+            print(f"no checkpoint in {out}; starting from scratch")
+        batches.start = step  # the data order depends on (seed, epoch) only, so the step fixes the position
+        loader = DataLoader(
+            train_set,
+            batch_sampler=batches,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            # its own generator, so that starting the iterator leaves torch's global RNG alone
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        net: nn.Module = model
+        if distributed:
+            device_ids = [device.index] if device.type == "cuda" else None
+            net = DistributedDataParallel(ShardedForward(model, rank, world_size), device_ids=device_ids)
+        # DDP averages gradients over ranks; with "sum" the global loss is the sum of the ranks'.
+        scale = world_size if args.reduction == "sum" else 1
+
+        if master:
+            out.mkdir(parents=True, exist_ok=True)
+            metrics = _open_metrics(out / METRICS_NAME, step)
+            writer = SummaryWriter(str(out)) if SummaryWriter is not None else None
+            params = sum(p.numel() for p in model.parameters())
+            print(
+                f"training on {device} x{world_size}: {args.data or 'built-in shapes'} at "
+                f"{args.image_size}x{args.image_size} ({len(train_set)} train / {len(eval_set)} held out), "
+                f"latent {args.latent_dim}, hidden {','.join(map(str, args.hidden_dims))} "
+                f"({params / 1e6:.2f}M params), batch {args.batch_size}, steps {step} -> {total_steps}, into {out}"
+            )
+        if step >= total_steps:
+            if master:
+                print(f"nothing to do: {ckpt_path} is at step {step} of {total_steps}")
+            return 0
+
+        # ---- the loop -------------------------------------------------------------------------
+        model.train()
+        history: list[torch.Tensor] = []  # (loss, recon, kl) of each step since the last check
+        betas: list[float] = []
+        progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
+        last_check = (step, time.perf_counter())
+        data_iter = iter(loader)
+        while step < total_steps:
+            x = next(data_iter).to(device, non_blocking=True)
+            beta = beta_at(step, args.beta, args.beta_schedule, beta_period)
+            with autocast:
+                x_hat, mu, logvar = net(x)
+                loss, recon, kl = ops.vae_loss(
+                    x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=args.reduction, backend=loss_backend
+                )
+                if args.free_bits > 0:
+                    floored = free_bits_kl(
+                        mu, logvar, floor=args.free_bits, reduction=args.reduction,
+                        global_batch=args.batch_size, distributed=distributed, backend=loss_backend,
+                    )
+                    objective = scale * recon + beta * floored  # the floored KL is already global
+                else:
+                    objective = scale * loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            # Averaged over ranks, these are the global loss and its parts.
+            history.append(torch.stack([objective.detach(), scale * recon.detach(), scale * kl.detach()]).float())
+            betas.append(beta)
+
+            evaluating = step % args.every == 0 or step == total_steps
+            if step % args.log_every and not evaluating:
+                continue
+            # Losses reach the host only here, not every step, so the GPU is not synced each step.
+            # A checkpoint is written only after this check, so it never holds a diverged model.
+            values = torch.stack(history)
+            if distributed:
+                dist.all_reduce(values)
+                values /= world_size
+            first = step - len(history) + 1
+            for i, (l, r, k) in enumerate(values.tolist()):
+                if not all(map(math.isfinite, (l, r, k))):
+                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint yet"
+                    raise DivergedError(f"loss is {l} at step {first + i}; stopped ({kept})")
+            if master:
+                for i, ((l, r, k), b) in enumerate(zip(values.tolist(), betas)):
+                    _log(metrics, writer, {"step": first + i, "loss": l, "recon": r, "kl": k, "beta": b})
+                images_per_s = (step - last_check[0]) * args.batch_size / (time.perf_counter() - last_check[1])
+                progress.update(step - progress.n)
+                progress.set_postfix(
+                    loss=f"{l:.4g}", recon=f"{r:.4g}", kl=f"{k:.4g}", beta=f"{b:.3g}", img_s=f"{images_per_s:.0f}"
+                )
+            history.clear()
+            betas.clear()
+            if evaluating and master:
+                results = evaluate(model, eval_loader, device, autocast, loss_backend)
+                _log(metrics, writer, {"step": step, **results})
+                grids = write_grids(model, grid_images, out, step, args.seed)
+                checkpoint.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "step": step,
+                        "config": model.config,
+                        "rng": checkpoint.rng_state(),
+                        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                    },
+                    ckpt_path,
+                )
+            last_check = (step, time.perf_counter())  # evaluation time is not training speed
+        progress.close()
+        if master:
+            print(
+                f"done: step {step}; held-out loss {results['eval_loss']:.4g} (recon {results['eval_recon']:.4g}, "
+                f"kl {results['eval_kl']:.4g}), {results['active_units']}/{args.latent_dim} active latent units; "
+                f"wrote {ckpt_path}, {', '.join(str(p) for p in grids)}"
+            )
+        return 0
+    finally:
+        for resource in (progress, metrics, writer):
+            if resource is not None:
+                resource.close()
+        if distributed:
+            dist.destroy_process_group()
+
+
+def _open_metrics(path: Path, step: int):
+    """metrics.jsonl for appending, without the lines that an interrupted run logged after its last
+    checkpoint at ``step`` (a fresh run, step 0, starts it empty)."""
+    kept = []
+    if step > 0 and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by the kill; only the last one can be
+                break
+            if record["step"] <= step:
+                kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a", buffering=1)
+
+
+def _log(metrics, writer, record: dict) -> None:
+    metrics.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if key != "step":
+                writer.add_scalar(key, value, record["step"])

@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastvae.data import (
+    DataError,
+    EpochBatches,
+    ImageFolder,
+    Shapes,
+    render_shapes,
+    train_eval_split,
+)
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_shapes_shape_range_and_content(size):
+    images = torch.stack([Shapes(8, size, seed=3)[i] for i in range(8)])
+    assert images.shape == (8, 3, size, size)
+    assert images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    # Each image is a shape on a plain background: the corner colour covers much but not all of it.
+    background = (images - images[:, :, :1, :1]).abs().amax(1) < 1e-6
+    covered = 1 - background.float().mean((1, 2))
+    assert ((covered > 0.02) & (covered < 0.8)).all(), covered
+
+
+def test_shapes_item_depends_only_on_seed_and_index():
+    a = Shapes(10, 32, seed=1)
+    assert torch.equal(a[3], Shapes(10, 32, seed=1)[3])
+    assert torch.equal(a[3], a.__getitems__([7, 3])[1])  # whatever batch it is drawn in
+    assert torch.equal(a[3], render_shapes(1, [3], 32)[0])
+    assert not torch.equal(a[3], Shapes(10, 32, seed=2)[3])
+    assert not torch.equal(a[3], a[4])
+    # A held-out split is the same stream further on.
+    assert torch.equal(Shapes(5, 32, seed=1, offset=5)[0], a[5])
+    with pytest.raises(IndexError):
+        a[10]
+
+
+@pytest.mark.parametrize("size", [8, 24, 100])
+def test_shapes_reject_sizes_that_are_not_powers_of_two_from_16(size):
+    with pytest.raises(ValueError, match="power of two"):
+        Shapes(4, size)
+
+
+def test_shapes_split_is_disjoint():
+    train, held_out = train_eval_split(None, 16, seed=0, train_size=20, eval_size=6)
+    assert (len(train), len(held_out)) == (20, 6)
+    train_images = torch.stack([train[i] for i in range(20)])
+    for i in range(6):
+        assert not (train_images == held_out[i]).flatten(1).all(1).any()
+
+
+def _save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_reads_recursively_resizes_and_centre_crops(tmp_path):
+    # 64 wide, 32 high: black quarters left and right of a white middle half. Resized to 32x16
+    # and centre-cropped to 16x16, only the white middle remains.
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, 16:48] = 255
+    _save(tmp_path / "a" / "wide.png", wide)
+    _save(tmp_path / "b" / "c" / "grey.jpg", np.full((20, 20), 128, np.uint8))
+    Image.fromarray(np.zeros((16, 16, 4), np.uint8), "RGBA").save(tmp_path / "rgba.PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    folder = ImageFolder(tmp_path, 16)
+    assert [p.relative_to(tmp_path).as_posix() for p in folder.files] == ["a/wide.png", "b/c/grey.jpg", "rgba.PNG"]
+    for i in range(len(folder)):
+        assert folder[i].shape == (3, 16, 16) and folder[i].dtype == torch.float32
+        assert folder[i].min() >= 0 and folder[i].max() <= 1
+    assert folder[0][:, :, 2:-2].min() > 0.95
+    assert folder[1].sub(128 / 255).abs().max() < 0.02
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="no such folder"):
+        ImageFolder(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="no images found"):
+        ImageFolder(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="broken.png: cannot read image"):
+        ImageFolder(tmp_path, 16)[0]
+
+
+def test_folder_split_holds_out_a_tenth(tmp_path):
+    for i in range(30):
+        _save(tmp_path / f"{i:02d}.png", np.full((16, 16, 3), i, np.uint8))
+    train, held_out = train_eval_split(tmp_path, 16, seed=0, train_size=0, eval_size=100)
+    assert (len(train), len(held_out)) == (27, 3)
+    assert not set(train.indices) & set(held_out.indices)
+    assert train_eval_split(tmp_path, 16, seed=0, train_size=0, eval_size=100)[1].indices == held_out.indices
+
+
+def _take(sampler, n):
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+def test_epoch_batches_are_seeded_permutations():
+    batches = _take(EpochBatches(10, 3, seed=5), 6)  # 3 batches per epoch, 1 item dropped
+    assert batches == _take(EpochBatches(10, 3, seed=5), 6)
+    assert batches != _take(EpochBatches(10, 3, seed=6), 6)
+    for epoch in (batches[:3], batches[3:]):
+        items = [i for batch in epoch for i in batch]
+        assert len(set(items)) == 9 and set(items) <= set(range(10))
+    assert batches[:3] != batches[3:]
+
+
+def test_epoch_batches_start_and_shards():
+    whole = _take(EpochBatches(20, 4, seed=0), 12)
+    assert _take(EpochBatches(20, 4, seed=0, start=7), 5) == whole[7:]
+    ranks = [_take(EpochBatches(20, 4, seed=0, rank=r, world_size=2), 12) for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == whole
+
+
+def test_epoch_batches_errors():
+    with pytest.raises(DataError, match="fewer than one batch"):
+        EpochBatches(3, 4, seed=0)
+    with pytest.raises(ValueError, match="split evenly"):
+        EpochBatches(30, 5, seed=0, world_size=2)
