@@ -100,7 +100,7 @@ def extensions_and_cmdclass():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    # The *_avx2.cpp builds link last: see csrc/vae_loss/vae_loss_cpu_avx2.cpp.
+    # The *_avx2.cpp builds link last: see csrc/avx2_target.h.
     cpu_sources = sorted(
         (str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cpp") if "tests" not in p.parts),
         key=lambda path: (path.endswith("_avx2.cpp"), path),

@@ -42,9 +42,11 @@ using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float
 // threads. 16Ki elements amortize a task's overhead and are a multiple of every vector width.
 constexpr int64_t kChunk = int64_t{1} << 14;
 
-inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+inline int64_t num_chunks(int64_t n, int64_t chunk_size = kChunk) { return (n + chunk_size - 1) / chunk_size; }
 
-inline int64_t chunk_end(int64_t chunk, int64_t n) { return std::min(n, (chunk + 1) * kChunk); }
+inline int64_t chunk_end(int64_t chunk, int64_t n, int64_t chunk_size = kChunk) {
+  return std::min(n, (chunk + 1) * chunk_size);
+}
 
 // Chunk partials added in chunk order.
 template <typename acc>

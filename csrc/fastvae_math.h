@@ -17,6 +17,32 @@
 namespace fastvae {
 
 // ---------------------------------------------------------------------------------------------
+// The elementwise primitives the templates below are written with. float and double take the C
+// library's functions; a vector type (at::vec::Vectorized, in the vectorized CPU loops) takes the
+// generic templates, which call its own member functions. The non-template overloads are exact
+// matches, so scalars never reach the templates.
+
+FASTVAE_HD float exp_(float v) { return expf(v); }
+FASTVAE_HD double exp_(double v) { return exp(v); }
+FASTVAE_HD float log_(float v) { return logf(v); }
+FASTVAE_HD float cos_(float v) { return cosf(v); }
+FASTVAE_HD float sqrt_(float v) { return sqrtf(v); }
+FASTVAE_HD float max_(float a, float b) { return a > b ? a : b; }
+
+#if !defined(__CUDACC__)
+template <typename V>
+inline V exp_(const V& v) { return v.exp(); }
+template <typename V>
+inline V log_(const V& v) { return v.log(); }
+template <typename V>
+inline V cos_(const V& v) { return v.cos(); }
+template <typename V>
+inline V sqrt_(const V& v) { return v.sqrt(); }
+template <typename V>
+inline V max_(const V& a, const V& b) { return maximum(a, b); }  // at::vec::maximum, found by ADL
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Reconstruction: squared error. Templated on T so the CPU kernel runs the same expression on
 // at::vec::Vectorized lanes as on scalars.
 
@@ -42,8 +68,6 @@ FASTVAE_HD T squared_error_grad(T x_hat, T x, T factor) {
 // ---------------------------------------------------------------------------------------------
 // KL(N(mu, exp(logvar)) || N(0, 1)) per latent, and its gradients.
 
-FASTVAE_HD float exp_(float v) { return expf(v); }
-FASTVAE_HD double exp_(double v) { return exp(v); }
 
 template <typename T>
 FASTVAE_HD T kl_term(T mu, T logvar) {
@@ -96,19 +120,26 @@ FASTVAE_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// Philox-4x32-10 (Salmon et al., SC'11), round for round as triton's philox_impl.
-FASTVAE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
+// Philox-4x32-10 (Salmon et al., SC'11), round for round as triton's philox_impl, on the four
+// counter words in place. U is uint32_t, or a vector of uint32 lanes that provides
+// mulhi32(uint32_t, U), uint32_t * U, U ^ U and U ^ uint32_t (the AVX2 CPU loop's U32x8).
+template <typename U>
+FASTVAE_HD void philox4x32_10_inplace(U& c0, U& c1, U& c2, U& c3, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
   for (int round = 0; round < 10; ++round) {
-    const uint32_t c0 = ctr.c0, c2 = ctr.c2;
-    ctr.c0 = mulhi32(kRoundB, c2) ^ ctr.c1 ^ k0;
-    ctr.c2 = mulhi32(kRoundA, c0) ^ ctr.c3 ^ k1;
-    ctr.c1 = kRoundB * c2;
-    ctr.c3 = kRoundA * c0;
+    const U a0 = c0, a2 = c2;
+    c0 = mulhi32(kRoundB, a2) ^ c1 ^ k0;
+    c2 = mulhi32(kRoundA, a0) ^ c3 ^ k1;
+    c1 = kRoundB * a2;
+    c3 = kRoundA * a0;
     k0 += kKeyA;
     k1 += kKeyB;
   }
+}
+
+FASTVAE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
+  philox4x32_10_inplace(ctr.c0, ctr.c1, ctr.c2, ctr.c3, k0, k1);
   return ctr;
 }
 
@@ -120,20 +151,33 @@ FASTVAE_HD float uint_to_uniform(uint32_t bits) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-// triton's pair_uniform_to_normal (Box-Muller), first output only, all in float32.
-FASTVAE_HD float uniform_pair_to_normal(float u1, float u2) {
-  u1 = u1 > 1.0e-7f ? u1 : 1.0e-7f;
-  const float theta = 6.283185307179586f * u2;
-  return sqrtf(-2.0f * logf(u1)) * cosf(theta);
+// triton's pair_uniform_to_normal (Box-Muller), first output only, all in float32 (T is float
+// or a vector of floats).
+template <typename T>
+FASTVAE_HD T uniform_pair_to_normal(T u1, T u2) {
+  u1 = max_(u1, T(1.0e-7f));
+  const T theta = T(6.283185307179586f) * u2;
+  return sqrt_(T(-2.0f) * log_(u1)) * cos_(theta);
 }
 
-// eps for the element with logical row-major index `index`: key = the seed's two 32-bit halves,
-// counter = (index_lo, index_hi, 0, 0), as tl.randn(seed, index) with an int64 index.
-FASTVAE_HD float philox_normal(uint64_t seed, uint64_t index) {
+// The two uniforms behind tl.randn(seed, index), for the element with logical row-major index
+// `index`: key = the seed's two 32-bit halves, counter = (index_lo, index_hi, 0, 0), as Triton
+// does with an int64 index.
+struct UniformPair {
+  float u1, u2;
+};
+
+FASTVAE_HD UniformPair philox_uniform_pair(uint64_t seed, uint64_t index) {
   const Philox4x32 r = philox4x32_10(
       Philox4x32{static_cast<uint32_t>(index), static_cast<uint32_t>(index >> 32), 0u, 0u},
       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return uniform_pair_to_normal(uint_to_uniform(r.c0), uint_to_uniform(r.c1));
+  return {uint_to_uniform(r.c0), uint_to_uniform(r.c1)};
+}
+
+// eps for the element with logical row-major index `index`: tl.randn(seed, index).
+FASTVAE_HD float philox_normal(uint64_t seed, uint64_t index) {
+  const UniformPair u = philox_uniform_pair(seed, index);
+  return uniform_pair_to_normal<float>(u.u1, u.u2);
 }
 
 }  // namespace fastvae

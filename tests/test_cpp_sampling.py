@@ -1,10 +1,15 @@
 """fastvae::reparameterize_kl, the CPU sampling op of the C++ backend, and the noise contract.
 
 z must equal mu + exp(0.5 * logvar) * eps with eps from tests/philox.py (a numpy model of
-Triton's tl.randn), computed here in float64. The C++ kernel computes log/cos with libm while
-numpy uses its own float32 routines: eps agrees to a few float32 ulps (|eps| < 6, so 2e-6),
-then z is rounded once to its dtype.
+Triton's tl.randn), computed here in float64. The C++ kernel computes log/cos with libm (or, in
+its AVX2 build, Sleef) while numpy uses its own float32 routines: eps agrees to a few float32 ulps
+(|eps| < 6, so 2e-6), then z is rounded once to its dtype.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -205,6 +210,33 @@ def test_empty_and_single_element(reduction):
         torch.testing.assert_close(z.double(), float64_z(mu, logvar, 2), atol=4e-6, rtol=2e-6)
         grads = torch.autograd.grad((z.sum(), kl.sum()), (mu, logvar))
         assert all(g.shape == shape for g in grads)
+
+
+_BASELINE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from fastvae import ops
+
+    mu, logvar = torch.load(sys.argv[1])
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="none", seed=11, backend="cpp")
+    torch.save((z, kl), sys.argv[2])
+    """
+)
+
+
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() == "DEFAULT", reason="the CPU has no AVX2")
+def test_baseline_build_follows_the_noise_contract_too(tmp_path):
+    # The AVX2 loops run everywhere else in this file; ATEN_CPU_CAPABILITY=default picks the
+    # baseline build of the same loops.
+    mu, logvar = sample_inputs("cpu", False, torch.float32, (5, 1003))
+    torch.save((mu, logvar), tmp_path / "inputs.pt")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True)
+    z, kl = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(z.double(), float64_z(mu, logvar, 11), atol=4e-6, rtol=2e-6)
+    torch.testing.assert_close(kl.double(), float64_kl(mu, logvar, "none"), atol=1e-5, rtol=1e-5)
 
 
 def test_bitwise_deterministic_across_thread_counts():

@@ -10,13 +10,17 @@
 
 #include "../common.h"
 #include "../cpu_utils.h"
-#include "../fastvae_math.h"
+#include "reparameterize_kl_cpu_kernels.h"
 
 namespace fastvae {
 namespace {
 
 using cpu::acc_t;
-using cpu::kChunk;
+
+// Sampling costs about 10 ns an element on one core (Philox and Box-Muller), so chunks far
+// smaller than cpu::kChunk pay for their task: a 128x128 latent already runs on 4 threads. The
+// chunks are fixed, so the KL's sum still has the same bits whatever the thread count.
+constexpr int64_t kChunk = 4096;
 
 uint64_t read_seed(const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(seed.has_value() && seed->defined(), "sampling z needs a seed tensor, got None");
@@ -37,63 +41,41 @@ at::TensorOptions accumulate_options(const at::Tensor& like) {
 }
 
 template <typename scalar_t>
-void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64_t n, uint64_t seed,
-                               Reduction reduction, double divisor, scalar_t* z, acc_t<scalar_t>* kl) {
-  using acc = acc_t<scalar_t>;
-  const bool elementwise = reduction == Reduction::None;
-  std::vector<acc> partials(kl != nullptr && !elementwise ? cpu::num_chunks(n) : 0);
-  at::parallel_for(0, cpu::num_chunks(n), 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) {
-      acc total = 0;
-      for (int64_t i = c * kChunk, end = cpu::chunk_end(c, n); i < end; ++i) {
-        const acc m = mu[i], lv = logvar[i];
-        if (z != nullptr) {
-          z[i] = static_cast<scalar_t>(reparameterize<acc>(m, lv, philox_normal(seed, i)));
-        }
-        if (kl != nullptr) {
-          const acc term = kl_term(m, lv);
-          if (elementwise) {
-            kl[i] = term;
-          } else {
-            total += term;
-          }
-        }
-      }
-      if (!partials.empty()) partials[c] = total;
-    }
-  });
-  if (kl != nullptr && !elementwise) {
-    *kl = cpu::ordered_sum(partials) / static_cast<acc>(divisor);
-  }
+acc_t<scalar_t> sample_forward_chunk(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
+                                     acc_t<scalar_t>* kl, cpu::KlOutput kl_output, int64_t begin, int64_t end) {
+#if FASTVAE_AVX2_BUILD
+  if (cpu::use_avx2()) return cpu::sample_forward_avx2(mu, logvar, seed, z, kl, kl_output, begin, end);
+#endif
+  return cpu::sample_forward(mu, logvar, seed, z, kl, kl_output, begin, end);
 }
 
 template <typename scalar_t>
-void reparameterize_kl_backward(const scalar_t* grad_z, const acc_t<scalar_t>* grad_kl, bool grad_kl_elementwise,
-                                const scalar_t* saved, const scalar_t* logvar, int64_t n,
-                                std::optional<uint64_t> seed, double divisor, scalar_t* grad_mu,
-                                scalar_t* grad_logvar) {
+void sample_backward_chunk(const cpu::LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, scalar_t* grad_logvar,
+                           int64_t begin, int64_t end) {
+#if FASTVAE_AVX2_BUILD
+  if (cpu::use_avx2()) return cpu::sample_backward_avx2(in, grad_mu, grad_logvar, begin, end);
+#endif
+  cpu::sample_backward(in, grad_mu, grad_logvar, begin, end);
+}
+
+template <typename scalar_t>
+void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64_t n, uint64_t seed,
+                               Reduction reduction, double divisor, scalar_t* z, acc_t<scalar_t>* kl) {
   using acc = acc_t<scalar_t>;
-  const acc kl_weight = grad_kl != nullptr && !grad_kl_elementwise ? *grad_kl / static_cast<acc>(divisor) : acc(0);
-  at::parallel_for(0, n, kChunk, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc lv = logvar[i];
-      const acc eps = seed ? static_cast<acc>(philox_normal(*seed, i)) : acc(0);
-      acc g_mu = 0, g_logvar = 0;
-      if (grad_z != nullptr) {
-        const acc g = grad_z[i];
-        g_mu += g;
-        g_logvar += g * reparameterize_grad_logvar(lv, eps);
-      }
-      if (grad_kl != nullptr) {
-        const acc m = seed ? recover_mu<acc>(saved[i], lv, eps) : acc(saved[i]);
-        const acc w = grad_kl_elementwise ? grad_kl[i] : kl_weight;
-        g_mu += w * kl_grad_mu(m);
-        g_logvar += w * kl_grad_logvar(lv);
-      }
-      grad_mu[i] = static_cast<scalar_t>(g_mu);
-      grad_logvar[i] = static_cast<scalar_t>(g_logvar);
+  const cpu::KlOutput kl_output = kl == nullptr                 ? cpu::KlOutput::None
+                                  : reduction == Reduction::None ? cpu::KlOutput::Elementwise
+                                                                 : cpu::KlOutput::Sum;
+  std::vector<acc> partials(kl_output == cpu::KlOutput::Sum ? cpu::num_chunks(n, kChunk) : 0);
+  at::parallel_for(0, cpu::num_chunks(n, kChunk), 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const acc total =
+          sample_forward_chunk(mu, logvar, seed, z, kl, kl_output, c * kChunk, cpu::chunk_end(c, n, kChunk));
+      if (!partials.empty()) partials[c] = total;
     }
   });
+  if (kl_output == cpu::KlOutput::Sum) {
+    *kl = cpu::ordered_sum(partials) / static_cast<acc>(divisor);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
@@ -154,11 +136,23 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(
   const at::Tensor saved = saved_in.contiguous(), logvar = logvar_in.contiguous();
   at::Tensor grad_mu = at::empty_like(saved), grad_logvar = at::empty_like(logvar);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.scalar_type(), "reparameterize_kl_backward_cpu", [&] {
-    reparameterize_kl_backward(has_grad_z ? gz.const_data_ptr<scalar_t>() : nullptr,
-                               has_grad_kl ? gkl.const_data_ptr<acc_t<scalar_t>>() : nullptr,
-                               reduction == Reduction::None, saved.const_data_ptr<scalar_t>(),
-                               logvar.const_data_ptr<scalar_t>(), saved.numel(), seed_value, divisor,
-                               grad_mu.mutable_data_ptr<scalar_t>(), grad_logvar.mutable_data_ptr<scalar_t>());
+    using acc = acc_t<scalar_t>;
+    const bool elementwise = reduction == Reduction::None;
+    const cpu::LatentGradInputs<scalar_t> in{
+        has_grad_z ? gz.const_data_ptr<scalar_t>() : nullptr,
+        has_grad_kl && elementwise ? gkl.const_data_ptr<acc>() : nullptr,
+        has_grad_kl,
+        has_grad_kl && !elementwise ? *gkl.const_data_ptr<acc>() / static_cast<acc>(divisor) : acc(0),
+        saved.const_data_ptr<scalar_t>(),
+        logvar.const_data_ptr<scalar_t>(),
+        seed_value.has_value(),
+        seed_value.value_or(0),
+    };
+    scalar_t* grad_mu_data = grad_mu.mutable_data_ptr<scalar_t>();
+    scalar_t* grad_logvar_data = grad_logvar.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, saved.numel(), kChunk, [&](int64_t begin, int64_t end) {
+      sample_backward_chunk(in, grad_mu_data, grad_logvar_data, begin, end);
+    });
   });
   return {grad_mu, grad_logvar};
 }

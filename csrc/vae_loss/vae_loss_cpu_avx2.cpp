@@ -1,25 +1,7 @@
 // The AVX2 build of vae_loss_cpu_kernels.h, picked at run time by cpu::use_avx2().
-//
-// setuptools compiles every source with the same flags, so instead of -mavx2 -mf16c this file
-// switches the target with a pragma and defines the macros those flags would define, before
-// torch's vector headers (and sleef.h) choose their AVX2 code by them. Not FMA: without it no
-// multiply-add can be contracted, so this build rounds exactly like the baseline one.
-// setup.py and CMakeLists.txt link this file last, so the inline functions of torch and of the
-// standard library that it compiles for AVX2 lose to the baseline copies of earlier files.
-#include "../cpu_utils.h"  // for FASTVAE_AVX2_BUILD; it includes no vector code
+#include "../avx2_target.h"
 
 #if FASTVAE_AVX2_BUILD
-#pragma GCC target("avx2,f16c")
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __F16C__ 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-
 #include "vae_loss_cpu_kernels.h"
 
 namespace fastvae::cpu {

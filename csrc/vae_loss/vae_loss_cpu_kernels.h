@@ -4,11 +4,7 @@
 // never share a symbol.
 #pragma once
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/macros/Macros.h>
-
-#include "../cpu_utils.h"
+#include "../cpu_vec.h"
 #include "../fastvae_math.h"
 
 namespace fastvae::cpu {
@@ -22,30 +18,6 @@ void scale_image_grad_avx2(const scalar_t* image_grad, acc_t<scalar_t> weight, s
                            scalar_t* grad_x, int64_t begin, int64_t end);
 
 inline namespace CPU_CAPABILITY {
-
-template <typename scalar_t>
-using AccVec = at::vec::Vectorized<acc_t<scalar_t>>;
-
-// AccVec<scalar_t>::size() elements of `src`, widened to the accumulate type, and back.
-template <typename scalar_t>
-C10_ALWAYS_INLINE AccVec<scalar_t> load_widened(const scalar_t* src) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::Vectorized<float> out;
-    at::vec::load_to_float(src, out);
-    return out;
-  } else {
-    return AccVec<scalar_t>::loadu(src);
-  }
-}
-
-template <typename scalar_t>
-C10_ALWAYS_INLINE void store_narrowed(scalar_t* dst, const AccVec<scalar_t>& v) {
-  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(dst, AccVec<scalar_t>::size());
-  } else {
-    v.store(dst);
-  }
-}
 
 // Sum of squared_error over [begin, end), in a fixed order of lanes then tail; with kWriteGrad
 // also image_grad = squared_error_grad(x_hat, x, factor) from the same loads. Vectorized has
@@ -69,11 +41,7 @@ acc_t<scalar_t> squared_error_sum(const scalar_t* x_hat, const scalar_t* x, acc_
       store_narrowed(image_grad + i + Vec::size(), squared_error_grad(a1, b1, f));
     }
   }
-  acc0 = acc0 + acc1;
-  acc_t<scalar_t> lanes[Vec::size()];
-  acc0.store(lanes);
-  acc_t<scalar_t> total = 0;
-  for (int64_t l = 0; l < Vec::size(); ++l) total += lanes[l];
+  acc_t<scalar_t> total = lane_sum(acc0 + acc1);
   for (; i < end; ++i) {
     const acc_t<scalar_t> a = x_hat[i], b = x[i];
     total += squared_error(a, b);

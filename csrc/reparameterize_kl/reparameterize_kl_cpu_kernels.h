@@ -1,0 +1,185 @@
+// The loops of reparameterize_kl on CPU. Compiled twice, like vae_loss_cpu_kernels.h: for the
+// x86-64 baseline by reparameterize_kl_cpu.cpp and with AVX2 by reparameterize_kl_cpu_avx2.cpp.
+//
+// Float-accumulating dtypes (float32, float16, bfloat16) run on Vectorized<float> lanes: the
+// Philox rounds in a lane loop the compiler vectorizes (integer math, so exact), Box-Muller and
+// the rest with at::vec's functions, which in the AVX2 build are Sleef's (within 1 ulp of the C
+// library's, so eps may differ from the scalar path in its last bit). float64 and the tails run
+// the scalar path. Both paths evaluate the templates of fastvae_math.h.
+#pragma once
+
+#include <type_traits>
+
+#include "../cpu_vec.h"
+#include "../fastvae_math.h"
+
+namespace fastvae::cpu {
+
+// What the forward writes besides z: nothing, the elementwise KL, or (returned) its sum.
+enum class KlOutput { None, Elementwise, Sum };
+
+// What the backward reads. `saved` is z when has_seed (mu is recovered from it), else mu.
+template <typename scalar_t>
+struct LatentGradInputs {
+  const scalar_t* grad_z;             // null when z gets no gradient
+  const acc_t<scalar_t>* grad_kl;     // elementwise gradient of an unreduced KL, or null
+  bool has_kl;                        // whether the KL gets a gradient
+  acc_t<scalar_t> kl_weight;          // the gradient of each KL term when grad_kl is null
+  const scalar_t* saved;
+  const scalar_t* logvar;
+  bool has_seed;
+  uint64_t seed;
+};
+
+// The AVX2 build's entry points, defined in reparameterize_kl_cpu_avx2.cpp for the four dtypes.
+template <typename scalar_t>
+acc_t<scalar_t> sample_forward_avx2(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
+                                    acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end);
+template <typename scalar_t>
+void sample_backward_avx2(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, scalar_t* grad_logvar,
+                          int64_t begin, int64_t end);
+
+inline namespace CPU_CAPABILITY {
+
+// The gradients of one element, or of one vector of elements (T the accumulate type or a
+// Vectorized of it), from what the backward read for it.
+template <typename T>
+C10_ALWAYS_INLINE void latent_grads(bool has_grad_z, bool has_kl, bool saved_is_z, T grad_z, T kl_weight, T saved,
+                                    T logvar, T eps, T& grad_mu, T& grad_logvar) {
+  grad_mu = T(0);
+  grad_logvar = T(0);
+  if (has_grad_z) {
+    grad_mu = grad_mu + grad_z;
+    grad_logvar = grad_logvar + grad_z * reparameterize_grad_logvar(logvar, eps);
+  }
+  if (has_kl) {
+    const T mu = saved_is_z ? recover_mu(saved, logvar, eps) : saved;
+    grad_mu = grad_mu + kl_weight * kl_grad_mu(mu);
+    grad_logvar = grad_logvar + kl_weight * kl_grad_logvar(logvar);
+  }
+}
+
+using FloatVec = at::vec::Vectorized<float>;
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Eight uint32 lanes with the operations philox4x32_10_inplace needs. AVX2 has no 32-bit
+// high multiply: the even lanes' and the odd lanes' 64-bit products are taken apart and blended.
+struct U32x8 {
+  __m256i v;
+};
+C10_ALWAYS_INLINE U32x8 operator^(U32x8 a, U32x8 b) { return {_mm256_xor_si256(a.v, b.v)}; }
+C10_ALWAYS_INLINE U32x8 operator^(U32x8 a, uint32_t b) {
+  return {_mm256_xor_si256(a.v, _mm256_set1_epi32(static_cast<int>(b)))};
+}
+C10_ALWAYS_INLINE U32x8 operator*(uint32_t a, U32x8 b) {
+  return {_mm256_mullo_epi32(_mm256_set1_epi32(static_cast<int>(a)), b.v)};
+}
+C10_ALWAYS_INLINE U32x8 mulhi32(uint32_t a, U32x8 b) {
+  const __m256i k = _mm256_set1_epi32(static_cast<int>(a));
+  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(k, b.v), 32);
+  const __m256i odd = _mm256_mul_epu32(k, _mm256_srli_epi64(b.v, 32));
+  return {_mm256_blend_epi32(even, odd, 0xAA)};
+}
+#endif
+
+// philox_normal for the FloatVec::size() elements from index `first` on.
+C10_ALWAYS_INLINE FloatVec philox_normal_vec(uint64_t seed, uint64_t first) {
+  constexpr int kLanes = FloatVec::size();
+  alignas(32) uint32_t bits1[kLanes], bits2[kLanes];
+#if defined(CPU_CAPABILITY_AVX2)
+  static_assert(kLanes == 8);
+  alignas(32) uint32_t lo[kLanes], hi[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    lo[l] = static_cast<uint32_t>(first + l);
+    hi[l] = static_cast<uint32_t>((first + l) >> 32);
+  }
+  U32x8 c0{_mm256_load_si256(reinterpret_cast<const __m256i*>(lo))};
+  U32x8 c1{_mm256_load_si256(reinterpret_cast<const __m256i*>(hi))};
+  U32x8 c2{_mm256_setzero_si256()}, c3{_mm256_setzero_si256()};
+  philox4x32_10_inplace(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bits1), c0.v);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(bits2), c1.v);
+#else
+  for (int l = 0; l < kLanes; ++l) {
+    const Philox4x32 r = philox4x32_10(
+        Philox4x32{static_cast<uint32_t>(first + l), static_cast<uint32_t>((first + l) >> 32), 0u, 0u},
+        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    bits1[l] = r.c0;
+    bits2[l] = r.c1;
+  }
+#endif
+  alignas(32) float u1[kLanes], u2[kLanes];
+  for (int l = 0; l < kLanes; ++l) {
+    u1[l] = uint_to_uniform(bits1[l]);
+    u2[l] = uint_to_uniform(bits2[l]);
+  }
+  return uniform_pair_to_normal(FloatVec::loadu(u1), FloatVec::loadu(u2));
+}
+
+// z (where not null) and the KL of [begin, end); returns the KL's sum when kl_output is Sum,
+// added in a fixed order (lanes, then the tail) so it does not depend on the thread count.
+template <typename scalar_t>
+acc_t<scalar_t> sample_forward(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
+                               acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end) {
+  using acc = acc_t<scalar_t>;
+  acc total = 0;
+  int64_t i = begin;
+  if constexpr (std::is_same_v<acc, float>) {
+    FloatVec sum(0);
+    for (; i + FloatVec::size() <= end; i += FloatVec::size()) {
+      const FloatVec m = load_widened(mu + i), lv = load_widened(logvar + i);
+      if (z != nullptr) store_narrowed(z + i, reparameterize(m, lv, philox_normal_vec(seed, i)));
+      if (kl_output == KlOutput::Elementwise) {
+        kl_term(m, lv).store(kl + i);
+      } else if (kl_output == KlOutput::Sum) {
+        sum = sum + kl_term(m, lv);
+      }
+    }
+    total = lane_sum(sum);
+  }
+  for (; i < end; ++i) {
+    const acc m = mu[i], lv = logvar[i];
+    if (z != nullptr) z[i] = static_cast<scalar_t>(reparameterize<acc>(m, lv, philox_normal(seed, i)));
+    if (kl_output == KlOutput::Elementwise) {
+      kl[i] = kl_term(m, lv);
+    } else if (kl_output == KlOutput::Sum) {
+      total += kl_term(m, lv);
+    }
+  }
+  return total;
+}
+
+template <typename scalar_t>
+void sample_backward(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, scalar_t* grad_logvar, int64_t begin,
+                     int64_t end) {
+  using acc = acc_t<scalar_t>;
+  const bool has_grad_z = in.grad_z != nullptr;
+  int64_t i = begin;
+  if constexpr (std::is_same_v<acc, float>) {
+    const FloatVec zero(0), weight(in.kl_weight);
+    for (; i + FloatVec::size() <= end; i += FloatVec::size()) {
+      const FloatVec lv = load_widened(in.logvar + i);
+      const FloatVec eps = in.has_seed ? philox_normal_vec(in.seed, i) : zero;
+      const FloatVec g_z = has_grad_z ? load_widened(in.grad_z + i) : zero;
+      const FloatVec saved = in.has_kl ? load_widened(in.saved + i) : zero;
+      const FloatVec w = in.grad_kl != nullptr ? FloatVec::loadu(in.grad_kl + i) : weight;
+      FloatVec g_mu, g_lv;
+      latent_grads(has_grad_z, in.has_kl, in.has_seed, g_z, w, saved, lv, eps, g_mu, g_lv);
+      store_narrowed(grad_mu + i, g_mu);
+      store_narrowed(grad_logvar + i, g_lv);
+    }
+  }
+  for (; i < end; ++i) {
+    const acc eps = in.has_seed ? static_cast<acc>(philox_normal(in.seed, i)) : acc(0);
+    const acc g_z = has_grad_z ? static_cast<acc>(in.grad_z[i]) : acc(0);
+    const acc w = in.grad_kl != nullptr ? in.grad_kl[i] : in.kl_weight;
+    acc g_mu, g_lv;
+    latent_grads<acc>(has_grad_z, in.has_kl, in.has_seed, g_z, w, static_cast<acc>(in.saved[i]),
+                      static_cast<acc>(in.logvar[i]), eps, g_mu, g_lv);
+    grad_mu[i] = static_cast<scalar_t>(g_mu);
+    grad_logvar[i] = static_cast<scalar_t>(g_lv);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fastvae::cpu
