@@ -68,7 +68,6 @@ FASTVAE_HD T squared_error_grad(T x_hat, T x, T factor) {
 // ---------------------------------------------------------------------------------------------
 // KL(N(mu, exp(logvar)) || N(0, 1)) per latent, and its gradients.
 
-
 template <typename T>
 FASTVAE_HD T kl_term(T mu, T logvar) {
   return T(-0.5) * (T(1) + logvar - mu * mu - exp_(logvar));
@@ -98,7 +97,14 @@ FASTVAE_HD T reparameterize_grad_logvar(T logvar, T eps) {
   return T(0.5) * exp_(T(0.5) * logvar) * eps;
 }
 
-// The backward keeps z rather than mu: mu is recovered from z and the regenerated eps.
+// dz/dlogvar from the sample instead of eps: 0.5 * std * eps = 0.5 * (z - mu), exact up to z's
+// rounding. The CPU backward, which keeps mu, uses it (see reparameterize_kl_cpu.cpp).
+template <typename T>
+FASTVAE_HD T reparameterize_grad_logvar_from_z(T z, T mu) {
+  return T(0.5) * (z - mu);
+}
+
+// The GPU backward keeps z rather than mu: mu is recovered from z and the regenerated eps.
 template <typename T>
 FASTVAE_HD T recover_mu(T z, T logvar, T eps) {
   return z - exp_(T(0.5) * logvar) * eps;

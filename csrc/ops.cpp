@@ -27,9 +27,9 @@ TORCH_LIBRARY(fastvae, m) {
   m.def(
       "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? seed, str reduction, bool compute_z,"
       " bool compute_kl) -> (Tensor z, Tensor kl)");
-  // (grad_mu, grad_logvar). With a seed, `saved` is z and eps is regenerated from the seed
-  // (mu = z - exp(0.5 * logvar) * eps); without, `saved` is mu and grad_z must be None.
+  // (grad_mu, grad_logvar) from the gradients of z (needs z) and of kl (either may be None).
+  // dz/dlogvar is taken as 0.5 * (z - mu): on a CPU that is cheaper than regenerating eps.
   m.def(
-      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor saved, Tensor logvar,"
-      " Tensor? seed, str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
+      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? z, Tensor mu, Tensor logvar,"
+      " str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
 }

@@ -5,7 +5,8 @@
 // Philox rounds in a lane loop the compiler vectorizes (integer math, so exact), Box-Muller and
 // the rest with at::vec's functions, which in the AVX2 build are Sleef's (within 1 ulp of the C
 // library's, so eps may differ from the scalar path in its last bit). float64 and the tails run
-// the scalar path. Both paths evaluate the templates of fastvae_math.h.
+// the scalar path. Both paths evaluate the templates of fastvae_math.h. The backward draws no
+// noise (see reparameterize_kl_cpu.cpp).
 #pragma once
 
 #include <type_traits>
@@ -18,17 +19,16 @@ namespace fastvae::cpu {
 // What the forward writes besides z: nothing, the elementwise KL, or (returned) its sum.
 enum class KlOutput { None, Elementwise, Sum };
 
-// What the backward reads. `saved` is z when has_seed (mu is recovered from it), else mu.
+// What the backward reads.
 template <typename scalar_t>
 struct LatentGradInputs {
-  const scalar_t* grad_z;             // null when z gets no gradient
-  const acc_t<scalar_t>* grad_kl;     // elementwise gradient of an unreduced KL, or null
-  bool has_kl;                        // whether the KL gets a gradient
-  acc_t<scalar_t> kl_weight;          // the gradient of each KL term when grad_kl is null
-  const scalar_t* saved;
+  const scalar_t* grad_z;          // null when z gets no gradient
+  const scalar_t* z;               // read when grad_z is not null
+  const acc_t<scalar_t>* grad_kl;  // elementwise gradient of an unreduced KL, or null
+  bool has_kl;                     // whether the KL gets a gradient
+  acc_t<scalar_t> kl_weight;       // the gradient of each KL term when grad_kl is null
+  const scalar_t* mu;
   const scalar_t* logvar;
-  bool has_seed;
-  uint64_t seed;
 };
 
 // The AVX2 build's entry points, defined in reparameterize_kl_cpu_avx2.cpp for the four dtypes.
@@ -44,16 +44,15 @@ inline namespace CPU_CAPABILITY {
 // The gradients of one element, or of one vector of elements (T the accumulate type or a
 // Vectorized of it), from what the backward read for it.
 template <typename T>
-C10_ALWAYS_INLINE void latent_grads(bool has_grad_z, bool has_kl, bool saved_is_z, T grad_z, T kl_weight, T saved,
-                                    T logvar, T eps, T& grad_mu, T& grad_logvar) {
+C10_ALWAYS_INLINE void latent_grads(bool has_grad_z, bool has_kl, T grad_z, T z, T kl_weight, T mu, T logvar,
+                                    T& grad_mu, T& grad_logvar) {
   grad_mu = T(0);
   grad_logvar = T(0);
   if (has_grad_z) {
     grad_mu = grad_mu + grad_z;
-    grad_logvar = grad_logvar + grad_z * reparameterize_grad_logvar(logvar, eps);
+    grad_logvar = grad_logvar + grad_z * reparameterize_grad_logvar_from_z(z, mu);
   }
   if (has_kl) {
-    const T mu = saved_is_z ? recover_mu(saved, logvar, eps) : saved;
     grad_mu = grad_mu + kl_weight * kl_grad_mu(mu);
     grad_logvar = grad_logvar + kl_weight * kl_grad_logvar(logvar);
   }
@@ -158,24 +157,23 @@ void sample_backward(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, sc
   if constexpr (std::is_same_v<acc, float>) {
     const FloatVec zero(0), weight(in.kl_weight);
     for (; i + FloatVec::size() <= end; i += FloatVec::size()) {
-      const FloatVec lv = load_widened(in.logvar + i);
-      const FloatVec eps = in.has_seed ? philox_normal_vec(in.seed, i) : zero;
       const FloatVec g_z = has_grad_z ? load_widened(in.grad_z + i) : zero;
-      const FloatVec saved = in.has_kl ? load_widened(in.saved + i) : zero;
+      const FloatVec z = has_grad_z ? load_widened(in.z + i) : zero;
       const FloatVec w = in.grad_kl != nullptr ? FloatVec::loadu(in.grad_kl + i) : weight;
       FloatVec g_mu, g_lv;
-      latent_grads(has_grad_z, in.has_kl, in.has_seed, g_z, w, saved, lv, eps, g_mu, g_lv);
+      latent_grads(has_grad_z, in.has_kl, g_z, z, w, load_widened(in.mu + i), load_widened(in.logvar + i), g_mu,
+                   g_lv);
       store_narrowed(grad_mu + i, g_mu);
       store_narrowed(grad_logvar + i, g_lv);
     }
   }
   for (; i < end; ++i) {
-    const acc eps = in.has_seed ? static_cast<acc>(philox_normal(in.seed, i)) : acc(0);
     const acc g_z = has_grad_z ? static_cast<acc>(in.grad_z[i]) : acc(0);
+    const acc z = has_grad_z ? static_cast<acc>(in.z[i]) : acc(0);
     const acc w = in.grad_kl != nullptr ? in.grad_kl[i] : in.kl_weight;
     acc g_mu, g_lv;
-    latent_grads<acc>(has_grad_z, in.has_kl, in.has_seed, g_z, w, static_cast<acc>(in.saved[i]),
-                      static_cast<acc>(in.logvar[i]), eps, g_mu, g_lv);
+    latent_grads<acc>(has_grad_z, in.has_kl, g_z, z, w, static_cast<acc>(in.mu[i]), static_cast<acc>(in.logvar[i]),
+                      g_mu, g_lv);
     grad_mu[i] = static_cast<scalar_t>(g_mu);
     grad_logvar[i] = static_cast<scalar_t>(g_lv);
   }

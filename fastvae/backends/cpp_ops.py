@@ -157,25 +157,25 @@ def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
     return z, _empty(kl_shape, accumulate_dtype(mu.dtype), mu)
 
 
-def _reparameterize_kl_backward_fake(grad_z, grad_kl, saved, logvar, seed, reduction):
-    return _empty(saved.shape, saved.dtype, saved), _empty(logvar.shape, logvar.dtype, logvar)
+def _reparameterize_kl_backward_fake(grad_z, grad_kl, z, mu, logvar, reduction):
+    return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
 
 
 def _reparameterize_kl_setup_context(ctx, inputs, output):
     mu, logvar, seed, reduction, compute_z, compute_kl = inputs
-    # The sampled path keeps z (which the decoder keeps anyway), logvar and the seed, and
-    # regenerates eps in the backward; without z it keeps mu.
-    ctx.save_for_backward(output[0] if compute_z else mu, logvar, seed if compute_z else None)
-    ctx.reduction, ctx.compute_kl = reduction, compute_kl
+    # mu and logvar, and z (which the decoder keeps anyway) when it was drawn: the backward takes
+    # dz/dlogvar from z - mu rather than regenerating eps, the costly part on a CPU.
+    ctx.save_for_backward(output[0] if compute_z else None, mu, logvar)
+    ctx.reduction, ctx.compute_z, ctx.compute_kl = reduction, compute_z, compute_kl
     # An unused output gets None, which the backward op skips, rather than zeros to read.
     ctx.set_materialize_grads(False)
 
 
 def _reparameterize_kl_backward(ctx, grad_z, grad_kl):
-    saved, logvar, seed = ctx.saved_tensors
+    z, mu, logvar = ctx.saved_tensors
     # The gradient of an output that was not computed (an empty tensor) is dropped.
     grad_mu, grad_logvar = torch.ops.fastvae.reparameterize_kl_backward.default(
-        grad_z if seed is not None else None, grad_kl if ctx.compute_kl else None, saved, logvar, seed, ctx.reduction
+        grad_z if ctx.compute_z else None, grad_kl if ctx.compute_kl else None, z, mu, logvar, ctx.reduction
     )
     return grad_mu, grad_logvar, None, None, None, None
 
