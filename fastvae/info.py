@@ -27,9 +27,9 @@ def _extension_line() -> str:
 
 
 def report() -> str:
-    devices = [torch.device("cpu")]
+    # CUDA rows even without a GPU: they say why the fused GPU kernels would not run here.
+    devices = [torch.device("cpu"), torch.device("cuda")]
     if torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
         gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     else:
         gpu = "none visible"

@@ -67,6 +67,9 @@ def test_info_reports_versions_and_a_backend_per_op():
     assert f"torch     {torch.__version__}" in text
     for op in ops.OPS:
         assert f"cpu  {op:18s} -> {ops.resolve_backend(op, CPU)}" in text
+        assert f"cuda {op:18s} -> {ops.resolve_backend(op, torch.device('cuda'))}" in text
+    if not torch.cuda.is_available():
+        assert "triton: CUDA is not available" in text
 
 
 def test_import_without_the_extension_warns_once_and_runs_on_the_reference():
