@@ -1,6 +1,7 @@
 // The schemas of every fastvae operator, in one place. Implementations register per device:
-// vae_loss/vae_loss_cpu.cpp, vae_loss/vae_loss_cuda.cu, reparameterize_kl/reparameterize_kl_cpu.cpp.
-// Fake (meta) kernels and autograd live in fastvae/backends/cpp_ops.py.
+// vae_loss/vae_loss_cpu.cpp, vae_loss/vae_loss_cuda.cu, reparameterize_kl/reparameterize_kl_cpu.cpp;
+// autograd in vae_loss/vae_loss_autograd.cpp and reparameterize_kl/reparameterize_kl_autograd.cpp.
+// Fake (meta) kernels live in fastvae/backends/cpp_ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(fastvae, m) {

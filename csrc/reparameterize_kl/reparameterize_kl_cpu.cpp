@@ -10,7 +10,7 @@
 
 #include "../common.h"
 #include "../cpu_utils.h"
-#include "reparameterize_kl_cpu_kernels.h"
+#include "latent_cpu.h"
 
 namespace fastvae {
 namespace {
@@ -41,24 +41,6 @@ at::TensorOptions accumulate_options(const at::Tensor& like) {
 }
 
 template <typename scalar_t>
-acc_t<scalar_t> sample_forward_chunk(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
-                                     acc_t<scalar_t>* kl, cpu::KlOutput kl_output, int64_t begin, int64_t end) {
-#if FASTVAE_AVX2_BUILD
-  if (cpu::use_avx2()) return cpu::sample_forward_avx2(mu, logvar, seed, z, kl, kl_output, begin, end);
-#endif
-  return cpu::sample_forward(mu, logvar, seed, z, kl, kl_output, begin, end);
-}
-
-template <typename scalar_t>
-void sample_backward_chunk(const cpu::LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, scalar_t* grad_logvar,
-                           int64_t begin, int64_t end) {
-#if FASTVAE_AVX2_BUILD
-  if (cpu::use_avx2()) return cpu::sample_backward_avx2(in, grad_mu, grad_logvar, begin, end);
-#endif
-  cpu::sample_backward(in, grad_mu, grad_logvar, begin, end);
-}
-
-template <typename scalar_t>
 void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64_t n, uint64_t seed,
                                Reduction reduction, double divisor, scalar_t* z, acc_t<scalar_t>* kl) {
   using acc = acc_t<scalar_t>;
@@ -69,7 +51,7 @@ void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64
   at::parallel_for(0, cpu::num_chunks(n, kChunk), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
       const acc total =
-          sample_forward_chunk(mu, logvar, seed, z, kl, kl_output, c * kChunk, cpu::chunk_end(c, n, kChunk));
+          cpu::latent_forward(mu, logvar, seed, z, kl, kl_output, c * kChunk, cpu::chunk_end(c, n, kChunk));
       if (!partials.empty()) partials[c] = total;
     }
   });
@@ -157,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
     scalar_t* grad_logvar_data = grad_logvar.mutable_data_ptr<scalar_t>();
     // No noise to draw: memory-bound, so the usual chunk size.
     at::parallel_for(0, mu.numel(), cpu::kChunk, [&](int64_t begin, int64_t end) {
-      sample_backward_chunk(in, grad_mu_data, grad_logvar_data, begin, end);
+      cpu::latent_backward(in, grad_mu_data, grad_logvar_data, begin, end);
     });
   });
   return {grad_mu, grad_logvar};

@@ -1,6 +1,7 @@
 // The operator library as a C++ user sees it: loaded at run time (as `import fastvae._C` does),
-// its ops found and called through the dispatcher, checked against ATen math, and checked to
-// give the same bits whatever the number of threads.
+// its ops found and called through the dispatcher, checked against ATen math (values and,
+// through the C++ autograd, gradients), and checked to give the same bits whatever the number
+// of threads.
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -58,6 +59,25 @@ void test_thread_count_does_not_change_bits(const at::Tensor& x_hat, const at::T
   expect(at::equal(std::get<3>(one), std::get<3>(two)), "image_grad bits with 1 and 2 threads");
 }
 
+// The op's autograd is registered in C++: loss.backward() gives every input its gradient, both
+// where the forward's image gradient is handed over as is (weight 1) and where it is scaled.
+void test_backward_matches_aten(const at::Tensor& x_hat_in, const at::Tensor& x, const at::Tensor& mu_in,
+                                const at::Tensor& logvar_in) {
+  for (const double weight : {1.0, 0.7}) {
+    const at::Tensor x_hat = x_hat_in.clone().requires_grad_(), mu = mu_in.clone().requires_grad_();
+    const at::Tensor logvar = logvar_in.clone().requires_grad_();
+    const auto [loss, recon, kl, image_grad] = vae_loss(x_hat, x, mu, logvar, 0.5, "batchmean");
+    (loss * weight).backward();
+    const double scale = weight / static_cast<double>(x.size(0));
+    const auto want_x_hat = (x_hat_in.to(at::kDouble) - x.to(at::kDouble)) * (2.0 * scale);
+    const auto want_mu = mu_in.to(at::kDouble) * (0.5 * scale);
+    const auto want_logvar = (logvar_in.to(at::kDouble).exp() - 1) * (0.25 * scale);
+    expect(at::allclose(x_hat.grad().to(at::kDouble), want_x_hat, 1e-5, 1e-7), "grad x_hat matches ATen");
+    expect(at::allclose(mu.grad().to(at::kDouble), want_mu, 1e-5, 1e-7), "grad mu matches ATen");
+    expect(at::allclose(logvar.grad().to(at::kDouble), want_logvar, 1e-5, 1e-7), "grad logvar matches ATen");
+  }
+}
+
 void test_bad_input_throws(const at::Tensor& x, const at::Tensor& mu) {
   try {
     vae_loss(x, x.narrow(1, 0, 1), mu, mu, 1.0, "sum");
@@ -82,6 +102,7 @@ int main(int argc, char** argv) {
   test_matches_aten(x_hat, x, mu, logvar);
   test_matches_aten(x_hat.to(at::kBFloat16), x.to(at::kBFloat16), mu.to(at::kDouble), logvar.to(at::kDouble));
   test_thread_count_does_not_change_bits(x_hat, x, mu, logvar);
+  test_backward_matches_aten(x_hat, x, mu, logvar);
   test_bad_input_throws(x, mu);
   if (failures == 0) std::printf("fastvae ops: all checks passed\n");
   return failures == 0 ? 0 : 1;

@@ -10,7 +10,7 @@
 // 1, and the image needs no backward pass at all. The price is one image-sized tensor held from the
 // forward to the backward, where the decoder's activations are held anyway, and only when a
 // gradient can be needed. The weight is read only where that is free (eager CPU tensors, see
-// fastvae/backends/cpp_ops.py); elsewhere the backward scales, as B.
+// vae_loss_autograd.cpp); elsewhere the backward scales, as B.
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -19,6 +19,7 @@
 
 #include "../cpu_utils.h"
 #include "../fastvae_math.h"
+#include "../reparameterize_kl/latent_cpu.h"
 #include "vae_loss.h"
 #include "vae_loss_cpu_kernels.h"
 
@@ -27,22 +28,6 @@ namespace {
 
 using cpu::acc_t;
 using cpu::kChunk;
-
-template <typename scalar_t>
-acc_t<scalar_t> kl_sum(const scalar_t* mu, const scalar_t* logvar, int64_t begin, int64_t end) {
-  acc_t<scalar_t> total = 0;
-  for (int64_t i = begin; i < end; ++i) total += kl_term<acc_t<scalar_t>>(mu[i], logvar[i]);
-  return total;
-}
-
-template <typename scalar_t>
-void kl_grad_range(const scalar_t* mu, const scalar_t* logvar, acc_t<scalar_t> weight, scalar_t* grad_mu,
-                   scalar_t* grad_logvar, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    grad_mu[i] = static_cast<scalar_t>(weight * kl_grad_mu<acc_t<scalar_t>>(mu[i]));
-    grad_logvar[i] = static_cast<scalar_t>(weight * kl_grad_logvar<acc_t<scalar_t>>(logvar[i]));
-  }
-}
 
 // The baseline or the AVX2 build of the image loops (vae_loss_cpu_kernels.h).
 template <bool kWriteGrad, typename scalar_t>
@@ -102,7 +87,8 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
   std::vector<latent_acc> kl_partials(cpu::num_chunks(n_latent));
   for_each_chunk(n_image, n_latent, [&](bool is_image, int64_t chunk, int64_t begin, int64_t end) {
     if (!is_image) {
-      kl_partials[chunk] = kl_sum(mu, logvar, begin, end);
+      kl_partials[chunk] = cpu::latent_forward<latent_t>(mu, logvar, /*seed=*/0, /*z=*/nullptr, /*kl=*/nullptr,
+                                                         cpu::KlOutput::Sum, begin, end);
     } else if (image_grad != nullptr) {
       recon_partials[chunk] = squared_error_chunk<true>(x_hat, x, grad_factor, image_grad, begin, end);
     } else {
@@ -128,11 +114,13 @@ void vae_loss_backward(const image_t* image_grad, int64_t n_image, const latent_
   const image_acc image_weight = g_loss + g_recon;
   const latent_acc latent_weight =
       static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + g_kl) / static_cast<latent_acc>(latent_divisor);
+  // The KL's gradient is reparameterize_kl's without z.
+  const cpu::LatentGradInputs<latent_t> latent{nullptr, nullptr, nullptr, /*has_kl=*/true, latent_weight, mu, logvar};
   for_each_chunk(n_image, n_latent, [&](bool is_image, int64_t, int64_t begin, int64_t end) {
     if (is_image) {
       scale_image_grad_chunk(image_grad, image_weight, grad_x_hat, grad_x, begin, end);
     } else {
-      kl_grad_range(mu, logvar, latent_weight, grad_mu, grad_logvar, begin, end);
+      cpu::latent_backward(latent, grad_mu, grad_logvar, begin, end);
     }
   });
 }

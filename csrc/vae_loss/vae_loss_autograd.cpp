@@ -1,0 +1,124 @@
+// Autograd for fastvae::vae_loss, on every device. In C++ rather than torch.library's Python
+// registration: a training step then spends no Python on the loss's graph node, which on a CPU
+// cost about as much as the kernels at a 64x64 batch of 128 (see the README's performance notes).
+//
+// The forward writes d loss / d x_hat (image_grad) from the loads of the sum, and the backward
+// scales it by the weight of the incoming gradients (vae_loss_cpu.cpp measures why). Both
+// kernels are reached through the dispatcher, so torch.compile traces them as the two ops.
+#include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "../common.h"
+
+namespace fastvae {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensors4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Tensors4 call_vae_loss(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu, const at::Tensor& logvar,
+                       double beta, c10::string_view reduction, bool compute_image_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastvae::vae_loss", "")
+                             .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, double, c10::string_view, bool)>();
+  return op.call(x_hat, x, mu, logvar, beta, reduction, compute_image_grad);
+}
+
+Tensors4 call_vae_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+                                const at::Tensor& image_grad, const at::Tensor& mu, const at::Tensor& logvar,
+                                double beta, c10::string_view reduction, bool scale_image, bool compute_grad_x) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastvae::vae_loss_backward", "")
+                             .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                             const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                             c10::string_view, bool, bool)>();
+  return op.call(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction, scale_image,
+                 compute_grad_x);
+}
+
+// A dense CPU tensor with real data: not fake, functional or wrapped by functorch, and no
+// dispatch mode active. Only its value can be read for free.
+bool is_readable_on_host(const at::Tensor& t) {
+  const c10::DispatchKeySet keys =
+      t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset;
+  return keys == c10::DispatchKeySet(c10::DispatchKey::CPU) && !c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+// Whether the forward's image gradient is already the answer (grad_loss + grad_recon == 1, as
+// for `loss.backward()`). Asked only where reading the weight is free; on CUDA it would
+// synchronize, and when traced the value is unknown, so there the kernel scales (by 1) instead.
+bool image_weight_is_one(const at::Tensor& grad_loss, const at::Tensor& grad_recon) {
+  if (!is_readable_on_host(grad_loss) || !is_readable_on_host(grad_recon) || grad_loss.numel() != 1 ||
+      grad_recon.numel() != 1 || grad_loss.scalar_type() != grad_recon.scalar_type()) {
+    return false;
+  }
+  // Added in the accumulate type, as the kernel adds them.
+  return AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "image_weight_is_one", [&] {
+    return *grad_loss.const_data_ptr<scalar_t>() + *grad_recon.const_data_ptr<scalar_t>() == scalar_t(1);
+  });
+}
+
+class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_hat, const at::Tensor& x,
+                               const at::Tensor& mu, const at::Tensor& logvar, double beta,
+                               c10::string_view reduction, bool compute_image_grad) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [loss, recon, kl, image_grad] = call_vae_loss(x_hat, x, mu, logvar, beta, reduction, compute_image_grad);
+    ctx->save_for_backward({image_grad, mu, logvar});
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["reduction"] = std::string(reduction);
+    ctx->saved_data["compute_image_grad"] = compute_image_grad;
+    // image_grad is an intermediate, never differentiated. Outputs nobody differentiates get an
+    // undefined gradient rather than zeros, which for image_grad would be an image-sized fill.
+    ctx->mark_non_differentiable({image_grad});
+    ctx->set_materialize_grads(false);
+    return {loss, recon, kl, image_grad};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& image_grad = saved[0];
+    const at::Tensor& mu = saved[1];
+    const at::Tensor& logvar = saved[2];
+    const bool needs_x_hat = ctx->needs_input_grad(0), needs_x = ctx->needs_input_grad(1);
+    TORCH_CHECK(!(needs_x_hat || needs_x) || ctx->saved_data["compute_image_grad"].toBool(),
+                "fastvae::vae_loss was called with compute_image_grad=False, so it cannot give x_hat or x a "
+                "gradient");
+    at::Tensor zero;
+    const auto defined_or_zero = [&](const at::Tensor& grad) {
+      if (grad.defined()) return grad;
+      if (!zero.defined()) {
+        zero = at::zeros({}, image_grad.options().dtype(accumulate_type(image_grad.scalar_type())));
+      }
+      return zero;
+    };
+    const at::Tensor grad_loss = defined_or_zero(grads[0]), grad_recon = defined_or_zero(grads[1]),
+                     grad_kl = defined_or_zero(grads[2]);
+    const bool reuse = needs_x_hat && image_weight_is_one(grad_loss, grad_recon);
+    auto [grad_x_hat, grad_x, grad_mu, grad_logvar] = call_vae_loss_backward(
+        grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, ctx->saved_data["beta"].toDouble(),
+        ctx->saved_data["reduction"].toStringRef(), needs_x_hat && !reuse, needs_x);
+    if (reuse) grad_x_hat = image_grad;
+    return {needs_x_hat ? grad_x_hat : at::Tensor(), needs_x ? grad_x : at::Tensor(), grad_mu, grad_logvar,
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Tensors4 vae_loss_autograd(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
+                           const at::Tensor& logvar, double beta, c10::string_view reduction, bool compute_image_grad) {
+  const variable_list out = VaeLossFunction::apply(x_hat, x, mu, logvar, beta, reduction, compute_image_grad);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastvae, Autograd, m) { m.impl("vae_loss", &vae_loss_autograd); }
+
+}  // namespace fastvae
