@@ -1,5 +1,6 @@
 #include "common.h"
 
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 
 namespace fastvae {
@@ -43,6 +44,12 @@ void check_pair(const char* name_a, const at::Tensor& a, const char* name_b, con
               " is ", b.scalar_type());
   TORCH_CHECK(a.device() == b.device(), name_a, " is on ", a.device(), " but ", name_b, " is on ",
               b.device());
+}
+
+void check_first_order_backward(const char* op) {
+  TORCH_CHECK(!c10::GradMode::is_enabled(), op,
+              " has no double backward: its gradient cannot be taken with create_graph=True (nor under "
+              "torch.func transforms); use backend=\"reference\" for higher-order gradients");
 }
 
 }  // namespace fastvae

@@ -25,4 +25,8 @@ void check_float(const char* name, const at::Tensor& t);
 // Two tensors combined elementwise: floating, same shape, dtype and device.
 void check_pair(const char* name_a, const at::Tensor& a, const char* name_b, const at::Tensor& b);
 
+// Called by a backward: the backward ops have no derivative of their own, so a gradient asked
+// for with create_graph=True (grad mode on in the backward) would be silently wrong. It raises.
+void check_first_order_backward(const char* op);
+
 }  // namespace fastvae

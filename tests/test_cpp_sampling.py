@@ -238,6 +238,22 @@ def test_baseline_build_follows_the_noise_contract_too(tmp_path):
     torch.testing.assert_close(kl.double(), float64_kl(mu, logvar, "none"), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda mu, lv: ops.reparameterize(mu, lv, seed=1, backend="cpp").sum(),
+        lambda mu, lv: ops.kl_divergence(mu, lv, backend="cpp"),
+        lambda mu, lv: sum(t.sum() for t in ops.reparameterize_kl(mu, lv, seed=1, backend="cpp")),
+    ],
+    ids=["reparameterize", "kl_divergence", "reparameterize_kl"],
+)
+def test_double_backward_is_refused_not_silently_wrong(op):
+    mu, logvar = sample_inputs("cpu", True)
+    with pytest.raises(RuntimeError, match="fastvae::reparameterize_kl has no double backward"):
+        torch.autograd.grad(op(mu, logvar), (mu, logvar), create_graph=True)
+    torch.autograd.grad(op(mu, logvar), (mu, logvar))
+
+
 def test_bitwise_deterministic_across_thread_counts():
     mu, logvar = sample_inputs("cpu", False, torch.float32, (9, 9000))
     threads = torch.get_num_threads()

@@ -245,6 +245,24 @@ def test_gradient_through_one_output_only(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "name, op",
+    [
+        ("reparameterize", lambda mu, lv: ops.reparameterize(mu, lv, seed=1, backend="triton").sum()),
+        ("kl_divergence", lambda mu, lv: ops.kl_divergence(mu, lv, backend="triton")),
+        ("reparameterize_kl",
+         lambda mu, lv: sum(t.sum() for t in ops.reparameterize_kl(mu, lv, seed=1, backend="triton"))),
+    ],
+    ids=["reparameterize", "kl_divergence", "reparameterize_kl"],
+)
+def test_double_backward_is_refused_not_silently_wrong(device, name, op):
+    mu, logvar = sample_inputs(device, torch.float32, (3, 40), requires_grad=True)
+    with pytest.raises(RuntimeError, match=f"fastvae::triton_{name} has no double backward"):
+        torch.autograd.grad(op(mu, logvar), (mu, logvar), create_graph=True)
+    torch.autograd.grad(op(mu, logvar), (mu, logvar))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_saved_tensors_besides_z_are_no_larger_than_z(device):
     def saved_bytes(fn):
         saved = []

@@ -162,6 +162,16 @@ def test_loss_backward_hands_over_the_forwards_image_gradient(weight, reused):
     torch.testing.assert_close(x_hat.grad, weight * 2 * (x_hat - x).detach())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_refused_not_silently_wrong(device):
+    inputs = sample_inputs(device, True)
+    loss = ops.vae_loss(*inputs, backend="cpp")[0]
+    with pytest.raises(RuntimeError, match="fastvae::vae_loss has no double backward"):
+        torch.autograd.grad(loss, inputs, create_graph=True)
+    # The first derivative is still there to take.
+    torch.autograd.grad(loss, inputs)
+
+
 def test_raw_op_without_image_gradient_refuses_to_backpropagate_to_the_image():
     inputs = sample_inputs("cpu", True)
     loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "sum", False)[0]

@@ -8,6 +8,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../common.h"
+
 namespace fastvae {
 namespace {
 
@@ -57,6 +59,7 @@ class ReparameterizeKlFunction : public torch::autograd::Function<Reparameterize
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order_backward("fastvae::reparameterize_kl");
     const variable_list saved = ctx->get_saved_variables();
     // The gradient of an output that was not computed (an empty tensor) is dropped.
     const std::optional<at::Tensor> grad_z =

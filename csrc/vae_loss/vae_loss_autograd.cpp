@@ -83,6 +83,7 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    check_first_order_backward("fastvae::vae_loss");
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor& image_grad = saved[0];
     const at::Tensor& mu = saved[1];

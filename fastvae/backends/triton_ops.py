@@ -133,6 +133,16 @@ def _(grad_z, grad_kl, latent, logvar, seed, latent_is_z, reduction):
 # Autograd. Unused outputs get None gradients (not zeros) so the backward skips their terms.
 
 
+def _check_first_order(op: str) -> None:
+    # The backward op has no derivative of its own: with create_graph=True (grad mode on in the
+    # backward) the second derivative would be silently wrong, so refuse it.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op} has no double backward: its gradient cannot be taken with create_graph=True (nor under "
+            'torch.func transforms); use backend="reference" for higher-order gradients'
+        )
+
+
 def _setup_reparameterize(ctx, inputs, output):
     _, logvar, seed = inputs
     ctx.set_materialize_grads(False)
@@ -140,6 +150,7 @@ def _setup_reparameterize(ctx, inputs, output):
 
 
 def _backward_reparameterize(ctx, grad_z):
+    _check_first_order("fastvae::triton_reparameterize")
     logvar, seed = ctx.saved_tensors
     grad_mu, grad_logvar = _reparameterize_kl_backward(grad_z, None, None, logvar, seed, False, None)
     return grad_mu, grad_logvar, None
@@ -153,6 +164,7 @@ def _setup_kl_divergence(ctx, inputs, output):
 
 
 def _backward_kl_divergence(ctx, grad_kl):
+    _check_first_order("fastvae::triton_kl_divergence")
     mu, logvar = ctx.saved_tensors
     grad_mu, grad_logvar = _reparameterize_kl_backward(None, grad_kl, mu, logvar, None, False, ctx.reduction)
     return grad_mu, grad_logvar, None
@@ -168,6 +180,7 @@ def _setup_reparameterize_kl(ctx, inputs, output):
 
 
 def _backward_reparameterize_kl(ctx, grad_z, grad_kl):
+    _check_first_order("fastvae::triton_reparameterize_kl")
     z, logvar, seed = ctx.saved_tensors
     if grad_z is None and grad_kl is None:
         return None, None, None, None
