@@ -1,0 +1,136 @@
+"""Compiles every Triton kernel launch fastvae makes, for real GPUs, on a machine without one.
+
+The interpreter runs the kernels' Python, not their compilation: a type that does not lower, a
+dtype conversion or an atomic the backend rejects would only show on a GPU. So the host wrappers
+in fastvae.kernels are run on CPU tensors with the kernels replaced by recorders, and each
+recorded launch (argument types, constexprs, warps) is compiled ahead of time to a cubin for
+sm_80 and sm_90 by Triton's own compiler and ptxas.
+
+Run as a script, without TRITON_INTERPRET: ``python tests/triton_launches.py``. It prints one
+line per compiled variant and exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastvae.kernels import reparameterize_kl as kernels
+
+TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                  torch.int32: "i32"}
+# What the host passes as MAX_PROGRAMS on an H100 (4 programs x 132 SMs, rounded up to a power
+# of two): the recorded CPU value (4) would compile a smaller final reduction than GPUs run.
+GPU_MAX_PROGRAMS = 1024
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
+
+
+def _arg_type(value) -> str:
+    # As Triton's JIT types arguments: tensors by dtype, ints by the range their value needs.
+    if isinstance(value, torch.Tensor):
+        return "*" + _POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def record_launches() -> list:
+    """Every launch the host wrappers make across dtypes, outputs, reductions, seeds and index widths."""
+    launches: list = []
+    originals = kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel
+    kernels._reparameterize_kl_forward_kernel = _Recorder(originals[0], launches)
+    kernels._reparameterize_kl_backward_kernel = _Recorder(originals[1], launches)
+    try:
+        for dtype in DTYPES:
+            for seed in (7, 2**40 + 7):  # i32 and i64 seeds compile to different Philox keys
+                _record_dtype(dtype, seed)
+        # int64 offsets, as for latents of more than 2**31 elements, without allocating them.
+        limit, kernels._INT32_LIMIT = kernels._INT32_LIMIT, 0
+        try:
+            _record_dtype(torch.float32, 7)
+        finally:
+            kernels._INT32_LIMIT = limit
+    finally:
+        kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel = originals
+    return launches
+
+
+def _record_dtype(dtype: torch.dtype, seed: int) -> None:
+    mu = torch.zeros(4, 300, dtype=dtype)
+    for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean")):
+        kernels.reparameterize_kl_forward(mu, mu, seed, write_z=write_z, reduction=reduction)
+    # The KL and its gradient are in the accumulate dtype, as the forward returns them.
+    kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    kl_sum, kl_none = torch.zeros((), dtype=kl_dtype), torch.zeros(mu.shape, dtype=kl_dtype)
+    for grad_z, grad_kl, latent_is_z, reduction in (
+        (mu, None, False, None),  # reparameterize
+        (None, kl_none, False, "none"),  # kl_divergence, elementwise
+        (mu, kl_sum, True, "sum"),  # reparameterize_kl
+        (None, kl_sum, True, "batchmean"),
+    ):
+        kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, latent_is_z=latent_is_z, reduction=reduction)
+
+
+def _variant(launch) -> tuple:
+    """(kernel name, signature, constexprs, options) of one recorded launch, hashable."""
+    kernel, args, kwargs = launch
+    kwargs = dict(kwargs)
+    options = (("num_warps", kwargs.pop("num_warps")),)
+    if "MAX_PROGRAMS" in kwargs:
+        kwargs["MAX_PROGRAMS"] = GPU_MAX_PROGRAMS
+    signature = tuple((name, _arg_type(value)) for name, value in zip(kernel.arg_names, args))
+    if kwargs.get("INT64"):
+        # The element count that makes the host ask for int64 offsets is itself an int64.
+        signature = tuple((name, "i64" if name == "n_elements" else t) for name, t in signature)
+    signature += tuple((name, "constexpr") for name in kwargs)
+    constexprs = tuple((name, value.value if isinstance(value, tl.constexpr) else value) for name, value in kwargs.items())
+    return kernel.fn.__name__, signature, constexprs, options
+
+
+def compile_variant(variant: tuple, target: GPUTarget) -> str:
+    name, signature, constexprs, options = variant
+    fn = getattr(kernels, name)
+    compiled = triton.compile(ASTSource(fn, dict(signature), dict(constexprs)), target=target, options=dict(options))
+    assert compiled.asm["cubin"], f"{name}: no cubin"
+    flags = ", ".join(f"{k}={v}" for k, v in constexprs if k not in ("BLOCK", "MAX_PROGRAMS"))
+    types = ", ".join(t for _, t in signature if t != "constexpr")
+    return f"sm_{target.arch} {name}({types}; {flags})"
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("triton_launches: unset TRITON_INTERPRET; it would record interpreted kernels", file=sys.stderr)
+        return 2
+    variants = list(dict.fromkeys(_variant(launch) for launch in record_launches()))
+    jobs = [(variant, target) for target in TARGETS for variant in variants]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for line in pool.map(compile_variant, *zip(*jobs)):
+            print(line)
+    print(f"triton_launches: {len(jobs)} variants compiled ({len(variants)} launches x {len(TARGETS)} targets)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
