@@ -105,7 +105,9 @@ def _variant(launch) -> tuple:
         # The element count that makes the host ask for int64 offsets is itself an int64.
         signature = tuple((name, "i64" if name == "n_elements" else t) for name, t in signature)
     signature += tuple((name, "constexpr") for name in kwargs)
-    constexprs = tuple((name, value.value if isinstance(value, tl.constexpr) else value) for name, value in kwargs.items())
+    constexprs = tuple(
+        (name, value.value if isinstance(value, tl.constexpr) else value) for name, value in kwargs.items()
+    )
     return kernel.fn.__name__, signature, constexprs, options
 
 

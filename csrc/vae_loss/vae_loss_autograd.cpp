@@ -1,6 +1,7 @@
 // Autograd for fastvae::vae_loss, on every device. In C++ rather than torch.library's Python
-// registration: a training step then spends no Python on the loss's graph node, which on a CPU
-// cost about as much as the kernels at a 64x64 batch of 128 (see the README's performance notes).
+// registration, which house style would suggest: on a 2-vCPU EPYC the Python node cost about
+// 80 us a forward and 150 us a backward, as much as the loss kernels at 16 images of 64x64;
+// here it costs a few microseconds.
 //
 // The forward writes d loss / d x_hat (image_grad) from the loads of the sum, and the backward
 // scales it by the weight of the incoming gradients (vae_loss_cpu.cpp measures why). Both
