@@ -149,12 +149,15 @@ FASTVAE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
   return ctr;
 }
 
+// 1 / 2**31 as Triton writes it, which maps a non-negative int32 into [0, 1).
+constexpr float kUniformScale = 4.6566127342e-10f;
+
 // triton's uint_to_uniform_float for 32-bit inputs: a float in [0, 1). The int32 is rounded to
 // float first, then scaled, as Triton does.
 FASTVAE_HD float uint_to_uniform(uint32_t bits) {
   int32_t x = static_cast<int32_t>(bits);
   x = x < 0 ? ~x : x;
-  return static_cast<float>(x) * 4.6566127342e-10f;
+  return static_cast<float>(x) * kUniformScale;
 }
 
 // triton's pair_uniform_to_normal (Box-Muller), first output only, all in float32 (T is float

@@ -11,6 +11,8 @@
 
 #include <type_traits>
 
+#include <c10/util/Exception.h>
+
 #include "../cpu_vec.h"
 #include "../fastvae_math.h"
 
@@ -84,35 +86,32 @@ C10_ALWAYS_INLINE U32x8 mulhi32(uint32_t a, U32x8 b) {
 // philox_normal for the FloatVec::size() elements from index `first` on.
 C10_ALWAYS_INLINE FloatVec philox_normal_vec(uint64_t seed, uint64_t first) {
   constexpr int kLanes = FloatVec::size();
-  alignas(32) uint32_t bits1[kLanes], bits2[kLanes];
 #if defined(CPU_CAPABILITY_AVX2)
   static_assert(kLanes == 8);
-  alignas(32) uint32_t lo[kLanes], hi[kLanes];
-  for (int l = 0; l < kLanes; ++l) {
-    lo[l] = static_cast<uint32_t>(first + l);
-    hi[l] = static_cast<uint32_t>((first + l) >> 32);
-  }
-  U32x8 c0{_mm256_load_si256(reinterpret_cast<const __m256i*>(lo))};
-  U32x8 c1{_mm256_load_si256(reinterpret_cast<const __m256i*>(hi))};
+  // The counters (first + lane) split into 32-bit halves. Vectors start at multiples of the lane
+  // count (chunks are multiples of it), and so does 2**32: no lane's low half wraps.
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(first % kLanes == 0);
+  const uint32_t first_lo = static_cast<uint32_t>(first), first_hi = static_cast<uint32_t>(first >> 32);
+  U32x8 c0{_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(first_lo)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))};
+  U32x8 c1{_mm256_set1_epi32(static_cast<int>(first_hi))};
   U32x8 c2{_mm256_setzero_si256()}, c3{_mm256_setzero_si256()};
   philox4x32_10_inplace(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  _mm256_store_si256(reinterpret_cast<__m256i*>(bits1), c0.v);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(bits2), c1.v);
+  // uint_to_uniform on lanes: x < 0 ? ~x : x is x ^ (x >> 31) with an arithmetic shift, and the
+  // int32 -> float conversion rounds to nearest, as the scalar cast does.
+  const auto to_uniform = [](__m256i bits) {
+    const __m256i folded = _mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31));
+    return FloatVec(_mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(kUniformScale)));
+  };
+  return uniform_pair_to_normal(to_uniform(c0.v), to_uniform(c1.v));
 #else
-  for (int l = 0; l < kLanes; ++l) {
-    const Philox4x32 r = philox4x32_10(
-        Philox4x32{static_cast<uint32_t>(first + l), static_cast<uint32_t>((first + l) >> 32), 0u, 0u},
-        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    bits1[l] = r.c0;
-    bits2[l] = r.c1;
-  }
-#endif
   alignas(32) float u1[kLanes], u2[kLanes];
   for (int l = 0; l < kLanes; ++l) {
-    u1[l] = uint_to_uniform(bits1[l]);
-    u2[l] = uint_to_uniform(bits2[l]);
+    const UniformPair u = philox_uniform_pair(seed, first + l);
+    u1[l] = u.u1;
+    u2[l] = u.u2;
   }
   return uniform_pair_to_normal(FloatVec::loadu(u1), FloatVec::loadu(u2));
+#endif
 }
 
 // z (where not null) and the KL of [begin, end); returns the KL's sum when kl_output is Sum,
