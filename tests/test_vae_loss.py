@@ -163,6 +163,20 @@ def test_loss_backward_hands_over_the_forwards_image_gradient(weight, reused):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_retained_graph_backpropagates_twice(device):
+    # The handed-over image gradient is the graph's saved buffer: a second backward through the
+    # retained graph must find it intact, and accumulating into x_hat.grad must not change it.
+    x_hat, x, mu, logvar = sample_inputs(device, True)
+    loss = ops.vae_loss(x_hat, x, mu, logvar, reduction="batchmean", backend="cpp")[0]
+    loss.backward(retain_graph=True)
+    loss.backward()
+    expected = reference.vae_loss(x_hat, x, mu, logvar, reduction="batchmean")[0]
+    grads = torch.autograd.grad(2 * expected, (x_hat, mu, logvar))
+    for actual, e in zip((x_hat.grad, mu.grad, logvar.grad), grads):
+        torch.testing.assert_close(actual, e, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_is_refused_not_silently_wrong(device):
     inputs = sample_inputs(device, True)
     loss = ops.vae_loss(*inputs, backend="cpp")[0]
