@@ -10,7 +10,7 @@ TORCH_LIBRARY(fastvae, m) {
   // The negative ELBO (loss = recon + beta * kl) in one pass. loss, recon and kl are 0-dim, in
   // float32 (float64 for float64 x); recon is reduced over x, kl over mu. With
   // compute_image_grad, the same pass also writes image_grad = d loss / d x_hat in x's dtype,
-  // which the backward scales (empty otherwise).
+  // which the backward scales (empty otherwise), possibly in place (vae_loss_backward_).
   m.def(
       "vae_loss(Tensor x_hat, Tensor x, Tensor mu, Tensor logvar, float beta, str reduction,"
       " bool compute_image_grad) -> (Tensor loss, Tensor recon, Tensor kl, Tensor image_grad)");
@@ -22,6 +22,13 @@ TORCH_LIBRARY(fastvae, m) {
       "vae_loss_backward(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor image_grad,"
       " Tensor mu, Tensor logvar, float beta, str reduction, bool scale_image, bool compute_grad_x)"
       " -> (Tensor grad_x_hat, Tensor grad_x, Tensor grad_mu, Tensor grad_logvar)");
+  // The same gradients with the image gradient scaled in place, so that it can become grad_x_hat
+  // itself: image_grad *= grad_loss + grad_recon, where the kernel skips the image when that
+  // weight is 1 (read on the device: no host synchronization). Used by the autograd when
+  // nothing else will read image_grad (grad_x not needed, graph not retained).
+  m.def(
+      "vae_loss_backward_(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor(a!) image_grad,"
+      " Tensor mu, Tensor logvar, float beta, str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
   // z = mu + exp(0.5 * logvar) * eps with eps = tl.randn(seed, index), and the KL of the same
   // latents. seed is a 0-dim int64 CPU tensor, needed when compute_z. An output not computed is
   // an empty tensor. reduction may be "none" (elementwise KL).

@@ -144,22 +144,29 @@ def test_image_gradient_is_only_written_when_a_backward_can_need_it():
     assert calls == [True, False, False]
 
 
-@pytest.mark.parametrize("weight, reused", [(1.0, True), (0.7, False)])
-def test_loss_backward_hands_over_the_forwards_image_gradient(weight, reused):
-    # For loss.backward() the image gradient written by the forward is x_hat.grad itself: no
-    # backward pass over the image and no copy. Any other weight scales it into a new tensor.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight", [1.0, 0.7])
+@pytest.mark.parametrize("x_requires_grad, reused", [(False, True), (True, False)])
+def test_backward_hands_over_the_forwards_image_gradient(device, weight, x_requires_grad, reused):
+    # The image gradient written by the forward becomes x_hat.grad itself, scaled in place (not
+    # at all for loss.backward()): no image-sized tensor made and no copy. Only when x needs its
+    # own gradient does the backward write new tensors.
     saved = []
 
     def pack(t):
         saved.append(t.data_ptr())
         return t
 
-    x_hat, x, mu, logvar = sample_inputs("cpu", True)
+    x_hat, x, mu, logvar = sample_inputs(device, True)
+    x = x.detach().requires_grad_(x_requires_grad)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = ops.vae_loss(x_hat, x, mu, logvar, backend="cpp")[0]
     (weight * loss).backward()
     assert (x_hat.grad.data_ptr() in saved) == reused
-    torch.testing.assert_close(x_hat.grad, weight * 2 * (x_hat - x).detach())
+    expected = weight * 2 * (x_hat - x).detach()
+    torch.testing.assert_close(x_hat.grad, expected)
+    if x_requires_grad:
+        torch.testing.assert_close(x.grad, -expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -216,6 +223,28 @@ def test_opcheck(device, reduction):
             torch.ops.fastvae.vae_loss_backward.default,
             (*grads, image_grad, mu, logvar, 0.7, reduction, scale_image, compute_grad_x),
         )
+    for weight in (1.0, 0.5):
+        in_place_grads = [torch.tensor(w, device=device) for w in (weight, 0.0, -2.0)]
+        torch.library.opcheck(
+            torch.ops.fastvae.vae_loss_backward_.default, (*in_place_grads, image_grad.clone(), mu, logvar, 0.7, reduction)
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight", [1.0, 0.25])
+def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_one(device, weight):
+    x_hat, x, mu, logvar = (t.detach() for t in sample_inputs(device, False))
+    # The image's weight is grad_loss + grad_recon: 1 (the image is left as it is) or 0.25.
+    grads = [torch.tensor(w, device=device) for w in (weight, 0.0, -2.0)]
+    image_grad = 2 * (x_hat - x)
+    expected = torch.ops.fastvae.vae_loss_backward(*grads, image_grad, mu, logvar, 0.7, "mean", True, False)
+    scaled = image_grad.clone()
+    latent_grads = torch.ops.fastvae.vae_loss_backward_(*grads, scaled, mu, logvar, 0.7, "mean")
+    torch.testing.assert_close(scaled, expected[0])
+    torch.testing.assert_close(latent_grads[0], expected[2])
+    torch.testing.assert_close(latent_grads[1], expected[3])
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean")
 
 
 def test_torch_compile_fullgraph():

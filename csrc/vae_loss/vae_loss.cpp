@@ -38,6 +38,11 @@ Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::
   return parse_reduction(reduction, /*allow_none=*/false);
 }
 
+void check_in_place_image_grad(const at::Tensor& image_grad) {
+  TORCH_CHECK(image_grad.is_contiguous(), "vae_loss_backward_ scales image_grad in place, so it must be contiguous, "
+              "got strides ", image_grad.strides(), " for shape ", image_grad.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,
                                                                                   bool compute_image_grad) {
   const auto options = x.options().dtype(accumulate_type(x.scalar_type()));

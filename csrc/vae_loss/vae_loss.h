@@ -25,6 +25,9 @@ Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& mu, const at::Tensor& logvar,
                                          std::string_view reduction);
 
+// vae_loss_backward_ scales image_grad in place: it must be the contiguous tensor the forward wrote.
+void check_in_place_image_grad(const at::Tensor& image_grad);
+
 // (loss, recon, kl) as 0-dim tensors of x's accumulate type, and image_grad: like x when
 // compute_image_grad, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,

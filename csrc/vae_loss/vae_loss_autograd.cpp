@@ -4,13 +4,12 @@
 // here it costs a few microseconds.
 //
 // The forward writes d loss / d x_hat (image_grad) from the loads of the sum, and the backward
-// scales it by the weight of the incoming gradients (vae_loss_cpu.cpp measures why). Both
-// kernels are reached through the dispatcher, so torch.compile traces them as the two ops.
-#include <ATen/Dispatch.h>
+// scales it by the weight of the incoming gradients (vae_loss_cpu.cpp measures why). The
+// kernels are reached through the dispatcher, so torch.compile traces them as ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
-#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "../common.h"
@@ -43,26 +42,17 @@ Tensors4 call_vae_loss_backward(const at::Tensor& grad_loss, const at::Tensor& g
                  compute_grad_x);
 }
 
-// A dense CPU tensor with real data: not fake, functional or wrapped by functorch, and no
-// dispatch mode active. Only its value can be read for free.
-bool is_readable_on_host(const at::Tensor& t) {
-  const c10::DispatchKeySet keys =
-      t.key_set() - c10::autograd_dispatch_keyset_with_ADInplaceOrView - c10::autocast_dispatch_keyset;
-  return keys == c10::DispatchKeySet(c10::DispatchKey::CPU) && !c10::impl::TorchDispatchModeTLS::any_modes_set();
-}
-
-// Whether the forward's image gradient is already the answer (grad_loss + grad_recon == 1, as
-// for `loss.backward()`). Asked only where reading the weight is free; on CUDA it would
-// synchronize, and when traced the value is unknown, so there the kernel scales (by 1) instead.
-bool image_weight_is_one(const at::Tensor& grad_loss, const at::Tensor& grad_recon) {
-  if (!is_readable_on_host(grad_loss) || !is_readable_on_host(grad_recon) || grad_loss.numel() != 1 ||
-      grad_recon.numel() != 1 || grad_loss.scalar_type() != grad_recon.scalar_type()) {
-    return false;
-  }
-  // Added in the accumulate type, as the kernel adds them.
-  return AT_DISPATCH_FLOATING_TYPES(grad_loss.scalar_type(), "image_weight_is_one", [&] {
-    return *grad_loss.const_data_ptr<scalar_t>() + *grad_recon.const_data_ptr<scalar_t>() == scalar_t(1);
-  });
+std::tuple<at::Tensor, at::Tensor> call_vae_loss_backward_inplace(const at::Tensor& grad_loss,
+                                                                   const at::Tensor& grad_recon,
+                                                                   const at::Tensor& grad_kl, at::Tensor& image_grad,
+                                                                   const at::Tensor& mu, const at::Tensor& logvar,
+                                                                   double beta, c10::string_view reduction) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastvae::vae_loss_backward_", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, double, c10::string_view)>();
+  return op.call(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction);
 }
 
 class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
@@ -103,11 +93,20 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
     };
     const at::Tensor grad_loss = defined_or_zero(grads[0]), grad_recon = defined_or_zero(grads[1]),
                      grad_kl = defined_or_zero(grads[2]);
-    const bool reuse = needs_x_hat && image_weight_is_one(grad_loss, grad_recon);
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const std::string& reduction = ctx->saved_data["reduction"].toStringRef();
+    // When only x_hat needs the image gradient and the graph is freed after this backward,
+    // nobody else will read the saved image_grad: it is scaled in place (skipped on the device
+    // when the weight is 1, as for loss.backward()) and handed over as grad_x_hat, so the
+    // backward makes no image-sized tensor and, for loss.backward(), no pass over the image.
+    if (needs_x_hat && !needs_x && !torch::autograd::get_current_graph_task_keep_graph()) {
+      at::Tensor image_grad_out = image_grad;
+      auto [grad_mu, grad_logvar] = call_vae_loss_backward_inplace(grad_loss, grad_recon, grad_kl, image_grad_out, mu,
+                                                                    logvar, beta, reduction);
+      return {image_grad_out, at::Tensor(), grad_mu, grad_logvar, at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     auto [grad_x_hat, grad_x, grad_mu, grad_logvar] = call_vae_loss_backward(
-        grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, ctx->saved_data["beta"].toDouble(),
-        ctx->saved_data["reduction"].toStringRef(), needs_x_hat && !reuse, needs_x);
-    if (reuse) grad_x_hat = image_grad;
+        grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction, needs_x_hat, needs_x);
     return {needs_x_hat ? grad_x_hat : at::Tensor(), needs_x ? grad_x : at::Tensor(), grad_mu, grad_logvar,
             at::Tensor(), at::Tensor(), at::Tensor()};
   }

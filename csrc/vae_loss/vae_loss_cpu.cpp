@@ -9,8 +9,9 @@
 // scales it only when the weight (grad_loss + grad_recon) is not 1; for `loss.backward()` it is
 // 1, and the image needs no backward pass at all. The price is one image-sized tensor held from the
 // forward to the backward, where the decoder's activations are held anyway, and only when a
-// gradient can be needed. The weight is read only where that is free (eager CPU tensors, see
-// vae_loss_autograd.cpp); elsewhere the backward scales, as B.
+// gradient can be needed. Where nothing else reads image_grad (see vae_loss_autograd.cpp) the
+// backward scales it in place, skipping the image when the weight is 1, and it becomes
+// grad_x_hat; elsewhere the backward scales it into a new tensor, as B.
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -177,11 +178,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
   return {grad_x_hat, grad_x, grad_mu, grad_logvar};
 }
 
+std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(const at::Tensor& grad_loss,
+                                                                 const at::Tensor& grad_recon,
+                                                                 const at::Tensor& grad_kl, at::Tensor& image_grad,
+                                                                 const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                                                 double beta, c10::string_view reduction_name) {
+  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu_in,
+                                                             logvar_in, reduction_name);
+  check_cpu(image_grad, mu_in);
+  check_in_place_image_grad(image_grad);
+  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options()), grad_logvar = at::empty(mu.sizes(), mu.options());
+  FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cpu", [&] {
+    using image_acc = acc_t<image_t>;
+    const image_acc g_loss = *grad_loss.const_data_ptr<image_acc>(), g_recon = *grad_recon.const_data_ptr<image_acc>();
+    image_t* data = image_grad.mutable_data_ptr<image_t>();
+    // A weight of 1 leaves the image gradient as it is: no pass over the image at all.
+    vae_loss_backward<image_t, latent_t>(data, g_loss + g_recon == image_acc(1) ? 0 : image_grad.numel(),
+                                         mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
+                                         g_loss, g_recon, *grad_kl.const_data_ptr<image_acc>(), beta,
+                                         reduction_divisor(reduction, mu), /*grad_x_hat=*/data, /*grad_x=*/nullptr,
+                                         grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
+  });
+  return {grad_mu, grad_logvar};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastvae, CPU, m) {
   m.impl("vae_loss", &vae_loss_cpu);
   m.impl("vae_loss_backward", &vae_loss_backward_cpu);
+  m.impl("vae_loss_backward_", &vae_loss_backward_inplace_cpu);
 }
 
 }  // namespace fastvae

@@ -2,8 +2,10 @@
 // writes per-block partial sums (and, when asked, d loss / d x_hat from the same loads), and a
 // one-block kernel adds the partials in a fixed order. Backward: one kernel writes every
 // gradient, scaling the forward's image gradient by incoming gradients it reads on the device.
-// (Why the image gradient is written in the forward: see vae_loss_cpu.cpp; on the GPU both
-// choices move 5N elements, and this one keeps one code path.)
+// (Why the image gradient is written in the forward: see vae_loss_cpu.cpp.) In place
+// (vae_loss_backward_), the scaled image gradient becomes grad_x_hat and a weight of 1 skips the
+// image: forward + backward of loss.backward() then move 3N elements, where recomputing the
+// image gradient in the backward would move 5N.
 //
 // Determinism: the grid size is a function of the input sizes only (not of the GPU), each block
 // reduces with a fixed tree of warp shuffles, and the partials are added by one block in a fixed
@@ -139,13 +141,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // grad_x_hat and grad_x (each where not null) from image_grad, and the latent gradients.
+// grad_x_hat may be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight):
+// each element is read before it is written, so those two are not __restrict__.
 template <typename image_t, typename latent_t, int kVec>
 __global__ void __launch_bounds__(kThreads) vae_loss_backward_kernel(
     const acc_t<image_t>* __restrict__ grad_loss, const acc_t<image_t>* __restrict__ grad_recon,
-    const acc_t<image_t>* __restrict__ grad_kl, double beta, double latent_divisor,
-    const image_t* __restrict__ image_grad, int64_t n_image, const latent_t* __restrict__ mu,
-    const latent_t* __restrict__ logvar, int64_t n_latent, image_t* __restrict__ grad_x_hat,
-    image_t* __restrict__ grad_x, latent_t* __restrict__ grad_mu, latent_t* __restrict__ grad_logvar) {
+    const acc_t<image_t>* __restrict__ grad_kl, double beta, double latent_divisor, const image_t* image_grad,
+    int64_t n_image, bool skip_unit_weight, const latent_t* __restrict__ mu, const latent_t* __restrict__ logvar,
+    int64_t n_latent, image_t* grad_x_hat, image_t* __restrict__ grad_x, latent_t* __restrict__ grad_mu,
+    latent_t* __restrict__ grad_logvar) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
   using P = Pack<image_t, kVec>;
@@ -154,6 +158,9 @@ __global__ void __launch_bounds__(kThreads) vae_loss_backward_kernel(
   const image_acc image_weight = g_loss + *grad_recon;
   const latent_acc kl_weight = static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + *grad_kl) /
                                static_cast<latent_acc>(latent_divisor);
+  // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: the image is
+  // neither read nor written. The weight is the same for every thread, so no thread diverges.
+  if (skip_unit_weight && image_weight == image_acc(1)) n_image = 0;
   const int64_t start = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
 
@@ -252,6 +259,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(const a
   return {loss, recon, kl, image_grad};
 }
 
+// One launch of vae_loss_backward_kernel: grad_x_hat (may be image_grad itself) and grad_x where
+// not null, and grad_mu, grad_logvar.
+template <typename image_t, typename latent_t>
+void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+                     const image_t* image_grad, int64_t n_image, bool skip_unit_weight, const at::Tensor& mu,
+                     const at::Tensor& logvar, double beta, Reduction reduction, image_t* grad_x_hat, image_t* grad_x,
+                     at::Tensor& grad_mu, at::Tensor& grad_logvar) {
+  using image_acc = acc_t<image_t>;
+  constexpr int kVec = 16 / sizeof(image_t);
+  // Fresh outputs are 16-byte aligned; image_grad is unless a caller passed a view.
+  const bool vectorized = aligned16(image_grad) && (grad_x_hat == nullptr || aligned16(grad_x_hat));
+  const int blocks = num_blocks(n_image, mu.numel(), vectorized ? kVec : 1);
+  const auto launch = [&](auto kernel) {
+    kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        grad_loss.const_data_ptr<image_acc>(), grad_recon.const_data_ptr<image_acc>(),
+        grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu), image_grad, n_image,
+        skip_unit_weight, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(), grad_x_hat,
+        grad_x, grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
+  };
+  if (vectorized) {
+    launch(vae_loss_backward_kernel<image_t, latent_t, kVec>);
+  } else {
+    launch(vae_loss_backward_kernel<image_t, latent_t, 1>);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
     const at::Tensor& image_grad_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta,
@@ -260,36 +294,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cud
                                                              logvar_in, reduction_name);
   check_cuda(image_grad_in, mu_in);
   const c10::cuda::CUDAGuard guard(mu_in.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor image_grad = image_grad_in.contiguous();
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   auto [grad_x_hat, grad_x, grad_mu, grad_logvar] =
       empty_vae_loss_backward_outputs(image_grad, mu, scale_image, compute_grad_x);
   const int64_t n_image = scale_image || compute_grad_x ? image_grad.numel() : 0;
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cuda", [&] {
-    using image_acc = acc_t<image_t>;
-    constexpr int kVec = 16 / sizeof(image_t);
-    const auto* in = image_grad.const_data_ptr<image_t>();
-    // The outputs are fresh, so 16-byte aligned; image_grad is unless a caller passed a view.
-    const bool vectorized = aligned16(in);
-    const int blocks = num_blocks(n_image, mu.numel(), vectorized ? kVec : 1);
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kThreads, 0, stream>>>(
-          grad_loss.const_data_ptr<image_acc>(), grad_recon.const_data_ptr<image_acc>(),
-          grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu), in, n_image,
-          mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
-          scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
-          compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu.mutable_data_ptr<latent_t>(),
-          grad_logvar.mutable_data_ptr<latent_t>());
-    };
-    if (vectorized) {
-      launch(vae_loss_backward_kernel<image_t, latent_t, kVec>);
-    } else {
-      launch(vae_loss_backward_kernel<image_t, latent_t, 1>);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_backward<image_t, latent_t>(grad_loss, grad_recon, grad_kl, image_grad.const_data_ptr<image_t>(), n_image,
+                                       /*skip_unit_weight=*/false, mu, logvar, beta, reduction,
+                                       scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
+                                       compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu,
+                                       grad_logvar);
   });
   return {grad_x_hat, grad_x, grad_mu, grad_logvar};
+}
+
+std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cuda(const at::Tensor& grad_loss,
+                                                                  const at::Tensor& grad_recon,
+                                                                  const at::Tensor& grad_kl, at::Tensor& image_grad,
+                                                                  const at::Tensor& mu_in, const at::Tensor& logvar_in,
+                                                                  double beta, c10::string_view reduction_name) {
+  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu_in,
+                                                             logvar_in, reduction_name);
+  check_cuda(image_grad, mu_in);
+  check_in_place_image_grad(image_grad);
+  const c10::cuda::CUDAGuard guard(mu_in.device());
+  const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
+  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options()), grad_logvar = at::empty(mu.sizes(), mu.options());
+  FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cuda", [&] {
+    image_t* data = image_grad.mutable_data_ptr<image_t>();
+    launch_backward<image_t, latent_t>(grad_loss, grad_recon, grad_kl, data, image_grad.numel(),
+                                       /*skip_unit_weight=*/true, mu, logvar, beta, reduction, /*grad_x_hat=*/data,
+                                       /*grad_x=*/nullptr, grad_mu, grad_logvar);
+  });
+  return {grad_mu, grad_logvar};
 }
 
 }  // namespace
@@ -297,6 +335,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cud
 TORCH_LIBRARY_IMPL(fastvae, CUDA, m) {
   m.impl("vae_loss", &vae_loss_cuda);
   m.impl("vae_loss_backward", &vae_loss_backward_cuda);
+  m.impl("vae_loss_backward_", &vae_loss_backward_inplace_cuda);
 }
 
 }  // namespace fastvae

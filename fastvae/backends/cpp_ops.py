@@ -102,6 +102,10 @@ def _vae_loss_backward_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logv
     return grad_x_hat, grad_x, _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
 
 
+def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction):
+    return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
+
+
 def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
     z = _empty(mu.shape if compute_z else (0,), mu.dtype, mu)
     kl_shape = (0,) if not compute_kl else mu.shape if reduction == "none" else ()
@@ -115,5 +119,6 @@ def _reparameterize_kl_backward_fake(grad_z, grad_kl, z, mu, logvar, reduction):
 if extension_error is None:
     torch.library.register_fake("fastvae::vae_loss")(_vae_loss_fake)
     torch.library.register_fake("fastvae::vae_loss_backward")(_vae_loss_backward_fake)
+    torch.library.register_fake("fastvae::vae_loss_backward_")(_vae_loss_backward_inplace_fake)
     torch.library.register_fake("fastvae::reparameterize_kl")(_reparameterize_kl_fake)
     torch.library.register_fake("fastvae::reparameterize_kl_backward")(_reparameterize_kl_backward_fake)
