@@ -38,9 +38,15 @@ Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::
   return parse_reduction(reduction, /*allow_none=*/false);
 }
 
-void check_in_place_image_grad(const at::Tensor& image_grad) {
+Reduction check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 std::string_view reduction) {
+  const Reduction parsed =
+      check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, reduction);
   TORCH_CHECK(image_grad.is_contiguous(), "vae_loss_backward_ scales image_grad in place, so it must be contiguous, "
               "got strides ", image_grad.strides(), " for shape ", image_grad.sizes());
+  return parsed;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,
@@ -50,13 +56,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_output
   return {at::empty({}, options), at::empty({}, options), at::empty({}, options), image_grad};
 }
 
+std::tuple<at::Tensor, at::Tensor> empty_latent_grads(const at::Tensor& mu) {
+  return {at::empty(mu.sizes(), mu.options()), at::empty(mu.sizes(), mu.options())};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_backward_outputs(
     const at::Tensor& image_grad, const at::Tensor& mu, bool scale_image, bool compute_grad_x) {
   const auto like_image = [&](bool needed) {
     return needed ? at::empty(image_grad.sizes(), image_grad.options()) : at::empty({0}, image_grad.options());
   };
-  return {like_image(scale_image), like_image(compute_grad_x), at::empty(mu.sizes(), mu.options()),
-          at::empty(mu.sizes(), mu.options())};
+  auto [grad_mu, grad_logvar] = empty_latent_grads(mu);
+  return {like_image(scale_image), like_image(compute_grad_x), grad_mu, grad_logvar};
 }
 
 }  // namespace fastvae

@@ -25,13 +25,20 @@ Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::
                                          const at::Tensor& mu, const at::Tensor& logvar,
                                          std::string_view reduction);
 
-// vae_loss_backward_ scales image_grad in place: it must be the contiguous tensor the forward wrote.
-void check_in_place_image_grad(const at::Tensor& image_grad);
+// The same for vae_loss_backward_, which scales image_grad in place: it must also be the
+// contiguous tensor the forward wrote.
+Reduction check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 std::string_view reduction);
 
 // (loss, recon, kl) as 0-dim tensors of x's accumulate type, and image_grad: like x when
 // compute_image_grad, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,
                                                                                   bool compute_image_grad);
+
+// grad_mu and grad_logvar, like mu.
+std::tuple<at::Tensor, at::Tensor> empty_latent_grads(const at::Tensor& mu);
 
 // Backward outputs: grad_x_hat and grad_x like image_grad when asked for, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_backward_outputs(

@@ -183,12 +183,11 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(const at::Tenso
                                                                  const at::Tensor& grad_kl, at::Tensor& image_grad,
                                                                  const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                                  double beta, c10::string_view reduction_name) {
-  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu_in,
-                                                             logvar_in, reduction_name);
+  const Reduction reduction = check_vae_loss_backward_inplace_inputs(grad_loss, grad_recon, grad_kl, image_grad,
+                                                                     mu_in, logvar_in, reduction_name);
   check_cpu(image_grad, mu_in);
-  check_in_place_image_grad(image_grad);
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options()), grad_logvar = at::empty(mu.sizes(), mu.options());
+  auto [grad_mu, grad_logvar] = empty_latent_grads(mu);
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cpu", [&] {
     using image_acc = acc_t<image_t>;
     const image_acc g_loss = *grad_loss.const_data_ptr<image_acc>(), g_recon = *grad_recon.const_data_ptr<image_acc>();

@@ -314,13 +314,12 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cuda(const at::Tens
                                                                   const at::Tensor& grad_kl, at::Tensor& image_grad,
                                                                   const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                                   double beta, c10::string_view reduction_name) {
-  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu_in,
-                                                             logvar_in, reduction_name);
+  const Reduction reduction = check_vae_loss_backward_inplace_inputs(grad_loss, grad_recon, grad_kl, image_grad,
+                                                                     mu_in, logvar_in, reduction_name);
   check_cuda(image_grad, mu_in);
-  check_in_place_image_grad(image_grad);
   const c10::cuda::CUDAGuard guard(mu_in.device());
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
-  at::Tensor grad_mu = at::empty(mu.sizes(), mu.options()), grad_logvar = at::empty(mu.sizes(), mu.options());
+  auto [grad_mu, grad_logvar] = empty_latent_grads(mu);
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cuda", [&] {
     image_t* data = image_grad.mutable_data_ptr<image_t>();
     launch_backward<image_t, latent_t>(grad_loss, grad_recon, grad_kl, data, image_grad.numel(),
