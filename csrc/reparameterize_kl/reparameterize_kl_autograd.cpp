@@ -48,10 +48,10 @@ class ReparameterizeKlFunction : public torch::autograd::Function<Reparameterize
                                bool compute_kl) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [z, kl] = call_reparameterize_kl(mu, logvar, seed, reduction, compute_z, compute_kl);
-    // dz/dlogvar is taken from z - mu in the backward, so z is kept when it was drawn.
+    // dz/dlogvar is taken from z - mu in the backward, so z is kept when it was drawn (and
+    // whether it was is whether it is saved).
     ctx->save_for_backward({compute_z ? z : at::Tensor(), mu, logvar});
     ctx->saved_data["reduction"] = std::string(reduction);
-    ctx->saved_data["compute_z"] = compute_z;
     ctx->saved_data["compute_kl"] = compute_kl;
     // An unused output gets no gradient, which the backward op skips, rather than zeros to read.
     ctx->set_materialize_grads(false);
@@ -61,13 +61,13 @@ class ReparameterizeKlFunction : public torch::autograd::Function<Reparameterize
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     check_first_order_backward("fastvae::reparameterize_kl");
     const variable_list saved = ctx->get_saved_variables();
+    const std::optional<at::Tensor> z = defined_or_none(saved[0]);
     // The gradient of an output that was not computed (an empty tensor) is dropped.
-    const std::optional<at::Tensor> grad_z =
-        ctx->saved_data["compute_z"].toBool() ? defined_or_none(grads[0]) : std::nullopt;
+    const std::optional<at::Tensor> grad_z = z.has_value() ? defined_or_none(grads[0]) : std::nullopt;
     const std::optional<at::Tensor> grad_kl =
         ctx->saved_data["compute_kl"].toBool() ? defined_or_none(grads[1]) : std::nullopt;
-    auto [grad_mu, grad_logvar] = call_reparameterize_kl_backward(
-        grad_z, grad_kl, defined_or_none(saved[0]), saved[1], saved[2], ctx->saved_data["reduction"].toStringRef());
+    auto [grad_mu, grad_logvar] = call_reparameterize_kl_backward(grad_z, grad_kl, z, saved[1], saved[2],
+                                                                  ctx->saved_data["reduction"].toStringRef());
     return {grad_mu, grad_logvar, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };

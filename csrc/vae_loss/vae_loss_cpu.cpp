@@ -104,15 +104,18 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
 }
 
 // Weights of the incoming gradients: the image term appears in loss and recon, the KL term in
-// loss (times beta) and kl.
+// loss (times beta) and kl. grad_x_hat may be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight).
 template <typename image_t, typename latent_t>
-void vae_loss_backward(const image_t* image_grad, int64_t n_image, const latent_t* mu, const latent_t* logvar,
-                       int64_t n_latent, acc_t<image_t> g_loss, acc_t<image_t> g_recon, acc_t<image_t> g_kl,
-                       double beta, double latent_divisor, image_t* grad_x_hat, image_t* grad_x, latent_t* grad_mu,
-                       latent_t* grad_logvar) {
+void vae_loss_backward(const image_t* image_grad, int64_t n_image, bool skip_unit_weight, const latent_t* mu,
+                       const latent_t* logvar, int64_t n_latent, acc_t<image_t> g_loss, acc_t<image_t> g_recon,
+                       acc_t<image_t> g_kl, double beta, double latent_divisor, image_t* grad_x_hat, image_t* grad_x,
+                       latent_t* grad_mu, latent_t* grad_logvar) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
   const image_acc image_weight = g_loss + g_recon;
+  // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: no pass over
+  // the image at all.
+  if (skip_unit_weight && image_weight == image_acc(1)) n_image = 0;
   const latent_acc latent_weight =
       static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + g_kl) / static_cast<latent_acc>(latent_divisor);
   // The KL's gradient is reparameterize_kl's without z.
@@ -168,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cpu", [&] {
     using image_acc = acc_t<image_t>;
     vae_loss_backward(image_grad.const_data_ptr<image_t>(), scale_image || compute_grad_x ? image_grad.numel() : 0,
-                      mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
+                      /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(),
+                      mu.numel(),
                       *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
                       *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),
                       scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
@@ -190,14 +194,13 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(const at::Tenso
   auto [grad_mu, grad_logvar] = empty_latent_grads(mu);
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cpu", [&] {
     using image_acc = acc_t<image_t>;
-    const image_acc g_loss = *grad_loss.const_data_ptr<image_acc>(), g_recon = *grad_recon.const_data_ptr<image_acc>();
     image_t* data = image_grad.mutable_data_ptr<image_t>();
-    // A weight of 1 leaves the image gradient as it is: no pass over the image at all.
-    vae_loss_backward<image_t, latent_t>(data, g_loss + g_recon == image_acc(1) ? 0 : image_grad.numel(),
+    vae_loss_backward<image_t, latent_t>(data, image_grad.numel(), /*skip_unit_weight=*/true,
                                          mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
-                                         g_loss, g_recon, *grad_kl.const_data_ptr<image_acc>(), beta,
-                                         reduction_divisor(reduction, mu), /*grad_x_hat=*/data, /*grad_x=*/nullptr,
-                                         grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
+                                         *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
+                                         *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),
+                                         /*grad_x_hat=*/data, /*grad_x=*/nullptr, grad_mu.mutable_data_ptr<latent_t>(),
+                                         grad_logvar.mutable_data_ptr<latent_t>());
   });
   return {grad_mu, grad_logvar};
 }

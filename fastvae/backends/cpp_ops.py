@@ -89,6 +89,10 @@ def _empty(shape, dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+def _latent_grads(mu, logvar):
+    return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
+
+
 def _vae_loss_fake(x_hat, x, mu, logvar, beta, reduction, compute_image_grad):
     acc = accumulate_dtype(x.dtype)
     image_grad = _empty(x.shape if compute_image_grad else (0,), x.dtype, x)
@@ -99,11 +103,11 @@ def _vae_loss_backward_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logv
                             compute_grad_x):
     grad_x_hat = _empty(image_grad.shape if scale_image else (0,), image_grad.dtype, image_grad)
     grad_x = _empty(image_grad.shape if compute_grad_x else (0,), image_grad.dtype, image_grad)
-    return grad_x_hat, grad_x, _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
+    return grad_x_hat, grad_x, *_latent_grads(mu, logvar)
 
 
 def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction):
-    return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
+    return _latent_grads(mu, logvar)
 
 
 def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
@@ -113,7 +117,7 @@ def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
 
 
 def _reparameterize_kl_backward_fake(grad_z, grad_kl, z, mu, logvar, reduction):
-    return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
+    return _latent_grads(mu, logvar)
 
 
 if extension_error is None:
