@@ -193,6 +193,9 @@ def _divisor(reduction: str, shape: torch.Size, numel: int) -> int:
     return 1
 
 
+# The host side of a launch is plain integer arithmetic on cached values: at small sizes it costs
+# as much as the kernel (triton.cdiv and triton.next_power_of_2 are constexpr functions, a few
+# microseconds a call).
 @functools.lru_cache(maxsize=None)
 def _max_programs(device: torch.device) -> int:
     if device.type == "cuda":
@@ -200,8 +203,14 @@ def _max_programs(device: torch.device) -> int:
     return CPU_PROGRAMS
 
 
+@functools.lru_cache(maxsize=None)
+def _reduction_width(device: torch.device) -> int:
+    """MAX_PROGRAMS: the partials' count rounded up to the power of two tl.arange needs."""
+    return 1 << (_max_programs(device) - 1).bit_length()
+
+
 def _grid(device: torch.device, numel: int) -> int:
-    return min(triton.cdiv(numel, BLOCK), _max_programs(device))
+    return min(-(-numel // BLOCK), _max_programs(device))
 
 
 # One arrival counter per (device, stream): each reducing launch leaves it at zero, and launches
@@ -242,6 +251,8 @@ def reparameterize_kl_forward(
     device, shape, numel = mu.device, mu.shape, mu.numel()
     acc_dtype = accumulate_dtype(mu.dtype)
     z = torch.empty(shape, dtype=mu.dtype, device=device) if write_z else None
+    # The host tests this bool, not kl_mode: comparing tl.constexprs costs microseconds.
+    reduced = reduction is not None and reduction != "none"
     if reduction is None:
         kl_mode, kl = KL_NONE, None
     elif reduction == "none":
@@ -249,7 +260,7 @@ def reparameterize_kl_forward(
     else:
         kl_mode, kl = KL_REDUCED, torch.empty((), dtype=acc_dtype, device=device)
     if numel == 0:
-        if kl_mode == KL_REDUCED:
+        if reduced:
             kl = _empty_reduction(reduction, shape, acc_dtype, device)
         return z, kl
 
@@ -258,8 +269,8 @@ def reparameterize_kl_forward(
     max_programs = _max_programs(device)
     # Unused pointers still need a tensor of the right device; the constexpr flags keep the
     # kernel from touching them.
-    partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if kl_mode == KL_REDUCED else mu
-    counter = _counter(device) if kl_mode == KL_REDUCED else mu
+    partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if reduced else mu
+    counter = _counter(device) if reduced else mu
     with _on(device):
         _reparameterize_kl_forward_kernel[(grid,)](
             mu,
@@ -270,13 +281,13 @@ def reparameterize_kl_forward(
             counter,
             seed,
             numel,
-            _divisor(reduction, shape, numel) if kl_mode == KL_REDUCED else 1,
+            _divisor(reduction, shape, numel) if reduced else 1,
             WRITE_Z=write_z,
             KL_MODE=kl_mode,
             COMPUTE=_compute_dtype(mu.dtype),
             INT64=numel > _INT32_LIMIT,
             BLOCK=BLOCK,
-            MAX_PROGRAMS=triton.next_power_of_2(max_programs),
+            MAX_PROGRAMS=_reduction_width(device),
             num_warps=NUM_WARPS,
         )
     return z, kl
@@ -304,12 +315,13 @@ def reparameterize_kl_backward(
     if numel == 0:
         return grad_mu, grad_logvar
 
+    reduced = grad_kl is not None and reduction != "none"
     if grad_kl is None:
         grad_kl_mode = KL_NONE
-    elif reduction == "none":
-        grad_kl_mode, grad_kl = KL_ELEMENTWISE, grad_kl.contiguous()
-    else:
+    elif reduced:
         grad_kl_mode = KL_REDUCED
+    else:
+        grad_kl_mode, grad_kl = KL_ELEMENTWISE, grad_kl.contiguous()
     logvar = logvar.contiguous()
     with _on(device):
         _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
@@ -321,7 +333,7 @@ def reparameterize_kl_backward(
             grad_logvar,
             seed if seed is not None else 0,
             numel,
-            _divisor(reduction, shape, numel) if grad_kl_mode == KL_REDUCED else 1,
+            _divisor(reduction, shape, numel) if reduced else 1,
             HAS_GRAD_Z=grad_z is not None,
             GRAD_KL_MODE=grad_kl_mode,
             LATENT_IS_Z=latent_is_z,

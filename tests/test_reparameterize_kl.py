@@ -6,6 +6,7 @@ interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -389,6 +390,32 @@ def test_compile_module_in_train_mode(device):
     torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction="batchmean"))
     # The seed is drawn fresh per call, in the graph: two steps sample different noise.
     assert not torch.equal(compiled(h)[0], z)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_eager_path_equals_the_custom_op(device, reduction):
+    # Outside torch.compile fastvae.ops runs the kernels through an autograd.Function, not the
+    # custom op torch.compile traces: both must give the same bits, forward and backward.
+    mu, logvar = sample_inputs(device, torch.float32, (5, 300), requires_grad=True)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=9, backend="triton")
+    op_z, op_kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, torch.tensor(9), reduction)
+    assert torch.equal(z, op_z) and torch.equal(kl, op_kl)
+    grad_outputs = (torch.randn_like(z), torch.randn_like(kl))
+    for a, e in zip(grads((z, kl), (mu, logvar), grad_outputs), grads((op_z, op_kl), (mu, logvar), grad_outputs)):
+        assert torch.equal(a, e)
+
+
+def test_host_overhead_script_runs():
+    # bench/host_overhead.py stubs the kernels out and times the host side of each path.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "host_overhead.py")
+    result = subprocess.run(
+        [sys.executable, script, "--rounds", "5"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = re.findall(r"^ +(.+?) +[0-9.]+ us$", result.stdout, re.MULTILINE)
+    assert rows == ["eager path (autograd.Function)", "custom op", "fastvae.reference"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 Each op is a ``torch.library.custom_op`` in the ``fastvae`` namespace (prefixed ``triton_``)
 with a fake kernel and an autograd registration whose backward is itself a custom op, so
-``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see through them. They run on
-CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
+``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see through them. Outside
+``torch.compile`` the same kernels, saved tensors and backward run as plain autograd.Functions,
+without the custom-op dispatch. They run on CUDA tensors, and on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1``).
 
 The seed reaches the ops as a 0-dim int64 CPU tensor (:func:`fastvae._seed.seed_tensor`), read
 with ``.item()`` only inside the real kernels, where a compiled graph does not trace.
@@ -61,49 +63,26 @@ def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward ops
+# The kernels, as functions of the ops' schemas
 
 
-@torch.library.custom_op("fastvae::triton_reparameterize", mutates_args=())
-def _reparameterize(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+def _reparameterize_kernels(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     z, _ = _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=None)
     return z
 
 
-@_reparameterize.register_fake
-def _(mu, logvar, seed):
-    return _latent_like(mu)
-
-
-@torch.library.custom_op("fastvae::triton_kl_divergence", mutates_args=())
-def _kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, reduction: str) -> torch.Tensor:
+def _kl_divergence_kernels(mu: torch.Tensor, logvar: torch.Tensor, reduction: str) -> torch.Tensor:
     _, kl = _kernels.reparameterize_kl_forward(mu, logvar, 0, write_z=False, reduction=reduction)
     return kl
 
 
-@_kl_divergence.register_fake
-def _(mu, logvar, reduction):
-    return _kl_like(mu, reduction)
-
-
-@torch.library.custom_op("fastvae::triton_reparameterize_kl", mutates_args=())
-def _reparameterize_kl(
+def _reparameterize_kl_kernels(
     mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=reduction)
 
 
-@_reparameterize_kl.register_fake
-def _(mu, logvar, seed, reduction):
-    return _latent_like(mu), _kl_like(mu, reduction)
-
-
-# ---------------------------------------------------------------------------------------------
-# Backward op, shared by the three forward ops
-
-
-@torch.library.custom_op("fastvae::triton_reparameterize_kl_backward", mutates_args=())
-def _reparameterize_kl_backward(
+def _backward_kernels(
     grad_z: Optional[torch.Tensor],
     grad_kl: Optional[torch.Tensor],
     latent: Optional[torch.Tensor],
@@ -122,6 +101,34 @@ def _reparameterize_kl_backward(
         latent_is_z=latent_is_z,
         reduction=reduction,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops, with fake kernels: what torch.compile and opcheck trace
+
+_reparameterize = torch.library.custom_op("fastvae::triton_reparameterize", _reparameterize_kernels, mutates_args=())
+_kl_divergence = torch.library.custom_op("fastvae::triton_kl_divergence", _kl_divergence_kernels, mutates_args=())
+_reparameterize_kl = torch.library.custom_op(
+    "fastvae::triton_reparameterize_kl", _reparameterize_kl_kernels, mutates_args=()
+)
+_reparameterize_kl_backward = torch.library.custom_op(
+    "fastvae::triton_reparameterize_kl_backward", _backward_kernels, mutates_args=()
+)
+
+
+@_reparameterize.register_fake
+def _(mu, logvar, seed):
+    return _latent_like(mu)
+
+
+@_kl_divergence.register_fake
+def _(mu, logvar, reduction):
+    return _kl_like(mu, reduction)
+
+
+@_reparameterize_kl.register_fake
+def _(mu, logvar, seed, reduction):
+    return _latent_like(mu), _kl_like(mu, reduction)
 
 
 @_reparameterize_kl_backward.register_fake
@@ -149,25 +156,11 @@ def _setup_reparameterize(ctx, inputs, output):
     ctx.save_for_backward(logvar, seed)
 
 
-def _backward_reparameterize(ctx, grad_z):
-    _check_first_order("fastvae::triton_reparameterize")
-    logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = _reparameterize_kl_backward(grad_z, None, None, logvar, seed, False, None)
-    return grad_mu, grad_logvar, None
-
-
 def _setup_kl_divergence(ctx, inputs, output):
     mu, logvar, reduction = inputs
     ctx.reduction = reduction
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(mu, logvar)
-
-
-def _backward_kl_divergence(ctx, grad_kl):
-    _check_first_order("fastvae::triton_kl_divergence")
-    mu, logvar = ctx.saved_tensors
-    grad_mu, grad_logvar = _reparameterize_kl_backward(None, grad_kl, mu, logvar, None, False, ctx.reduction)
-    return grad_mu, grad_logvar, None
 
 
 def _setup_reparameterize_kl(ctx, inputs, output):
@@ -179,18 +172,71 @@ def _setup_reparameterize_kl(ctx, inputs, output):
     ctx.save_for_backward(z, logvar, seed)
 
 
-def _backward_reparameterize_kl(ctx, grad_z, grad_kl):
-    _check_first_order("fastvae::triton_reparameterize_kl")
-    z, logvar, seed = ctx.saved_tensors
-    if grad_z is None and grad_kl is None:
-        return None, None, None, None
-    grad_mu, grad_logvar = _reparameterize_kl_backward(grad_z, grad_kl, z, logvar, seed, True, ctx.reduction)
-    return grad_mu, grad_logvar, None, None
+class _Backwards:
+    """The three forward ops' backward functions, computing the gradients with ``latent_grads``
+    (the backward custom op when traced, or its kernels called directly)."""
+
+    def __init__(self, latent_grads):
+        self.latent_grads = latent_grads
+
+    def reparameterize(self, ctx, grad_z):
+        _check_first_order("fastvae::triton_reparameterize")
+        logvar, seed = ctx.saved_tensors
+        grad_mu, grad_logvar = self.latent_grads(grad_z, None, None, logvar, seed, False, None)
+        return grad_mu, grad_logvar, None
+
+    def kl_divergence(self, ctx, grad_kl):
+        _check_first_order("fastvae::triton_kl_divergence")
+        mu, logvar = ctx.saved_tensors
+        grad_mu, grad_logvar = self.latent_grads(None, grad_kl, mu, logvar, None, False, ctx.reduction)
+        return grad_mu, grad_logvar, None
+
+    def reparameterize_kl(self, ctx, grad_z, grad_kl):
+        _check_first_order("fastvae::triton_reparameterize_kl")
+        z, logvar, seed = ctx.saved_tensors
+        if grad_z is None and grad_kl is None:
+            return None, None, None, None
+        grad_mu, grad_logvar = self.latent_grads(grad_z, grad_kl, z, logvar, seed, True, ctx.reduction)
+        return grad_mu, grad_logvar, None, None
 
 
-_reparameterize.register_autograd(_backward_reparameterize, setup_context=_setup_reparameterize)
-_kl_divergence.register_autograd(_backward_kl_divergence, setup_context=_setup_kl_divergence)
-_reparameterize_kl.register_autograd(_backward_reparameterize_kl, setup_context=_setup_reparameterize_kl)
+_traced = _Backwards(_reparameterize_kl_backward)
+_reparameterize.register_autograd(_traced.reparameterize, setup_context=_setup_reparameterize)
+_kl_divergence.register_autograd(_traced.kl_divergence, setup_context=_setup_kl_divergence)
+_reparameterize_kl.register_autograd(_traced.reparameterize_kl, setup_context=_setup_reparameterize_kl)
+
+
+# Outside torch.compile the same forward, setup and backward run as plain autograd.Functions
+# that call the kernels directly: on a GPU the custom-op dispatch would take longer than the
+# kernels at a VAE's latent sizes (the README's GPU section has the host times).
+_eager = _Backwards(_backward_kernels)
+
+
+def _eager_function(name: str, kernels, setup_context, backward) -> type[torch.autograd.Function]:
+    # forward takes ctx and calls setup_context itself: a Function with a separate setup_context
+    # binds its arguments with inspect.signature on every call, which costs as much as the rest.
+    def forward(ctx, *inputs):
+        output = kernels(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_ReparameterizeFunction = _eager_function(
+    "_ReparameterizeFunction", _reparameterize_kernels, _setup_reparameterize, _eager.reparameterize
+)
+_KlDivergenceFunction = _eager_function(
+    "_KlDivergenceFunction", _kl_divergence_kernels, _setup_kl_divergence, _eager.kl_divergence
+)
+_ReparameterizeKlFunction = _eager_function(
+    "_ReparameterizeKlFunction", _reparameterize_kl_kernels, _setup_reparameterize_kl, _eager.reparameterize_kl
+)
+
+
+def _call(op, function: type[torch.autograd.Function], *args):
+    """The custom op while torch.compile traces (through its fake kernel), else the Function."""
+    return op(*args) if torch.compiler.is_compiling() else function.apply(*args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,15 +244,14 @@ _reparameterize_kl.register_autograd(_backward_reparameterize_kl, setup_context=
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[int]) -> torch.Tensor:
-    return torch.ops.fastvae.triton_reparameterize(mu, logvar, seed_tensor(seed))
+    return _call(_reparameterize, _ReparameterizeFunction, mu, logvar, seed_tensor(seed))
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str) -> torch.Tensor:
-    return torch.ops.fastvae.triton_kl_divergence(mu, logvar, reduction)
+    return _call(_kl_divergence, _KlDivergenceFunction, mu, logvar, reduction)
 
 
 def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str, seed: Optional[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    z, kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, seed_tensor(seed), reduction)
-    return z, kl
+    return _call(_reparameterize_kl, _ReparameterizeKlFunction, mu, logvar, seed_tensor(seed), reduction)
