@@ -62,11 +62,16 @@ def check_seed(seed: object) -> None:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
-def check_latents(mu: torch.Tensor, logvar: torch.Tensor, reduction: str | None = None) -> None:
+def check_latents(mu: torch.Tensor, logvar: torch.Tensor) -> None:
     check_pair("mu", mu, "logvar", logvar)
-    if reduction is not None:
-        check_reduction(reduction, KL_REDUCTIONS)
-        check_batched("mu", mu, reduction)
+
+
+def check_kl_latents(mu: torch.Tensor, logvar: torch.Tensor, reduction: object) -> None:
+    """The latents and reduction of an op that reduces the KL; every value of ``reduction``,
+    None included, is checked."""
+    check_latents(mu, logvar)
+    check_reduction(reduction, KL_REDUCTIONS)
+    check_batched("mu", mu, reduction)
 
 
 def check_vae_loss(

@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 
 from fastvae import reference
-from fastvae._checks import check_latents, check_seed, check_vae_loss
+from fastvae._checks import check_kl_latents, check_latents, check_seed, check_vae_loss
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 OPS = ("reparameterize", "kl_divergence", "reparameterize_kl", "vae_loss")
@@ -103,7 +103,7 @@ def kl_divergence(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum", backend: str = "auto"
 ) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)), reduced as in :mod:`fastvae.reference`."""
-    check_latents(mu, logvar, reduction)
+    check_kl_latents(mu, logvar, reduction)
     return _implementation("kl_divergence", mu.device, backend)(mu, logvar, reduction=reduction)
 
 
@@ -116,7 +116,7 @@ def reparameterize_kl(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample z and reduce the KL of the same latents in one pass: ``(z, kl)``."""
-    check_latents(mu, logvar, reduction)
+    check_kl_latents(mu, logvar, reduction)
     check_seed(seed)
     impl = _implementation("reparameterize_kl", mu.device, backend)
     return impl(mu, logvar, reduction=reduction, seed=seed)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvae._checks import accumulate_dtype, check_latents, check_seed, check_vae_loss
+from fastvae._checks import accumulate_dtype, check_kl_latents, check_latents, check_seed, check_vae_loss
 
 
 def _scale(total: torch.Tensor, reduction: str, like: torch.Tensor) -> torch.Tensor:
@@ -48,7 +48,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None =
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) = -0.5 * (1 + logvar - mu^2 - exp(logvar)), reduced."""
-    check_latents(mu, logvar, reduction)
+    check_kl_latents(mu, logvar, reduction)
     acc = accumulate_dtype(mu.dtype)
     mu, logvar = mu.to(acc), logvar.to(acc)
     elementwise = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
@@ -61,7 +61,7 @@ def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum", seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample z and compute the KL term of the same latents: ``(z, kl)``."""
-    check_latents(mu, logvar, reduction)
+    check_kl_latents(mu, logvar, reduction)
     return reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction)
 
 
