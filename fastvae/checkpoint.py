@@ -12,12 +12,12 @@ A checkpoint is a plain dict of tensors and Python values, so it loads with
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
+from fastvae._files import write_atomically
 from fastvae.model import VAE
 
 REQUIRED_KEYS = ("model", "config", "step")
@@ -29,13 +29,7 @@ class CheckpointError(ValueError):
 
 def save(payload: dict, path: str | Path) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -44,8 +38,12 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError:
+        # torch's message is a page of advice on loading untrusted files: not what a user needs here.
+        raise CheckpointError(f"{path}: not a fastvae checkpoint, or one that holds code (refused to load it)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        # The first sentence names the problem ("... failed reading zip archive: not a ZIP archive").
+        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a fastvae checkpoint (it needs {', '.join(REQUIRED_KEYS)})")

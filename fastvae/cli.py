@@ -2,8 +2,8 @@
 
 Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
 command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
-Mistakes of the user (bad options, a missing folder, an unusable checkpoint) end in one line on
-stderr and exit status 2; a diverged run ends in one line and exit status 1.
+Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an --out that
+cannot be written) end in one line on stderr and exit status 2; a diverged run ends in one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import argparse
 import importlib
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 COMMANDS = {
     "train": "train the conv VAE on built-in shapes or a folder of images",
-    "sample": "decode samples from the prior of a checkpoint into a PNG grid",
-    "reconstruct": "write images beside their reconstructions by a checkpoint as a PNG grid",
+    "sample": "decode samples from the prior of a checkpoint into an image grid",
+    "reconstruct": "write images beside their reconstructions by a checkpoint as an image grid",
     "info": "show the versions, devices and the backend each op dispatches to",
     "bench": "time the fused ops against the reference",
 }
@@ -29,13 +30,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def check_image_out(path: str) -> None:
+    """--out of sample and reconstruct, checked before any work: a file named in a format Pillow writes."""
+    from fastvae.images import image_format
+    from fastvae.train import ConfigError
+
+    if Path(path).is_dir():
+        raise ConfigError(f"--out {path} is a folder; name an image file, such as {Path(path) / 'grid.png'}")
+    try:
+        image_format(path)
+    except ValueError as exc:
+        raise ConfigError(f"--out {exc}") from None
+
+
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.train import non_negative_int, positive_int
+    from fastvae.train import positive_int, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
     parser.add_argument("--n", type=positive_int, default=64, help="number of samples (default: 64)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the prior draws (default: 0)")
+    parser.add_argument("--out", required=True, help="image file to write, in the format of its extension (.png, .jpg, ...)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the prior draws (default: 0)")
     parser.add_argument("--device", help="(default: cuda if available, else cpu)")
 
 
@@ -46,6 +60,7 @@ def run_sample(args: argparse.Namespace) -> int:
     from fastvae.images import save_grid
     from fastvae.train import resolve_device
 
+    check_image_out(args.out)
     model, _ = load_model(args.checkpoint, device=resolve_device(args.device))
     samples = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     print(save_grid(samples, args.out, nrow=math.ceil(math.sqrt(args.n))))
@@ -59,7 +74,7 @@ def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR",
                         help="folder of images (its first --n in path order); default: held-out built-in shapes")
     parser.add_argument("--n", type=positive_int, default=16, help="number of images (default: 16)")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--out", required=True, help="image file to write, in the format of its extension (.png, .jpg, ...)")
     parser.add_argument("--device", help="(default: cuda if available, else cpu)")
 
 
@@ -71,6 +86,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from fastvae.images import save_grid, side_by_side
     from fastvae.train import resolve_device
 
+    check_image_out(args.out)
     device = resolve_device(args.device)
     model, ckpt = load_model(args.checkpoint, device=device)
     if args.data is None:
@@ -132,6 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fastvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the run could not write after all: a full disk, a folder in the way
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fastvae {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except DivergedError as exc:
         print(f"fastvae {args.command}: {_one_line(exc)}", file=sys.stderr)

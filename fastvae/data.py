@@ -18,6 +18,10 @@ from torch.utils.data import Dataset, Sampler, Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
+# One 4096x4096 RGB image is 200 MB in float32; larger sizes are typos that would end in a failed
+# allocation.
+MAX_IMAGE_SIZE = 4096
+
 SHAPE_KINDS = ("square", "ellipse", "triangle")
 
 # Per-image draws, in this order, as columns of the uniform numbers behind each image.
@@ -32,8 +36,8 @@ class DataError(ValueError):
 def check_image_size(image_size: int) -> None:
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise TypeError(f"image_size must be an int, got {type(image_size).__name__}")
-    if image_size < 16 or image_size & (image_size - 1):
-        raise ValueError(f"image_size must be a power of two from 16 up, got {image_size}")
+    if image_size < 16 or image_size > MAX_IMAGE_SIZE or image_size & (image_size - 1):
+        raise ValueError(f"image_size must be a power of two from 16 to {MAX_IMAGE_SIZE}, got {image_size}")
 
 
 def render_shapes(seed: int, indices: Sequence[int], image_size: int) -> torch.Tensor:
@@ -111,11 +115,20 @@ class Shapes(Dataset):
         return list(render_shapes(self.seed, self._stream_indices(indices), self.image_size).unbind(0))
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG, TIFF): Pillow's conversion clips it at 255, which makes nearly
+        # every pixel white, so map its range 0..65535 onto 0..255 instead.
+        levels = np.asarray(image, dtype=np.float64) / 257
+        image = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
+    return image.convert("RGB")
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """An image file as RGB (3, S, S) in [0, 1]: shorter side resized to S, then centre-cropped."""
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = _to_rgb(image)
             width, height = image.size
             ratio = image_size / min(width, height)
             resized = (max(image_size, round(width * ratio)), max(image_size, round(height * ratio)))

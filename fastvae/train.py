@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
+from fastvae._files import write_atomically
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 
@@ -65,16 +67,17 @@ def _hidden_dims(text: str) -> tuple[int, ...]:
     return dims
 
 
-def number_at_least(kind: type, low: float, *, strict: bool = False):
-    """An argparse type: a finite ``kind`` (int or float) of at least ``low`` (above it if ``strict``)."""
-    bound = f"{'>' if strict else '>='} {low}"
+def number_at_least(kind: type, low: float, *, strict: bool = False, below: tuple[float, str] | None = None):
+    """An argparse type: a finite ``kind`` (int or float) of at least ``low`` (above it if ``strict``)
+    and, with ``below=(limit, its name)``, under ``limit``."""
+    bound = f"{'>' if strict else '>='} {low}" + (f" and < {below[1]}" if below else "")
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bound}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
+        if not math.isfinite(value) or value < low or (strict and value == low) or (below and value >= below[0]):
             raise argparse.ArgumentTypeError(f"expected {kind.__name__} {bound}, got {text!r}")
         return value
 
@@ -84,6 +87,8 @@ def number_at_least(kind: type, low: float, *, strict: bool = False):
 positive_int = number_at_least(int, 1)
 non_negative_int = number_at_least(int, 0)
 non_negative_float = number_at_least(float, 0)
+# torch.manual_seed and torch.Generator take seeds up to 2**64 - 1.
+seed_int = number_at_least(int, 0, below=(2**64, "2**64"))
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -110,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="DIR",
                        help="folder of images (searched recursively); default: built-in shapes")
-    group.add_argument("--image-size", type=int, default=64, help="power of two >= 16 (default: 64)")
+    group.add_argument("--image-size", type=int, default=64,
+                       help=f"power of two from 16 to {data.MAX_IMAGE_SIZE} (default: 64)")
     group.add_argument("--train-size", type=positive_int, default=20000,
                        help="shapes images to train on (default: 20000)")
     group.add_argument("--eval-size", type=positive_int, default=512,
@@ -145,10 +151,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("run")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    group.add_argument("--seed", type=non_negative_int, default=0,
+    group.add_argument("--seed", type=seed_int, default=0,
                        help="seeds the model, the data and the noise (default: 0)")
     group.add_argument("--out", default="runs/vae", help="folder for checkpoint, metrics and grids (default: runs/vae)")
-    group.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
+    start = group.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out that holds a run, deleting its checkpoint and metrics")
     group.add_argument("--every", type=positive_int, default=100,
                        help="steps between evaluations, PNG grids and checkpoints (default: 100)")
     group.add_argument("--log-every", type=positive_int, default=10,
@@ -301,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT_NAME
+    prepare_out(out, resume=args.resume, overwrite=args.overwrite)  # on every rank, so all of them stop
     torch.manual_seed(args.seed)
 
     if distributed:
@@ -314,7 +324,12 @@ def run(args: argparse.Namespace) -> int:
         batches = data.EpochBatches(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
         total_steps = args.steps or (args.epochs or 0) * batches.per_epoch or DEFAULT_STEPS
         beta_period = args.beta_period or max(1, total_steps // 4)
-        eval_loader = DataLoader(eval_set, batch_size=args.batch_size, num_workers=args.workers)
+        # Evaluation has its own generator (the loader draws a seed for its workers), so that it
+        # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
+        eval_loader = DataLoader(
+            eval_set, batch_size=args.batch_size, num_workers=args.workers,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
 
         # ---- model ----------------------------------------------------------------------------
@@ -331,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume and ckpt_path.exists():
             ckpt = checkpoint.load(ckpt_path)
             checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
+            check_same_run(ckpt.get("args", {}), args, ckpt_path)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
@@ -356,7 +372,8 @@ def run(args: argparse.Namespace) -> int:
         scale = world_size if args.reduction == "sum" else 1
 
         if master:
-            out.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:  # so that a later --resume cannot continue the old run
+                ckpt_path.unlink(missing_ok=True)
             metrics = _open_metrics(out / METRICS_NAME, step)
             writer = SummaryWriter(str(out)) if SummaryWriter is not None else None
             params = sum(p.numel() for p in model.parameters())
@@ -415,8 +432,7 @@ def run(args: argparse.Namespace) -> int:
             first = step - len(history) + 1
             for i, (l, r, k) in enumerate(values.tolist()):
                 if not all(map(math.isfinite, (l, r, k))):
-                    kept = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint yet"
-                    raise DivergedError(f"loss is {l} at step {first + i}; stopped ({kept})")
+                    raise DivergedError(f"loss is {l} at step {first + i}; stopped ({_kept(ckpt_path)})")
             if master:
                 for i, ((l, r, k), b) in enumerate(zip(values.tolist(), betas)):
                     _log(metrics, writer, {"step": first + i, "loss": l, "recon": r, "kl": k, "beta": b})
@@ -427,9 +443,21 @@ def run(args: argparse.Namespace) -> int:
                 )
             history.clear()
             betas.clear()
+            if evaluating:
+                # A finite loss does not make finite weights: the step's update can overflow them
+                # (a huge --beta). DDP keeps every rank's weights equal, so all ranks stop here.
+                broken = non_finite_state(model)
+                if broken:
+                    raise DivergedError(
+                        f"{broken[0]} is not finite after step {step}; stopped ({_kept(ckpt_path)})"
+                    )
             if evaluating and master:
                 results = evaluate(model, eval_loader, device, autocast, loss_backend)
                 _log(metrics, writer, {"step": step, **results})
+                if not math.isfinite(results["eval_loss"]):
+                    raise DivergedError(
+                        f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
+                    )
                 grids = write_grids(model, grid_images, out, step, args.seed)
                 checkpoint.save(
                     {
@@ -460,9 +488,52 @@ def run(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
 
 
+def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make the --out folder, or raise ConfigError saying why the run cannot write there: before
+    anything is trained, and before a run already there is touched without --resume or --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    for name in (CHECKPOINT_NAME, METRICS_NAME):
+        if (out / name).exists() and not (out / name).is_file():
+            raise ConfigError(f"{out / name} is not a file; move it out of the way")
+    previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
+    if previous and not (resume or overwrite):
+        raise ConfigError(
+            f"{out} holds a run ({', '.join(previous)}): pass --resume to continue it or --overwrite to replace it"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+
+
+def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
+    """Refuse to resume with another --batch-size or --seed: the data order and the noise follow them."""
+    differences = [
+        f"--{key.replace('_', '-')} {saved[key]} there but {getattr(args, key)} here"
+        for key in ("batch_size", "seed")
+        if key in saved and saved[key] != getattr(args, key)
+    ]
+    if differences:
+        raise ConfigError(f"{path} is from another run: {'; '.join(differences)} (resume with the same options)")
+
+
+def non_finite_state(model: nn.Module) -> list[str]:
+    """The names of the parameters and buffers that hold a NaN or an infinity."""
+    return [
+        name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())
+    ]
+
+
+def _kept(ckpt_path: Path) -> str:
+    return f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint yet"
+
+
 def _open_metrics(path: Path, step: int):
     """metrics.jsonl for appending, without the lines that an interrupted run logged after its last
-    checkpoint at ``step`` (a fresh run, step 0, starts it empty)."""
+    checkpoint at ``step`` (a fresh run, step 0, starts it empty). It is rewritten through a
+    temporary file, so that a kill meanwhile leaves the whole history."""
     kept = []
     if step > 0 and path.exists():
         for line in path.read_text().splitlines():
@@ -472,7 +543,7 @@ def _open_metrics(path: Path, step: int):
                 break
             if record["step"] <= step:
                 kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
     return open(path, "a", buffering=1)
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,9 @@ import torch
 from PIL import Image
 
 from fastvae import checkpoint, ops
+from fastvae import train as train_module
 from fastvae.cli import main
+from fastvae.images import save_grid
 from fastvae.reference import kl_divergence
 from fastvae.train import beta_at, free_bits_kl
 
@@ -140,7 +143,8 @@ def test_free_bits_kl_floors_each_dimension(reduction, factor):
 
 
 def test_two_processes_give_the_losses_of_one(tmp_path):
-    options = [*TINY, "--steps", "6", "--every", "6", "--reduction", "sum", "--free-bits", "0.1"]
+    # An evaluation and grids at step 3, on rank 0 only, must not make the ranks' noise drift apart.
+    options = [*TINY, "--steps", "6", "--every", "3", "--reduction", "sum", "--free-bits", "0.1"]
     assert main(["train", *options, "--out", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -157,3 +161,117 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     b = checkpoint.load(tmp_path / "two" / "ckpt.pt")["model"]
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_into_a_run_without_resume_or_overwrite_is_refused(tmp_path, capsys):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 4, "--every", 2) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--resume" in err and "--overwrite" in err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+    assert train(tmp_path, "--steps", 3, "--every", 5, "--overwrite") == 0
+    assert [line["step"] for line in step_losses(tmp_path)] == [1, 2, 3]
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 3
+    assert train(tmp_path, "--steps", 3, "--overwrite", "--resume") == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_overwrite_deletes_the_old_checkpoint_before_training(tmp_path, monkeypatch):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Interrupted before its first checkpoint, the new run must not leave the old one to --resume.
+    monkeypatch.setattr(ops, "vae_loss", interrupted)
+    assert train(tmp_path, "--steps", 2, "--overwrite") == 130
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_weights_made_nan_by_a_finite_loss_are_never_checkpointed(tmp_path, capsys):
+    # The issue's command: the first update overflows the weights, the loss of that step is finite.
+    assert train(tmp_path, "--steps", 3, "--every", 1, "--beta", 1e38) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after tqdm's bar
+    assert err.startswith("fastvae train: encoder.0.weight is not finite after step 1; stopped (no checkpoint yet)")
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_good_checkpoint_is_not_replaced_by_nan_weights(tmp_path, monkeypatch, capsys):
+    # The last update overflows one weight: the loss of that step is finite, the weights after it are not.
+    real_step = torch.optim.Adam.step
+    steps = []
+
+    def overflowing_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) == 10:
+            with torch.no_grad():
+                self.param_groups[0]["params"][-1].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", overflowing_step)
+    assert train(tmp_path, "--steps", 10, "--every", 5) == 1
+    assert step_losses(tmp_path)[-1]["step"] == 10 and math.isfinite(step_losses(tmp_path)[-1]["loss"])
+    err = capsys.readouterr().err.strip()
+    assert "is not finite after step 10" in err and "the last good checkpoint is" in err
+    saved = checkpoint.load(tmp_path / "ckpt.pt")
+    assert saved["step"] == 5
+    assert all(t.isfinite().all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_a_nan_held_out_loss_is_never_checkpointed(tmp_path, monkeypatch, capsys):
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", lambda *a: {**real_evaluate(*a), "eval_loss": float("nan")})
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 1
+    assert "held-out loss is nan at step 2" in capsys.readouterr().err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_evaluation_and_grids_leave_the_training_noise_alone(tmp_path):
+    # Evaluating every 2 steps or only at the end: the same training steps, bit for bit.
+    assert train(tmp_path / "often", "--steps", 6, "--every", 2) == 0
+    assert train(tmp_path / "once", "--steps", 6, "--every", 6) == 0
+    assert step_losses(tmp_path / "often") == step_losses(tmp_path / "once")
+
+
+def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path, capsys):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 4, "--resume", "--batch-size", 16) == 2
+    assert "--batch-size 8 there but 16 here" in capsys.readouterr().err
+    assert train(tmp_path, "--steps", 4, "--resume", "--seed", 3) == 2
+    assert "--seed 0 there but 3 here" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 2
+
+
+def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
+    assert train(tmp_path, "--steps", 4, "--every", 4) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a long history before the checkpoint
+        f.writelines(json.dumps({"step": 1, "pad": "x" * 100}) + "\n" for _ in range(2000))
+    history = (tmp_path / "metrics.jsonl").read_bytes()
+    # The rewrite on --resume fails halfway, as on a full disk: the file size limit stops it.
+    limit = len(history) // 2
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+        "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(tmp_path), "--steps", "8", "--resume"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "metrics.jsonl").read_bytes() == history
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    (tmp_path / "ckpt.pt").mkdir()
+    with pytest.raises(IsADirectoryError):
+        checkpoint.save({"step": 1}, tmp_path / "ckpt.pt")
+    (tmp_path / "grid.png").mkdir()
+    with pytest.raises(IsADirectoryError):
+        save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "grid.png"]
