@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -71,11 +72,26 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", "--data", "{tmp}"], "no images found"),
         (["train", *TINY, "--batch-size", "128"], "fewer than one batch"),
         (["sample", "--checkpoint", "{tmp}/missing.pt", "--out", "{tmp}/x.png"], "no such checkpoint"),
-        (["sample", "--checkpoint", "{tmp}/garbage.pt", "--out", "{tmp}/x.png"], "not a readable checkpoint"),
+        (["sample", "--checkpoint", "{tmp}/garbage.pt", "--out", "{tmp}/x.png"], "not a fastvae checkpoint, or one that"),
+        (["sample", "--checkpoint", "{tmp}/zip.pt", "--out", "{tmp}/x.png"],
+         "not a readable checkpoint (PytorchStreamReader failed reading zip archive: "),
         (["sample", "--checkpoint", "{tmp}/dict.pt", "--out", "{tmp}/x.png"], "not a fastvae checkpoint"),
         (["sample", "--checkpoint", "{tmp}/other.pt", "--out", "{tmp}/x.png"], "its model cannot be rebuilt"),
         (["sample", "--checkpoint", "{ckpt}", "--n", "0", "--out", "{tmp}/x.png"], "expected int >= 1"),
         (["reconstruct", "--checkpoint", "{ckpt}", "--data", "{tmp}", "--out", "{tmp}/x.png"], "no images found"),
+        (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}"], "is a folder; name an image file"),
+        (["reconstruct", "--checkpoint", "{ckpt}", "--out", "{tmp}"], "is a folder; name an image file"),
+        (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}/x.xyz"], "cannot tell the image format from .xyz"),
+        (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}/x"], "cannot tell the image format from no extension"),
+        (["sample", "--checkpoint", "{ckpt}", "--seed", str(2**64), "--out", "{tmp}/x.png"], "expected int >= 0 and < 2**64"),
+        (["train", "--seed", str(2**64)], "expected int >= 0 and < 2**64"),
+        (["train", "--image-size", str(2**40)], "power of two from 16 to 4096"),
+        (["train", *TINY, "--out", "{tmp}/garbage.pt"], "is a file, not a folder"),
+        (["train", *TINY, "--out", "{tmp}/garbage.pt/run"], "cannot write there (Not a directory)"),
+        (["train", *TINY, "--out", "{tmp}/ckpt_folder", "--overwrite"], "ckpt.pt is not a file"),
+        (["train", *TINY, "--out", "{tmp}/ckpt_folder", "--resume"], "ckpt.pt is not a file"),
+        (["train", *TINY, "--out", "{tmp}/metrics_folder"], "metrics.jsonl is not a file"),
+        (["train", *TINY, "--out", "{ckpt_dir}"], "holds a run (ckpt.pt, metrics.jsonl): pass --resume"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path, capsys):
@@ -83,11 +99,53 @@ def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path
     torch.save({"weights": torch.zeros(1)}, tmp_path / "dict.pt")
     config = {"in_channels": 3, "image_size": 16, "latent_dim": 4, "hidden_dims": [8, 16]}
     torch.save({"model": {"weights": torch.zeros(1)}, "config": config, "step": 1}, tmp_path / "other.pt")
-    argv = [a.format(tmp=tmp_path, ckpt=trained) for a in argv]
+    (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04 not a zip archive")
+    (tmp_path / "ckpt_folder" / "ckpt.pt").mkdir(parents=True)
+    (tmp_path / "metrics_folder" / "metrics.jsonl").mkdir(parents=True)
+    argv = [a.format(tmp=tmp_path, ckpt=trained, ckpt_dir=trained.parent) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "error:" in err and message in err
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_that_holds_code_is_refused_in_one_short_line(trained, tmp_path, capsys):
+    torch.save({"model": _RunsCode(), "config": {}, "step": 1}, tmp_path / "code.pt")
+    assert main(["sample", "--checkpoint", str(tmp_path / "code.pt"), "--out", str(tmp_path / "x.png")]) == 2
+    out, err = capsys.readouterr()
+    assert "this must never run" not in out
+    assert err == f"fastvae sample: error: {tmp_path / 'code.pt'}: not a fastvae checkpoint, or one that holds code (refused to load it)\n"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder; see the /sys case")
+def test_train_into_a_read_only_folder_is_one_line(tmp_path, capsys):
+    tmp_path.chmod(0o500)
+    try:
+        assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
+    finally:
+        tmp_path.chmod(0o700)
+    assert "cannot write there (Permission denied)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys, where even root cannot make folders")
+def test_train_into_a_folder_that_cannot_be_made_is_one_line(capsys):
+    assert main(["train", *TINY, "--out", "/sys/kernel/fastvae-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastvae train: error: --out /sys/kernel/fastvae-run: cannot write there (") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("suffix, file_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP")])
+def test_sample_writes_the_format_of_the_extension(trained, tmp_path, suffix, file_format):
+    out = tmp_path / f"samples{suffix}"
+    assert main(["sample", "--checkpoint", str(trained), "--n", "4", "--out", str(out), "--device", "cpu"]) == 0
+    with Image.open(out) as image:
+        assert image.format == file_format and image.size == (2 * 18 + 2, 2 * 18 + 2)
 
 
 def test_resume_with_another_architecture_is_a_one_line_error(trained, capsys):

@@ -38,10 +38,22 @@ def test_shapes_item_depends_only_on_seed_and_index():
         a[10]
 
 
-@pytest.mark.parametrize("size", [8, 24, 100])
+@pytest.mark.parametrize("size", [8, 24, 100, 8192, 2**40])
 def test_shapes_reject_sizes_that_are_not_powers_of_two_from_16(size):
     with pytest.raises(ValueError, match="power of two"):
         Shapes(4, size)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_16_bit_greyscale_images_are_scaled_by_their_range(tmp_path, suffix):
+    # A ramp over the whole 16-bit range, constant along each column: 16x16, so no resizing.
+    levels = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))
+    _save(tmp_path / f"ramp{suffix}", levels)
+    with Image.open(tmp_path / f"ramp{suffix}") as image:
+        assert image.mode in ("I;16", "I")  # what the test is about
+    image = ImageFolder(tmp_path, 16)[0]
+    expected = torch.from_numpy(levels / 65535).float().expand(3, 16, 16)
+    torch.testing.assert_close(image, expected, atol=0.5 / 255 + 1e-6, rtol=0)
 
 
 def test_shapes_split_is_disjoint():
