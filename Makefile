@@ -26,8 +26,9 @@ $(BUILT): $(DEPS) setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	$(PY) -m pip install -e ".[test,plot]" --no-build-isolation
 	touch $@
 
+# --resume: a second `make train` continues the run, or says it is done, rather than being refused.
 train: install
-	$(PY) -m fastvae train --out runs/shapes
+	$(PY) -m fastvae train --out runs/shapes --resume
 
 test: install
 	$(PY) -m pytest
