@@ -142,15 +142,19 @@ def test_free_bits_kl_floors_each_dimension(reduction, factor):
     assert unfloored.item() == pytest.approx(kl_divergence(mu, logvar, reduction=reduction).item(), rel=1e-9)
 
 
-def test_two_processes_give_the_losses_of_one(tmp_path):
-    # An evaluation and grids at step 3, on rank 0 only, must not make the ranks' noise drift apart.
-    options = [*TINY, "--steps", "6", "--every", "3", "--reduction", "sum", "--free-bits", "0.1"]
-    assert main(["train", *options, "--out", str(tmp_path / "one")]) == 0
+def train_on_two_processes(out, *options):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastvae", "train", *options, "--out", str(tmp_path / "two")]
+               "-m", "fastvae", "train", *TINY, "--out", str(out), *map(str, options)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_give_the_losses_of_one(tmp_path):
+    # An evaluation and grids at step 3, on rank 0 only, must not make the ranks' noise drift apart.
+    options = ["--every", "3", "--reduction", "sum", "--free-bits", "0.1"]
+    assert train(tmp_path / "one", "--steps", 6, *options) == 0
+    train_on_two_processes(tmp_path / "two", "--steps", 6, *options)
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -275,3 +279,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(IsADirectoryError):
         save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "grid.png"]
+
+
+def test_two_processes_resumed_give_the_losses_of_two_never_stopped(tmp_path):
+    # Rank 0's RNG state, restored on every rank, is every rank's only if evaluation left it alone.
+    options = ["--every", "3", "--reduction", "sum"]
+    train_on_two_processes(tmp_path / "whole", "--steps", 6, *options)
+    train_on_two_processes(tmp_path / "parts", "--steps", 3, *options)
+    train_on_two_processes(tmp_path / "parts", "--steps", 6, "--resume", *options)
+    assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "whole")
