@@ -37,6 +37,9 @@ def check_image_out(path: str) -> None:
 
     if Path(path).is_dir():
         raise ConfigError(f"--out {path} is a folder; name an image file, such as {Path(path) / 'grid.png'}")
+    file_above = next((p for p in Path(path).parents if p.is_file()), None)
+    if file_above is not None:
+        raise ConfigError(f"--out {path}: {file_above} is a file, not a folder")
     try:
         image_format(path)
     except ValueError as exc:

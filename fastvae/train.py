@@ -499,7 +499,8 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
     previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
     if previous and not (resume or overwrite):
         raise ConfigError(
-            f"{out} holds a run ({', '.join(previous)}): pass --resume to continue it or --overwrite to replace it"
+            f"--out {out} already holds a run ({', '.join(previous)}): "
+            "pass --resume to continue it or --overwrite to replace it"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)

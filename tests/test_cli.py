@@ -83,6 +83,7 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["reconstruct", "--checkpoint", "{ckpt}", "--out", "{tmp}"], "is a folder; name an image file"),
         (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}/x.xyz"], "cannot tell the image format from .xyz"),
         (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}/x"], "cannot tell the image format from no extension"),
+        (["sample", "--checkpoint", "{ckpt}", "--out", "{tmp}/garbage.pt/x.png"], "garbage.pt is a file, not a folder"),
         (["sample", "--checkpoint", "{ckpt}", "--seed", str(2**64), "--out", "{tmp}/x.png"], "expected int >= 0 and < 2**64"),
         (["train", "--seed", str(2**64)], "expected int >= 0 and < 2**64"),
         (["train", "--image-size", str(2**40)], "power of two from 16 to 4096"),
