@@ -3,7 +3,8 @@
 Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
 command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
 Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an --out that
-cannot be written) end in one line on stderr and exit status 2; a diverged run ends in one line and exit status 1.
+cannot be written) end in one line on stderr and exit status 2; a diverged run ends in one line
+and exit status 1.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ COMMANDS = {
     "info": "show the versions, devices and the backend each op dispatches to",
     "bench": "time the fused ops against the reference",
 }
+
+
+IMAGE_OUT_HELP = "image file to write, in the format its extension names (.png, .jpg, ...)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,7 +55,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
     parser.add_argument("--n", type=positive_int, default=64, help="number of samples (default: 64)")
-    parser.add_argument("--out", required=True, help="image file to write, in the format of its extension (.png, .jpg, ...)")
+    parser.add_argument("--out", required=True, help=IMAGE_OUT_HELP)
     parser.add_argument("--seed", type=seed_int, default=0, help="seed of the prior draws (default: 0)")
     parser.add_argument("--device", help="(default: cuda if available, else cpu)")
 
@@ -77,7 +81,7 @@ def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DIR",
                         help="folder of images (its first --n in path order); default: held-out built-in shapes")
     parser.add_argument("--n", type=positive_int, default=16, help="number of images (default: 16)")
-    parser.add_argument("--out", required=True, help="image file to write, in the format of its extension (.png, .jpg, ...)")
+    parser.add_argument("--out", required=True, help=IMAGE_OUT_HELP)
     parser.add_argument("--device", help="(default: cuda if available, else cpu)")
 
 

@@ -134,11 +134,15 @@ def test_train_into_a_read_only_folder_is_one_line(tmp_path, capsys):
     assert "cannot write there (Permission denied)" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys, where even root cannot make folders")
-def test_train_into_a_folder_that_cannot_be_made_is_one_line(capsys):
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux's /sys, where even root cannot make files")
+def test_an_out_that_cannot_be_written_is_one_line(trained, capsys):
     assert main(["train", *TINY, "--out", "/sys/kernel/fastvae-run"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fastvae train: error: --out /sys/kernel/fastvae-run: cannot write there (") and err.count("\n") == 1
+    # Found only when the grid is written: after the work, but still one line.
+    assert main(["sample", "--checkpoint", str(trained), "--out", "/sys/kernel/fastvae.png", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastvae sample: error: /sys/kernel/fastvae.png.tmp: ") and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("suffix, file_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP")])
