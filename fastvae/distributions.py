@@ -37,6 +37,7 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 # The dims diffusers sums the KL over: channels, height and width of (B, C, H, W) latents.
 _KL_DIMS = (1, 2, 3)
 
+
 def philox_seed(generator: torch.Generator) -> int:
     """A Philox seed for the fused kernels drawn from ``generator``, which it advances.
 
@@ -114,9 +115,10 @@ class DiagonalGaussian:
         """KL(self || other) per sample, summed over dims 1, 2 and 3: shape (B,) for (B, C, H, W).
 
         ``other=None`` is the standard normal prior. That KL comes from the fused op
-        (``kl_divergence(reduction="none")``) and a sum over dims 1..3: two passes, where one would
-        do with a per-sample reduction in the KL kernels (a (B,) output, each program adding its
-        block into its row's total), which neither the Triton kernel nor ``fastvae._C`` has yet.
+        (``kl_divergence(reduction="none")``, which writes the elementwise KL in float32) and a sum
+        over dims 1..3: two passes. One pass needs a per-sample reduction in the KL kernels (the
+        Triton kernel and ``fastvae._C``'s ``reparameterize_kl``): a (B,) output, each program
+        reducing its block into its sample's total, which neither has yet.
         For 4-D latents ``kl().mean()`` equals ``fastvae.ops.kl_divergence(mean, logvar,
         reduction="batchmean")``, which is one pass.
 

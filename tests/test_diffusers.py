@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,8 @@ def test_patch_changes_only_the_posterior():
     assert type(untouched.encode(x).latent_dist) is DiagonalGaussianDistribution
     vae.enable_slicing()
     assert type(vae.encode(x).latent_dist) is DiagonalGaussian
-    with pytest.warns(FutureWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiled_encode is deprecated in recent diffusers
         assert type(vae.tiled_encode(x).latent_dist) is DiagonalGaussian
     # A deep copy (an EMA model, say) is patched and encodes with its own weights.
     clone = copy.deepcopy(vae)
@@ -269,4 +271,4 @@ def test_example_script_trains_and_writes_grids(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["loss"] > 0 for r in records)
     assert (tmp_path / "reconstructions_000002.png").is_file() and (tmp_path / "reconstructions_000004.png").is_file()
     reloaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
-    assert reloaded.config.block_out_channels == [8, 16] or tuple(reloaded.config.block_out_channels) == (8, 16)
+    assert tuple(reloaded.config.block_out_channels) == (8, 16)

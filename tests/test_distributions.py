@@ -172,6 +172,16 @@ def test_generator_reproduces_and_advances():
     assert not torch.equal(posterior.sample(torch.Generator().manual_seed(8)), first)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cuda_generator_seeds_cuda_samples():
+    posterior = DiagonalGaussian(moments((2, 4, 8, 8), torch.float32).cuda())
+    generator = torch.Generator(device="cuda").manual_seed(7)
+    first, second = posterior.sample(generator), posterior.sample(generator)
+    assert not torch.equal(first, second)
+    generator.manual_seed(7)
+    torch.testing.assert_close(posterior.sample(generator), first, atol=0, rtol=0)
+
+
 def test_default_generator_makes_samples_reproducible():
     posterior = DiagonalGaussian(moments((2, 4, 8, 8), torch.float32))
     torch.manual_seed(3)
