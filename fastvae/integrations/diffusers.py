@@ -5,7 +5,7 @@
     posterior = vae.encode(x).latent_dist     # a fastvae.DiagonalGaussian
 
 ``patch(vae)`` patches one model, ``patch(AutoencoderKL)`` the class (every instance, and
-subclasses); ``unpatch`` undoes either. Patching wraps the methods that build the posterior
+subclasses); ``unpatch`` undoes either and ``is_patched`` says which is in effect. Patching wraps the methods that build the posterior
 (``encode``, and the deprecated ``tiled_encode``): each runs unchanged, then the
 ``DiagonalGaussianDistribution`` it returns is replaced by a :class:`fastvae.DiagonalGaussian` of
 the same moments. Nothing else changes: weights, config, ``state_dict``, ``save_pretrained``,
@@ -14,7 +14,7 @@ swap, a clamp and two exponentials over the latents that nothing then reads; wra
 rewriting ``encode`` keeps its slicing, tiling and offload hooks as the installed diffusers has them.
 
 diffusers is an optional dependency (``pip install fastvae[diffusers]``), imported by
-:func:`patch` and :func:`unpatch` only.
+:func:`patch`, :func:`unpatch` and :func:`is_patched` only.
 """
 
 from __future__ import annotations
