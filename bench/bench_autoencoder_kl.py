@@ -1,0 +1,133 @@
+"""diffusers' AutoencoderKL with and without fastvae's patch.
+
+Two cases, in the same table and results file as the other benches (bench/conftest.py):
+
+* ``autoencoder_kl_step``: one AdamW step (encode, sample, decode, L1 + kl_weight * KL mean,
+  backward, step) of diffusers' own model (``eager``) and of the patched one (``fused``).
+  On a GPU, Stable Diffusion's VAE config at 256x256, batch 8; on a CPU a small one at 64x64.
+* ``autoencoder_kl_posterior``: the posterior alone, from the encoder's moments: build it, draw
+  z, take the KL mean; forward and backward of ``z.sum() + kl_weight * kl``. diffusers'
+  ``DiagonalGaussianDistribution`` eager (``eager``) and compiled (``compile``), fastvae's
+  ``DiagonalGaussian`` eager (``fused``) and compiled (``fused+compile``). Moments (B, 8, H, W):
+  SD's latents of batch B at 8H x 8W.
+
+The training step is not compiled here: inductor takes many minutes on the whole model on a CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastvae import benchmark as fb
+from fastvae.distributions import DiagonalGaussian
+from fastvae.integrations.diffusers import patch
+
+pytest.importorskip("diffusers", reason="diffusers is not installed (pip install fastvae[diffusers])")
+from diffusers import AutoencoderKL  # noqa: E402
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KL_WEIGHT = 1e-6  # diffusers' default
+# (label, AutoencoderKL config, batch, image size)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+SMALL_VAE = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+
+
+def _model(config: dict, image_size: int) -> AutoencoderKL:
+    blocks = len(config["block_out_channels"])
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        latent_channels=4,
+        sample_size=image_size,
+        **config,
+    )
+
+
+def _step_cases(device: torch.device, label: str, config: dict, batch: int, image_size: int) -> list[fb.Case]:
+    cases = []
+    for method, patched in (("eager", False), ("fused", True)):
+        state: list = []
+
+        def setup(patched=patched, state=state):
+            # One model per case, built on first use: building SD's VAE takes seconds.
+            if not state:
+                torch.manual_seed(0)
+                vae = _model(config, image_size).to(device).train()
+                if patched:
+                    patch(vae)
+                x = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+                state.extend([vae, torch.optim.AdamW(vae.parameters(), lr=1e-4), x])
+            return tuple(state)
+
+        def step(vae, optimizer, x):
+            posterior = vae.encode(x).latent_dist
+            x_hat = vae.decode(posterior.sample()).sample
+            loss = F.l1_loss(x_hat, x) + KL_WEIGHT * posterior.kl().mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        size = f"{label} b{batch} {image_size}px"
+        cases.append(fb.Case("autoencoder_kl_step", method, "step", size, batch, None, setup, step))
+    return cases
+
+
+def _posterior(distribution: type):
+    def forward(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = distribution(moments)
+        return posterior.sample(), posterior.kl().mean()
+
+    return forward
+
+
+def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -> list[fb.Case]:
+    methods = {
+        "eager": _posterior(DiagonalGaussianDistribution),
+        "compile": fb._compiled(_posterior(DiagonalGaussianDistribution)),
+        "fused": _posterior(DiagonalGaussian),
+        "fused+compile": fb._compiled(_posterior(DiagonalGaussian)),
+    }
+    cases = []
+    for b, h, w in shapes:
+        n = b * 4 * h * w
+
+        def make(b=b, h=h, w=w):
+            moments = torch.randn(b, 8, h, w, device=device)
+            moments[:, 4:].mul_(0.1)
+            return (moments.requires_grad_(),)
+
+        def scalar(out):
+            z, kl = out
+            return z.sum() + KL_WEIGHT * kl
+
+        # The floor, in float32: the forward reads the moments (two values a latent) and writes
+        # z; the backward reads the moments and writes their gradient.
+        moved = {"fwd": 3 * n * 4, "bwd": 4 * n * 4, "fwd+bwd": 7 * n * 4}
+        for method, fn in methods.items():
+            for pass_, (setup, target) in fb._passes(fn, make, scalar).items():
+                size = f"{b}x8x{h}x{w}"
+                cases.append(fb.Case("autoencoder_kl_posterior", method, pass_, size, n, moved[pass_], setup, target))
+    return cases
+
+
+def cases(device: torch.device, quick: bool) -> list[fb.Case]:
+    if device.type == "cuda":
+        step = _step_cases(device, "SD VAE", SD_VAE, batch=8, image_size=256)
+        shapes = [(8, 32, 32)] if quick else [(8, 32, 32), (16, 64, 64), (64, 64, 64)]
+    else:
+        step = _step_cases(device, "small VAE", SMALL_VAE, batch=8, image_size=64)
+        shapes = [(8, 32, 32)] if quick else [(8, 32, 32), (16, 64, 64)]
+    return step + _posterior_cases(device, shapes)
+
+
+def pytest_generate_tests(metafunc):
+    if "autoencoder_kl_case" in metafunc.fixturenames:
+        selected = cases(DEVICE, quick=not metafunc.config.getoption("--benchmark"))
+        metafunc.parametrize("autoencoder_kl_case", selected, ids=[c.id for c in selected])
+
+
+def test_autoencoder_kl(autoencoder_kl_case, run_case):
+    run_case(autoencoder_kl_case)

@@ -1,0 +1,167 @@
+"""``DiagonalGaussian``: diffusers' ``DiagonalGaussianDistribution`` on fastvae's fused ops.
+
+The posterior of diffusers' ``AutoencoderKL`` (the Stable Diffusion VAE) is built from the
+encoder's moments, (B, 2C, H, W): mean and log-variance are the two halves of dim 1, and the
+log-variance is clamped to [-30, 20]. This class has the same constructor, attributes and methods
+(``mean``, ``logvar``, ``std``, ``var``, ``parameters``, ``deterministic``, ``sample``, ``kl``,
+``nll``, ``mode``), with the same values, so it can stand in for diffusers' class anywhere
+(:mod:`fastvae.integrations.diffusers` makes an ``AutoencoderKL`` return it). It does not import
+diffusers.
+
+Where it differs from diffusers, on purpose:
+
+* ``sample`` draws its noise inside the kernel (:func:`fastvae.ops.reparameterize`), from a Philox
+  seed taken from ``generator`` (:func:`philox_seed`), so the same generator state gives the same
+  sample, but not the numbers ``torch.randn`` would give.
+* ``kl`` and ``nll`` are computed and returned in float32 (float64 for float64 moments) whatever
+  the moments' dtype, as fastvae's ops are; diffusers sums bfloat16 moments in bfloat16.
+* ``std`` and ``var`` are computed when read, not in the constructor, since training reads
+  neither. The ``deterministic`` results of ``kl`` and ``nll`` (zero) are on the moments' device,
+  where diffusers' are a CPU tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from fastvae import ops
+from fastvae._checks import SEED_LIMIT, accumulate_dtype, check_float_tensor, shape_str
+
+# diffusers' clamp on the log-variance: exp(20) is a large variance and exp(-30) a tiny one,
+# beyond which a barely trained encoder would overflow or divide by zero.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+# The dims diffusers sums the KL over: channels, height and width of (B, C, H, W) latents.
+_KL_DIMS = (1, 2, 3)
+
+
+def philox_seed(generator: torch.Generator) -> int:
+    """A Philox seed for the fused kernels drawn from ``generator``, which it advances.
+
+    The seed is one ``torch.randint`` draw on the generator's own device, so re-seeding the
+    generator (``manual_seed``, ``set_state``) reproduces the seed, and each call advances the
+    generator as any torch draw does, so consecutive samples differ. For a CUDA generator the
+    seed is read back to the host: one synchronisation per call that passes a generator.
+    """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    draw = torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=generator.device, generator=generator)
+    return int(draw.item())
+
+
+class DiagonalGaussian:
+    """N(mean, exp(logvar)) per element, from moments ``parameters`` = cat([mean, logvar], dim=1).
+
+    ``mean`` and ``logvar`` are the halves of ``parameters`` along dim 1 (``mean`` a view of it, as
+    in diffusers; ``logvar`` clamped to [-30, 20]). ``backend`` (not in diffusers) picks the
+    backend of the fused ops, as ``backend=`` does in :mod:`fastvae.ops`.
+    """
+
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, *, backend: str = "auto") -> None:
+        check_float_tensor("parameters", parameters)
+        if parameters.dim() < 2 or parameters.shape[1] % 2:
+            raise ValueError(
+                "parameters must be the moments (B, 2C, ...): mean and logvar stacked along dim 1, "
+                f"got shape {shape_str(parameters)}"
+            )
+        if not isinstance(deterministic, bool):
+            raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+        self.parameters = parameters
+        self.deterministic = deterministic
+        self.backend = backend
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.deterministic:
+            return torch.zeros_like(self.mean)
+        return torch.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> torch.Tensor:
+        if self.deterministic:
+            return torch.zeros_like(self.mean)
+        return torch.exp(self.logvar)
+
+    def sample(self, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """z = mean + std * eps, with eps drawn inside the kernel.
+
+        ``generator`` as in diffusers: None (the seed comes from torch's default generator, so
+        ``torch.manual_seed`` makes runs reproducible, and ``torch.compile`` traces the draw), a
+        ``torch.Generator``, or a list of one generator per sample (each seeds its own row).
+        A deterministic distribution returns a copy of ``mean`` and leaves ``generator`` alone.
+        """
+        batch = self.mean.shape[0]
+        if isinstance(generator, (list, tuple)) and len(generator) == 1:
+            generator = generator[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch}; pass one per sample")
+        if self.deterministic:
+            return self.mean.clone()
+        if isinstance(generator, (list, tuple)):
+            rows = zip(self.mean.split(1), self.logvar.split(1), generator)
+            return torch.cat([self._reparameterize(mean, logvar, philox_seed(g)) for mean, logvar, g in rows])
+        seed = None if generator is None else philox_seed(generator)
+        return self._reparameterize(self.mean, self.logvar, seed)
+
+    def _reparameterize(self, mean: torch.Tensor, logvar: torch.Tensor, seed: int | None) -> torch.Tensor:
+        return ops.reparameterize(mean, logvar, seed=seed, backend=self.backend)
+
+    def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
+        """KL(self || other) per sample, summed over dims 1, 2 and 3: shape (B,) for (B, C, H, W).
+
+        ``other=None`` is the standard normal prior. That KL comes from the fused op
+        (``kl_divergence(reduction="none")``, which writes the elementwise KL in float32) and a sum
+        over dims 1..3: two passes. One pass needs a per-sample reduction in the KL kernels (the
+        Triton kernel and ``fastvae._C``'s ``reparameterize_kl``): a (B,) output, each program
+        reducing its block into its sample's total, which neither has yet.
+        For 4-D latents ``kl().mean()`` equals ``fastvae.ops.kl_divergence(mean, logvar,
+        reduction="batchmean")``, which is one pass.
+
+        With ``other`` (any object with ``mean`` and ``logvar``, diffusers' class too)
+        no kernel fits, since the fused KL is against N(0, 1) only: it is the reference formula in
+        PyTorch, which ``torch.compile`` fuses.
+        """
+        if self.deterministic:
+            return self._zero()
+        if self.mean.dim() < len(_KL_DIMS) + 1:
+            raise ValueError(f"kl sums over dims 1, 2 and 3, so it needs 4-D latents, got {shape_str(self.mean)}")
+        if other is None:
+            elementwise = ops.kl_divergence(self.mean, self.logvar, reduction="none", backend=self.backend)
+            return elementwise.sum(dim=_KL_DIMS)
+        if tuple(other.mean.shape) != tuple(self.mean.shape):
+            raise ValueError(f"other has latents of shape {shape_str(other.mean)} but self has {shape_str(self.mean)}")
+        if getattr(other, "deterministic", False):
+            raise ValueError("other is deterministic (zero variance): the KL against it is infinite")
+        acc = accumulate_dtype(self.mean.dtype)
+        mean, logvar = self.mean.to(acc), self.logvar.to(acc)
+        other_mean, other_logvar = other.mean.to(acc), other.logvar.to(acc)
+        other_var = other_logvar.exp()
+        elementwise = (mean - other_mean).pow(2) / other_var + logvar.exp() / other_var - 1.0 - logvar + other_logvar
+        return 0.5 * elementwise.sum(dim=_KL_DIMS)
+
+    def nll(self, sample: torch.Tensor, dims: Sequence[int] = _KL_DIMS) -> torch.Tensor:
+        """Negative log-likelihood of ``sample`` under this Gaussian, summed over ``dims``.
+
+        Reference PyTorch (no fused kernel: training does not call it), in float32.
+        """
+        if self.deterministic:
+            return self._zero()
+        check_float_tensor("sample", sample)
+        acc = accumulate_dtype(self.mean.dtype)
+        mean, logvar = self.mean.to(acc), self.logvar.to(acc)
+        elementwise = math.log(2.0 * math.pi) + logvar + (sample.to(acc) - mean).pow(2) / logvar.exp()
+        return 0.5 * elementwise.sum(dim=list(dims))
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=accumulate_dtype(self.mean.dtype), device=self.mean.device)
+
+    def __repr__(self) -> str:
+        return f"DiagonalGaussian(latents {shape_str(self.mean)}, {self.mean.dtype}, deterministic={self.deterministic})"

@@ -1,0 +1,1 @@
+"""Integrations with other libraries' models; each module imports its library only when used."""
