@@ -3,11 +3,12 @@
 Forward, one launch: read ``mu`` and ``logvar`` once, draw ``eps`` in the kernel, write
 ``z = mu + exp(0.5 * logvar) * eps`` and reduce ``KL = -0.5 * (1 + logvar - mu^2 - exp(logvar))``
 in the same pass. Backward, one launch: ``grad_mu`` and ``grad_logvar`` from ``grad_z`` and
-``grad_kl`` together, regenerating ``eps`` from the seed instead of reading a saved copy.
+``grad_kl`` together, regenerating ``eps`` from the seed instead of reading a saved copy, and
+reading ``mu`` and ``logvar``, which the caller keeps anyway: exact at any logvar.
 
 The per-element math mirrors ``csrc/fastvae_math.h``, shared with the C++ backend:
 ``kl_term``, ``kl_grad_mu``, ``kl_grad_logvar``, ``reparameterize``,
-``reparameterize_grad_logvar``, ``recover_mu`` and ``philox_normal`` (which reproduces
+``reparameterize_grad_logvar`` and ``philox_normal`` (which reproduces
 ``tl.randn``: key = the 64-bit seed, counter = the row-major element index).
 
 Arithmetic is float32 (float64 for float64 inputs) whatever the storage dtype: inputs are
@@ -118,7 +119,7 @@ def _reparameterize_kl_forward_kernel(
 def _reparameterize_kl_backward_kernel(
     grad_z_ptr,
     grad_kl_ptr,
-    latent_ptr,
+    mu_ptr,
     logvar_ptr,
     grad_mu_ptr,
     grad_logvar_ptr,
@@ -127,7 +128,6 @@ def _reparameterize_kl_backward_kernel(
     divisor,
     HAS_GRAD_Z: tl.constexpr,
     GRAD_KL_MODE: tl.constexpr,
-    LATENT_IS_Z: tl.constexpr,
     COMPUTE: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -146,25 +146,18 @@ def _reparameterize_kl_backward_kernel(
             offsets = tile * BLOCK + lanes
         mask = offsets < n_elements
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        std = tl.exp(0.5 * logvar)
-        if HAS_GRAD_Z or (LATENT_IS_Z and GRAD_KL_MODE != KL_NONE):
-            eps = tl.randn(seed, offsets).to(COMPUTE)
         grad_mu = tl.zeros([BLOCK], COMPUTE)
         grad_logvar = tl.zeros([BLOCK], COMPUTE)
         if HAS_GRAD_Z:
-            # dz/dmu = 1, dz/dlogvar = 0.5 * std * eps (reparameterize_grad_logvar).
+            # dz/dmu = 1, dz/dlogvar = 0.5 * std * eps (reparameterize_grad_logvar), with eps
+            # drawn again exactly as the forward drew it: exact at any logvar, where 0.5 * (z - mu)
+            # would lose std * eps to z's rounding when std is small next to mu.
+            eps = tl.randn(seed, offsets).to(COMPUTE)  # philox_normal
             grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             grad_mu += grad_z
-            grad_logvar += grad_z * (0.5 * std * eps)
+            grad_logvar += grad_z * (0.5 * tl.exp(0.5 * logvar) * eps)
         if GRAD_KL_MODE != KL_NONE:
-            # Only z, logvar and the seed are saved: z is kept by the decoder anyway, so the
-            # latent path costs one extra tensor (logvar) instead of mu, logvar and eps.
-            # mu = z - std * eps is exact up to z's rounding. Recovering eps = (z - mu) / std
-            # instead would need mu saved as well.
-            if LATENT_IS_Z:  # recover_mu
-                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE) - std * eps
-            else:
-                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             if GRAD_KL_MODE == KL_ELEMENTWISE:
                 grad_kl = tl.load(grad_kl_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             else:
@@ -296,18 +289,16 @@ def reparameterize_kl_forward(
 def reparameterize_kl_backward(
     grad_z: torch.Tensor | None,
     grad_kl: torch.Tensor | None,
-    latent: torch.Tensor | None,
+    mu: torch.Tensor | None,
     logvar: torch.Tensor,
     seed: int | None,
     *,
-    latent_is_z: bool,
     reduction: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_mu, grad_logvar)`` in one launch.
 
-    ``latent`` is ``z`` (``latent_is_z``: mu is recovered as ``z - std * eps``) or ``mu``; it is
-    only read when ``grad_kl`` is given. ``seed`` is needed when ``grad_z`` is given or
-    ``latent_is_z``. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
+    ``mu`` is read only when ``grad_kl`` is given, ``seed`` (the forward's) only when ``grad_z``
+    is. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
     """
     device, shape, numel = logvar.device, logvar.shape, logvar.numel()
     grad_mu = torch.empty(shape, dtype=logvar.dtype, device=device)
@@ -327,7 +318,7 @@ def reparameterize_kl_backward(
         _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
             grad_z.contiguous() if grad_z is not None else logvar,
             grad_kl if grad_kl is not None else logvar,
-            latent.contiguous() if grad_kl is not None else logvar,
+            mu.contiguous() if grad_kl is not None else logvar,
             logvar,
             grad_mu,
             grad_logvar,
@@ -336,7 +327,6 @@ def reparameterize_kl_backward(
             _divisor(reduction, shape, numel) if reduced else 1,
             HAS_GRAD_Z=grad_z is not None,
             GRAD_KL_MODE=grad_kl_mode,
-            LATENT_IS_Z=latent_is_z,
             COMPUTE=_compute_dtype(logvar.dtype),
             INT64=numel > _INT32_LIMIT,
             BLOCK=BLOCK,

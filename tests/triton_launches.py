@@ -84,13 +84,13 @@ def _record_dtype(dtype: torch.dtype, seed: int) -> None:
     # The KL and its gradient are in the accumulate dtype, as the forward returns them.
     kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     kl_sum, kl_none = torch.zeros((), dtype=kl_dtype), torch.zeros(mu.shape, dtype=kl_dtype)
-    for grad_z, grad_kl, latent_is_z, reduction in (
-        (mu, None, False, None),  # reparameterize
-        (None, kl_none, False, "none"),  # kl_divergence, elementwise
-        (mu, kl_sum, True, "sum"),  # reparameterize_kl
-        (None, kl_sum, True, "batchmean"),
+    for grad_z, grad_kl, reduction in (
+        (mu, None, None),  # reparameterize
+        (None, kl_none, "none"),  # kl_divergence, elementwise
+        (mu, kl_sum, "sum"),  # reparameterize_kl
+        (None, kl_sum, "batchmean"),
     ):
-        kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, latent_is_z=latent_is_z, reduction=reduction)
+        kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, reduction=reduction)
 
 
 def _variant(launch) -> tuple:

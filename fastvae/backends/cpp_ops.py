@@ -9,7 +9,9 @@ otherwise :func:`unavailable_reason` says why not.
 * ``vae_loss``: CPU kernels always, CUDA kernels when the extension was built with them.
 * ``reparameterize``, ``kl_divergence``, ``reparameterize_kl``: CPU only, all through
   ``fastvae::reparameterize_kl``. They draw the same Philox stream as the Triton kernels, so a
-  seed gives the same ``z`` on CPU and GPU; sampling on CUDA is the Triton backend's job.
+  seed gives the same ``z`` on CPU and GPU (to a few float32 ulps); sampling on CUDA is the
+  Triton backend's job. When a backward can follow, the forward also saves the float32 ``eps``
+  it drew, from which the backward takes dz/dlogvar exactly.
 """
 
 from __future__ import annotations
@@ -65,20 +67,30 @@ def vae_loss(
     return loss, recon, kl
 
 
+def _needs_noise(mu: torch.Tensor, logvar: torch.Tensor) -> bool:
+    # The backward of z reads the forward's eps, so it is written only when a backward can need it.
+    return torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
-    z, _ = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, seed_tensor(seed), "sum", True, False)
+    z, _, _ = torch.ops.fastvae.reparameterize_kl.default(
+        mu, logvar, seed_tensor(seed), "sum", True, False, _needs_noise(mu, logvar)
+    )
     return z
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    _, kl = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, None, reduction, False, True)
+    _, kl, _ = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, None, reduction, False, True, False)
     return kl
 
 
 def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum", seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.fastvae.reparameterize_kl.default(mu, logvar, seed_tensor(seed), reduction, True, True)
+    z, kl, _ = torch.ops.fastvae.reparameterize_kl.default(
+        mu, logvar, seed_tensor(seed), reduction, True, True, _needs_noise(mu, logvar)
+    )
+    return z, kl
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,13 +122,14 @@ def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, 
     return _latent_grads(mu, logvar)
 
 
-def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
+def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl, save_noise):
     z = _empty(mu.shape if compute_z else (0,), mu.dtype, mu)
     kl_shape = (0,) if not compute_kl else mu.shape if reduction == "none" else ()
-    return z, _empty(kl_shape, accumulate_dtype(mu.dtype), mu)
+    noise = _empty(mu.shape if compute_z and save_noise else (0,), torch.float32, mu)
+    return z, _empty(kl_shape, accumulate_dtype(mu.dtype), mu), noise
 
 
-def _reparameterize_kl_backward_fake(grad_z, grad_kl, z, mu, logvar, reduction):
+def _reparameterize_kl_backward_fake(grad_z, grad_kl, noise, mu, logvar, reduction):
     return _latent_grads(mu, logvar)
 
 
