@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fastvae._checks import accumulate_dtype
+from fastvae._checks import accumulate_dtype, latent_memory_format
 from fastvae._extension import extension_error
 from fastvae._seed import seed_tensor
 
@@ -94,11 +94,16 @@ def reparameterize_kl(
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels. Outputs are contiguous, as the C++ kernels write them.
+# Fake kernels. Outputs are contiguous, as the C++ kernels write them, except the latent-shaped
+# outputs of reparameterize_kl and its backward, which keep a channels-last input's format.
 
 
 def _empty(shape, dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _latent_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=latent_memory_format(like))
 
 
 def _latent_grads(mu, logvar):
@@ -123,14 +128,20 @@ def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, 
 
 
 def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl, save_noise):
-    z = _empty(mu.shape if compute_z else (0,), mu.dtype, mu)
-    kl_shape = (0,) if not compute_kl else mu.shape if reduction == "none" else ()
+    z = _latent_like(mu, mu.dtype) if compute_z else _empty((0,), mu.dtype, mu)
+    acc = accumulate_dtype(mu.dtype)
+    if not compute_kl:
+        kl = _empty((0,), acc, mu)
+    elif reduction == "none":
+        kl = _latent_like(mu, acc)
+    else:
+        kl = _empty((), acc, mu)
     noise = _empty(mu.shape if compute_z and save_noise else (0,), torch.float32, mu)
-    return z, _empty(kl_shape, accumulate_dtype(mu.dtype), mu), noise
+    return z, kl, noise
 
 
 def _reparameterize_kl_backward_fake(grad_z, grad_kl, noise, mu, logvar, reduction):
-    return _latent_grads(mu, logvar)
+    return _latent_like(mu, mu.dtype), _latent_like(logvar, logvar.dtype)
 
 
 if extension_error is None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastvae._checks import accumulate_dtype
+from fastvae._checks import accumulate_dtype, latent_memory_format
 from fastvae._seed import seed_tensor
 
 OPS = frozenset({"reparameterize", "kl_divergence", "reparameterize_kl"})
@@ -52,14 +52,15 @@ def unavailable_reason(device: torch.device, op: Optional[str] = None) -> Option
     return f"Triton kernels run on CUDA tensors, not {device.type}"
 
 
-def _latent_like(mu: torch.Tensor) -> torch.Tensor:
-    # The kernels write contiguous outputs whatever the input strides.
-    return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+def _latent_like(mu: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    # The kernels write channels-last outputs for channels-last inputs, else contiguous ones.
+    return torch.empty(mu.shape, dtype=dtype or mu.dtype, device=mu.device, memory_format=latent_memory_format(mu))
 
 
 def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
-    shape = mu.shape if reduction == "none" else ()
-    return torch.empty(shape, dtype=accumulate_dtype(mu.dtype), device=mu.device)
+    if reduction == "none":
+        return _latent_like(mu, accumulate_dtype(mu.dtype))
+    return torch.empty((), dtype=accumulate_dtype(mu.dtype), device=mu.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The fused latent backward is exact to rounding at any logvar, in every dtype, on every backend.
+"""What every fused latent backend (Triton, C++) guarantees: exact gradients, and z in the input's layout.
+
+The fused latent backward is exact to rounding at any logvar, in every dtype.
 
 Measured as a diffusers AutoencoderKL user runs it: latents 8x4x16x16, mu of Stable Diffusion's
 scale (|mu| up to ~20), logvar across diffusers' clamp range [-30, 20], one value per batch item.
@@ -118,3 +120,72 @@ def test_grad_mu_is_exact_at_extreme_logvar(backend, device, dtype):
     (value, magnitude), _, _ = float64_grads(mu, logvar, grad_z, grad_kl)
     assert grad_mu.isfinite().all()
     assert_exact_to_rounding("grad_mu", grad_mu, value, magnitude, torch.zeros_like(value), extremes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory format: channels-last in, channels-last out, with the contiguous copy's values.
+
+LAYOUTS = [
+    pytest.param((8, 4, 16, 16), torch.channels_last, id="channels_last"),
+    pytest.param((2, 3, 4, 5, 6), torch.channels_last_3d, id="channels_last_3d"),
+]
+
+
+def run_op(backend, mu, logvar):
+    """z, the elementwise KL and the gradients of both with respect to mu and logvar."""
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="none", seed=SEED, backend=backend)
+    generator = torch.Generator().manual_seed(3)
+    grad_z = torch.randn(z.shape, generator=generator).to(device=z.device, dtype=z.dtype)
+    grad_kl = torch.randn(kl.shape, generator=generator).to(device=kl.device, dtype=kl.dtype)
+    return (z, kl, *torch.autograd.grad((z, kl), (mu, logvar), (grad_z, grad_kl)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
+@pytest.mark.parametrize(("shape", "memory_format"), LAYOUTS)
+def test_outputs_keep_the_channels_last_format(backend, device, dtype, shape, memory_format):
+    skip_unless_available(backend, device)
+    generator = torch.Generator().manual_seed(4)
+    mu, logvar = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+    laid_out = [t.to(memory_format=memory_format).requires_grad_() for t in (mu, logvar)]
+    contiguous = [t.clone().requires_grad_() for t in (mu, logvar)]
+    assert not laid_out[0].is_contiguous()
+    actual, expected = run_op(backend, *laid_out), run_op(backend, *contiguous)
+    for name, a, e in zip(("z", "kl", "grad_mu", "grad_logvar"), actual, expected):
+        # Same eps per element (the noise counter is the logical index), so the same bits.
+        assert torch.equal(a, e), name
+        assert a.is_contiguous(memory_format=memory_format) and a.stride() == laid_out[0].stride(), name
+        assert e.is_contiguous(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_other_layouts_give_contiguous_outputs(backend, device):
+    # Only a dense channels-last tensor has a format to keep: a channels-last slice, a transposed
+    # matrix and one channel (both formats at once) give contiguous outputs of the same values.
+    skip_unless_available(backend, device)
+    base = torch.randn(8, 6, 5, 4, generator=torch.Generator().manual_seed(5)).to(device)
+    for view in (base.to(memory_format=torch.channels_last)[:, :4], base[0, 0].t(), base[:, :1]):
+        z, kl = ops.reparameterize_kl(view, view, reduction="none", seed=SEED, backend=backend)
+        copy = view.contiguous()
+        z_copy, kl_copy = ops.reparameterize_kl(copy, copy, reduction="none", seed=SEED, backend=backend)
+        assert z.is_contiguous() and kl.is_contiguous()
+        assert torch.equal(z, z_copy) and torch.equal(kl, kl_copy)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fake_kernels_give_the_channels_last_strides(backend, device):
+    # opcheck compares the fake kernels' strides with the real ones', forward and backward.
+    skip_unless_available(backend, device)
+    mu, logvar = (torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
+                  for _ in range(2))
+    seed = torch.tensor(SEED)
+    if backend == "triton":
+        cases = [(torch.ops.fastvae.triton_reparameterize_kl.default, (mu, logvar, seed, "none")),
+                 (torch.ops.fastvae.triton_reparameterize.default, (mu, logvar, seed))]
+    else:
+        cases = [(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "none", True, True, True))]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
