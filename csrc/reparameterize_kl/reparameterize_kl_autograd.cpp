@@ -1,7 +1,8 @@
 // Autograd for fastvae::reparameterize_kl, in C++ for the reason vae_loss_autograd.cpp gives: no
 // Python on the graph node. The forward saves mu and logvar (which the caller keeps anyway) and
-// the float32 eps it drew, when it was asked to (save_noise); the backward is the fastvae::reparameterize_kl_backward operator, reached through the
-// dispatcher so torch.compile traces it as an op.
+// the float32 eps it drew, when it was asked to (save_noise); the backward is the
+// fastvae::reparameterize_kl_backward operator, reached through the dispatcher so torch.compile
+// traces it as an op.
 #include <optional>
 
 #include <ATen/core/dispatch/Dispatcher.h>
