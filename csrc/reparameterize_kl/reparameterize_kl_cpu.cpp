@@ -103,11 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::T
 
 // The backward reads the float32 eps the forward saved (with mu and logvar, which the caller keeps
 // anyway), where the Triton backward draws it again from the seed: exact at any logvar either way.
-// On a CPU, Philox and Box-Muller cost more than the 4 bytes an element of saved eps: measured
-// side by side (one process, calls interleaved, 2 threads on the 2-vCPU EPYC VM, with a throwaway
-// switch that drew eps again instead), forward + backward took 1.06x (128x128), 1.24x
-// (1024x1024), 1.20x (4096x1024) as long in float32 and 1.26x (1024x1024) in bfloat16 when drawing
-// again, with bit-equal gradients. A GPU draws it again for free (its ALUs idle on memory).
+// On a CPU, Philox and Box-Muller cost more than the 4 bytes an element of saved eps: measured side
+// by side (one process, calls interleaved, 2 threads on a 2-vCPU Intel Xeon VM, with a throwaway
+// switch that drew eps again instead), forward + backward took 1.06x (128x128), 1.24x (1024x1024),
+// 1.20x (4096x1024) as long in float32 and 1.26x (1024x1024) in bfloat16 when drawing again, with
+// bit-equal gradients. On a GPU, whose ALUs idle while it waits on memory, drawing again should
+// be nearly free (not measured: no GPU yet).
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::optional<at::Tensor>& grad_z,
                                                                   const std::optional<at::Tensor>& grad_kl,
                                                                   const std::optional<at::Tensor>& noise_in,
