@@ -91,23 +91,12 @@ FASTVAE_HD T reparameterize(T mu, T logvar, T eps) {
   return mu + exp_(T(0.5) * logvar) * eps;
 }
 
-// dz/dlogvar; dz/dmu is 1.
+// dz/dlogvar; dz/dmu is 1. Both backends take it from eps itself (the CPU one saved, the Triton
+// one drawn again), never from z - mu: z's rounding would swamp std * eps wherever std is small
+// next to mu (logvar -30 in diffusers' clamp range) or the dtype is narrow.
 template <typename T>
 FASTVAE_HD T reparameterize_grad_logvar(T logvar, T eps) {
   return T(0.5) * exp_(T(0.5) * logvar) * eps;
-}
-
-// dz/dlogvar from the sample instead of eps: 0.5 * std * eps = 0.5 * (z - mu), exact up to z's
-// rounding. The CPU backward, which keeps mu, uses it (see reparameterize_kl_cpu.cpp).
-template <typename T>
-FASTVAE_HD T reparameterize_grad_logvar_from_z(T z, T mu) {
-  return T(0.5) * (z - mu);
-}
-
-// The GPU backward keeps z rather than mu: mu is recovered from z and the regenerated eps.
-template <typename T>
-FASTVAE_HD T recover_mu(T z, T logvar, T eps) {
-  return z - exp_(T(0.5) * logvar) * eps;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,14 +30,16 @@ TORCH_LIBRARY(fastvae, m) {
       "vae_loss_backward_(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor(a!) image_grad,"
       " Tensor mu, Tensor logvar, float beta, str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
   // z = mu + exp(0.5 * logvar) * eps with eps = tl.randn(seed, index), and the KL of the same
-  // latents. seed is a 0-dim int64 CPU tensor, needed when compute_z. An output not computed is
-  // an empty tensor. reduction may be "none" (elementwise KL).
+  // latents. seed is a 0-dim int64 CPU tensor, needed when compute_z. With save_noise (and
+  // compute_z) the same pass also writes noise, the float32 eps, for the backward. An output not
+  // computed is an empty tensor. reduction may be "none" (elementwise KL).
   m.def(
       "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? seed, str reduction, bool compute_z,"
-      " bool compute_kl) -> (Tensor z, Tensor kl)");
-  // (grad_mu, grad_logvar) from the gradients of z (needs z) and of kl (either may be None).
-  // dz/dlogvar is taken as 0.5 * (z - mu): on a CPU that is cheaper than regenerating eps.
+      " bool compute_kl, bool save_noise) -> (Tensor z, Tensor kl, Tensor noise)");
+  // (grad_mu, grad_logvar) from the gradients of z (needs the forward's noise) and of kl (either
+  // may be None). dz/dlogvar is 0.5 * std * eps from the saved eps: exact at any logvar, where
+  // 0.5 * (z - mu) loses std * eps to z's rounding, and on a CPU cheaper than drawing eps again.
   m.def(
-      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? z, Tensor mu, Tensor logvar,"
+      "reparameterize_kl_backward(Tensor? grad_z, Tensor? grad_kl, Tensor? noise, Tensor mu, Tensor logvar,"
       " str reduction) -> (Tensor grad_mu, Tensor grad_logvar)");
 }

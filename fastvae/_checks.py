@@ -97,6 +97,20 @@ def check_vae_loss(
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
 
 
+def latent_memory_format(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of the latent-shaped outputs (z, an elementwise KL, the gradients).
+
+    A dense channels-last (3d) input gives channels-last (3d) outputs; anything else, contiguous
+    ones (a tensor that is both, as with one channel, counts as contiguous).
+    """
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for memory_format, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == dim and t.is_contiguous(memory_format=memory_format):
+            return memory_format
+    return torch.contiguous_format
+
+
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """Reductions and returned losses are float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

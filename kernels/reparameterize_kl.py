@@ -3,11 +3,12 @@
 Forward, one launch: read ``mu`` and ``logvar`` once, draw ``eps`` in the kernel, write
 ``z = mu + exp(0.5 * logvar) * eps`` and reduce ``KL = -0.5 * (1 + logvar - mu^2 - exp(logvar))``
 in the same pass. Backward, one launch: ``grad_mu`` and ``grad_logvar`` from ``grad_z`` and
-``grad_kl`` together, regenerating ``eps`` from the seed instead of reading a saved copy.
+``grad_kl`` together, regenerating ``eps`` from the seed instead of reading a saved copy, and
+reading ``mu`` and ``logvar``, which the caller keeps anyway: exact at any logvar.
 
 The per-element math mirrors ``csrc/fastvae_math.h``, shared with the C++ backend:
 ``kl_term``, ``kl_grad_mu``, ``kl_grad_logvar``, ``reparameterize``,
-``reparameterize_grad_logvar``, ``recover_mu`` and ``philox_normal`` (which reproduces
+``reparameterize_grad_logvar`` and ``philox_normal`` (which reproduces
 ``tl.randn``: key = the 64-bit seed, counter = the row-major element index).
 
 Arithmetic is float32 (float64 for float64 inputs) whatever the storage dtype: inputs are
@@ -24,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from fastvae._checks import accumulate_dtype
+from fastvae._checks import accumulate_dtype, latent_memory_format
 
 # What the forward computes besides z: nothing, the elementwise KL, or one reduced value.
 KL_NONE = tl.constexpr(0)
@@ -43,12 +44,41 @@ PROGRAMS_PER_SM = 4
 # The interpreter runs programs one after another, so on CPU a handful suffices to exercise
 # the cross-program reduction without paying per-program overhead.
 CPU_PROGRAMS = 4
+# The final sum runs over this many partials (the unused ones zero) whatever the GPU, as long as
+# it has no more than REDUCTION_WIDTH / PROGRAMS_PER_SM = 256 SMs: tl.sum's association follows
+# the width, so a width taken from the SM count would make the KL's bits depend on the GPU model.
+REDUCTION_WIDTH = 1024
 
 # Offsets are int32 unless the last tile's offsets (up to numel + BLOCK - 1) could overflow.
 _INT32_LIMIT = 2**31 - 1 - BLOCK
 
 
-@triton.jit(do_not_specialize=["seed", "divisor"])
+@triton.jit
+def _num_tiles(n_elements, BLOCK: tl.constexpr, INT64: tl.constexpr):
+    # Triton passes an element count below 2**31 as int32 even when the host asks for int64
+    # offsets (counts in (2**31 - 1 - BLOCK, 2**31)), where cdiv's n_elements + BLOCK - 1 would
+    # overflow: widen it first.
+    if INT64:
+        n_elements = tl.cast(n_elements, tl.int64)
+    return tl.cdiv(n_elements, BLOCK)
+
+
+@triton.jit
+def _noise_index(offsets, channels, spatial, CHANNELS_LAST: tl.constexpr):
+    """The Philox counter of the element at memory offset ``offsets``: its row-major index.
+
+    Channels-last memory runs over (N, spatial, C) where the logical order is (N, C, spatial),
+    so a channels-last input draws the same eps per element as its contiguous copy.
+    """
+    index = offsets
+    if CHANNELS_LAST:
+        within = offsets % (channels * spatial)
+        position = within // channels
+        index = offsets - within + (within - position * channels) * spatial + position
+    return index
+
+
+@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
 def _reparameterize_kl_forward_kernel(
     mu_ptr,
     logvar_ptr,
@@ -59,16 +89,19 @@ def _reparameterize_kl_forward_kernel(
     seed,
     n_elements,
     divisor,
+    channels,
+    spatial,
     WRITE_Z: tl.constexpr,
     KL_MODE: tl.constexpr,
     COMPUTE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    num_tiles = tl.cdiv(n_elements, BLOCK)
+    num_tiles = _num_tiles(n_elements, BLOCK, INT64)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], COMPUTE)
     # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and with it
@@ -82,8 +115,8 @@ def _reparameterize_kl_forward_kernel(
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         if WRITE_Z:
-            # The offset is the logical row-major index: the host passes contiguous tensors.
-            eps = tl.randn(seed, offsets).to(COMPUTE)  # philox_normal
+            noise_index = _noise_index(offsets, channels, spatial, CHANNELS_LAST)
+            eps = tl.randn(seed, noise_index).to(COMPUTE)  # philox_normal
             z = mu + tl.exp(0.5 * logvar) * eps  # reparameterize
             tl.store(z_ptr + offsets, z.to(z_ptr.dtype.element_ty), mask=mask)
         if KL_MODE != KL_NONE:
@@ -110,31 +143,33 @@ def _reparameterize_kl_forward_kernel(
                 partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
             )
             tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
-            # Ready for the next launch on this stream; nobody else touches it in this one.
+            # Ready for the next eager launch on this stream; nobody else touches it in this one.
             tl.store(counter_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["seed", "divisor"])
+@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
 def _reparameterize_kl_backward_kernel(
     grad_z_ptr,
     grad_kl_ptr,
-    latent_ptr,
+    mu_ptr,
     logvar_ptr,
     grad_mu_ptr,
     grad_logvar_ptr,
     seed,
     n_elements,
     divisor,
+    channels,
+    spatial,
     HAS_GRAD_Z: tl.constexpr,
     GRAD_KL_MODE: tl.constexpr,
-    LATENT_IS_Z: tl.constexpr,
     COMPUTE: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    num_tiles = tl.cdiv(n_elements, BLOCK)
+    num_tiles = _num_tiles(n_elements, BLOCK, INT64)
     lanes = tl.arange(0, BLOCK)
     if GRAD_KL_MODE == KL_REDUCED:
         # d(reduced KL)/d(element) is the reduction's scale: one scalar read, no host sync.
@@ -146,25 +181,19 @@ def _reparameterize_kl_backward_kernel(
             offsets = tile * BLOCK + lanes
         mask = offsets < n_elements
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
-        std = tl.exp(0.5 * logvar)
-        if HAS_GRAD_Z or (LATENT_IS_Z and GRAD_KL_MODE != KL_NONE):
-            eps = tl.randn(seed, offsets).to(COMPUTE)
         grad_mu = tl.zeros([BLOCK], COMPUTE)
         grad_logvar = tl.zeros([BLOCK], COMPUTE)
         if HAS_GRAD_Z:
-            # dz/dmu = 1, dz/dlogvar = 0.5 * std * eps (reparameterize_grad_logvar).
+            # dz/dmu = 1, dz/dlogvar = 0.5 * std * eps (reparameterize_grad_logvar), with eps
+            # drawn again exactly as the forward drew it: exact at any logvar, where 0.5 * (z - mu)
+            # would lose std * eps to z's rounding when std is small next to mu.
+            noise_index = _noise_index(offsets, channels, spatial, CHANNELS_LAST)
+            eps = tl.randn(seed, noise_index).to(COMPUTE)  # philox_normal
             grad_z = tl.load(grad_z_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             grad_mu += grad_z
-            grad_logvar += grad_z * (0.5 * std * eps)
+            grad_logvar += grad_z * (0.5 * tl.exp(0.5 * logvar) * eps)
         if GRAD_KL_MODE != KL_NONE:
-            # Only z, logvar and the seed are saved: z is kept by the decoder anyway, so the
-            # latent path costs one extra tensor (logvar) instead of mu, logvar and eps.
-            # mu = z - std * eps is exact up to z's rounding. Recovering eps = (z - mu) / std
-            # instead would need mu saved as well.
-            if LATENT_IS_Z:  # recover_mu
-                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE) - std * eps
-            else:
-                mu = tl.load(latent_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             if GRAD_KL_MODE == KL_ELEMENTWISE:
                 grad_kl = tl.load(grad_kl_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             else:
@@ -205,20 +234,46 @@ def _max_programs(device: torch.device) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _reduction_width(device: torch.device) -> int:
-    """MAX_PROGRAMS: the partials' count rounded up to the power of two tl.arange needs."""
-    return 1 << (_max_programs(device) - 1).bit_length()
+    """MAX_PROGRAMS: REDUCTION_WIDTH, or the partials' count rounded up to a power of two if larger."""
+    return max(REDUCTION_WIDTH, 1 << (_max_programs(device) - 1).bit_length())
 
 
 def _grid(device: torch.device, numel: int) -> int:
     return min(-(-numel // BLOCK), _max_programs(device))
 
 
-# One arrival counter per (device, stream): each reducing launch leaves it at zero, and launches
-# on one stream never overlap, so it is allocated (and zeroed) once instead of every call.
+def _layout(t: torch.Tensor) -> tuple[torch.memory_format, bool, int, int]:
+    """The memory format the kernels run in, and CHANNELS_LAST, channels and spatial for it.
+
+    A channels-last (3d) input is read as it lies and gives channels-last outputs; anything else
+    runs on contiguous copies.
+    """
+    memory_format = latent_memory_format(t)
+    if memory_format == torch.contiguous_format or t.numel() == 0:
+        return memory_format, False, 1, 1
+    return memory_format, True, t.shape[1], t.numel() // (t.shape[0] * t.shape[1])
+
+
+# One arrival counter per (device, stream) for eager launches: each reducing launch leaves it at
+# zero, and launches on one stream never overlap, so it is allocated (and zeroed) once instead of
+# every call.
 _counters: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether launches on ``device``'s current stream are being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _counter(device: torch.device) -> torch.Tensor:
+    """A zeroed arrival counter that no launch running at the same time can touch.
+
+    A captured launch gets a counter of its own, allocated in the graph's private memory pool
+    and zeroed by a memset node at each replay: the graph may replay on any stream, beside eager
+    launches on the capture stream, and a shared per-stream counter would then count both.
+    """
+    if _capturing(device):
+        return torch.zeros(1, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
     if key not in _counters:
@@ -250,13 +305,15 @@ def reparameterize_kl_forward(
     """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is."""
     device, shape, numel = mu.device, mu.shape, mu.numel()
     acc_dtype = accumulate_dtype(mu.dtype)
-    z = torch.empty(shape, dtype=mu.dtype, device=device) if write_z else None
+    memory_format, channels_last, channels, spatial = _layout(mu)
+    z = torch.empty(shape, dtype=mu.dtype, device=device, memory_format=memory_format) if write_z else None
     # The host tests this bool, not kl_mode: comparing tl.constexprs costs microseconds.
     reduced = reduction is not None and reduction != "none"
     if reduction is None:
         kl_mode, kl = KL_NONE, None
     elif reduction == "none":
-        kl_mode, kl = KL_ELEMENTWISE, torch.empty(shape, dtype=acc_dtype, device=device)
+        kl = torch.empty(shape, dtype=acc_dtype, device=device, memory_format=memory_format)
+        kl_mode = KL_ELEMENTWISE
     else:
         kl_mode, kl = KL_REDUCED, torch.empty((), dtype=acc_dtype, device=device)
     if numel == 0:
@@ -264,14 +321,15 @@ def reparameterize_kl_forward(
             kl = _empty_reduction(reduction, shape, acc_dtype, device)
         return z, kl
 
-    mu, logvar = mu.contiguous(), logvar.contiguous()
+    mu, logvar = mu.contiguous(memory_format=memory_format), logvar.contiguous(memory_format=memory_format)
     grid = _grid(device, numel)
     max_programs = _max_programs(device)
     # Unused pointers still need a tensor of the right device; the constexpr flags keep the
     # kernel from touching them.
     partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if reduced else mu
-    counter = _counter(device) if reduced else mu
     with _on(device):
+        # Under _on: stream capture is a property of the current device's current stream.
+        counter = _counter(device) if reduced else mu
         _reparameterize_kl_forward_kernel[(grid,)](
             mu,
             logvar,
@@ -282,9 +340,12 @@ def reparameterize_kl_forward(
             seed,
             numel,
             _divisor(reduction, shape, numel) if reduced else 1,
+            channels,
+            spatial,
             WRITE_Z=write_z,
             KL_MODE=kl_mode,
             COMPUTE=_compute_dtype(mu.dtype),
+            CHANNELS_LAST=channels_last,
             INT64=numel > _INT32_LIMIT,
             BLOCK=BLOCK,
             MAX_PROGRAMS=_reduction_width(device),
@@ -296,24 +357,26 @@ def reparameterize_kl_forward(
 def reparameterize_kl_backward(
     grad_z: torch.Tensor | None,
     grad_kl: torch.Tensor | None,
-    latent: torch.Tensor | None,
+    mu: torch.Tensor | None,
     logvar: torch.Tensor,
     seed: int | None,
     *,
-    latent_is_z: bool,
     reduction: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_mu, grad_logvar)`` in one launch.
 
-    ``latent`` is ``z`` (``latent_is_z``: mu is recovered as ``z - std * eps``) or ``mu``; it is
-    only read when ``grad_kl`` is given. ``seed`` is needed when ``grad_z`` is given or
-    ``latent_is_z``. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
+    ``mu`` is read only when ``grad_kl`` is given, ``seed`` (the forward's) only when ``grad_z``
+    is. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
     """
     device, shape, numel = logvar.device, logvar.shape, logvar.numel()
-    grad_mu = torch.empty(shape, dtype=logvar.dtype, device=device)
-    grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device)
+    memory_format, channels_last, channels, spatial = _layout(logvar)
+    grad_mu = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
+    grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
     if numel == 0:
         return grad_mu, grad_logvar
+
+    def laid_out(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=memory_format)
 
     reduced = grad_kl is not None and reduction != "none"
     if grad_kl is None:
@@ -321,23 +384,25 @@ def reparameterize_kl_backward(
     elif reduced:
         grad_kl_mode = KL_REDUCED
     else:
-        grad_kl_mode, grad_kl = KL_ELEMENTWISE, grad_kl.contiguous()
-    logvar = logvar.contiguous()
+        grad_kl_mode, grad_kl = KL_ELEMENTWISE, laid_out(grad_kl)
+    logvar = laid_out(logvar)
     with _on(device):
         _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
-            grad_z.contiguous() if grad_z is not None else logvar,
+            laid_out(grad_z) if grad_z is not None else logvar,
             grad_kl if grad_kl is not None else logvar,
-            latent.contiguous() if grad_kl is not None else logvar,
+            laid_out(mu) if grad_kl is not None else logvar,
             logvar,
             grad_mu,
             grad_logvar,
             seed if seed is not None else 0,
             numel,
             _divisor(reduction, shape, numel) if reduced else 1,
+            channels,
+            spatial,
             HAS_GRAD_Z=grad_z is not None,
             GRAD_KL_MODE=grad_kl_mode,
-            LATENT_IS_Z=latent_is_z,
             COMPUTE=_compute_dtype(logvar.dtype),
+            CHANNELS_LAST=channels_last,
             INT64=numel > _INT32_LIMIT,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,

@@ -28,9 +28,9 @@ TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
                   torch.int32: "i32"}
-# What the host passes as MAX_PROGRAMS on an H100 (4 programs x 132 SMs, rounded up to a power
-# of two): the recorded CPU value (4) would compile a smaller final reduction than GPUs run.
-GPU_MAX_PROGRAMS = 1024
+# What the host passes as MAX_PROGRAMS on any GPU of up to 256 SMs. The host passes the same on
+# CPU; pinned here so the compiled final reduction is the GPUs' whatever CPU_PROGRAMS is.
+GPU_MAX_PROGRAMS = kernels.REDUCTION_WIDTH
 
 
 class _Recorder:
@@ -57,7 +57,7 @@ def _arg_type(value) -> str:
 
 
 def record_launches() -> list:
-    """Every launch the host wrappers make across dtypes, outputs, reductions, seeds and index widths."""
+    """Every launch the host wrappers make across dtypes, outputs, reductions, seeds, layouts and index widths."""
     launches: list = []
     originals = kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel
     kernels._reparameterize_kl_forward_kernel = _Recorder(originals[0], launches)
@@ -65,32 +65,32 @@ def record_launches() -> list:
     try:
         for dtype in DTYPES:
             for seed in (7, 2**40 + 7):  # i32 and i64 seeds compile to different Philox keys
-                _record_dtype(dtype, seed)
-        # int64 offsets, as for latents of more than 2**31 elements, without allocating them.
-        limit, kernels._INT32_LIMIT = kernels._INT32_LIMIT, 0
-        try:
-            _record_dtype(torch.float32, 7)
-        finally:
-            kernels._INT32_LIMIT = limit
+                _record_dtype(dtype, seed, (4, 300))
+            _record_dtype(dtype, 7, (2, 3, 10, 10), torch.channels_last)
+        # int64 offsets, on meta tensors (nothing allocated): a count just below 2**31, which
+        # Triton passes as int32 although the offsets need int64, and one beyond it (int64).
+        for numel in (2**31 - 500, 2**31 + 3000):
+            _record_dtype(torch.float32, 7, (numel,), device="meta")
     finally:
         kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel = originals
     return launches
 
 
-def _record_dtype(dtype: torch.dtype, seed: int) -> None:
-    mu = torch.zeros(4, 300, dtype=dtype)
+def _record_dtype(dtype: torch.dtype, seed: int, shape: tuple, memory_format=torch.contiguous_format,
+                  device: str = "cpu") -> None:
+    mu = torch.zeros(shape, dtype=dtype, device=device).to(memory_format=memory_format)
     for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean")):
         kernels.reparameterize_kl_forward(mu, mu, seed, write_z=write_z, reduction=reduction)
     # The KL and its gradient are in the accumulate dtype, as the forward returns them.
     kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    kl_sum, kl_none = torch.zeros((), dtype=kl_dtype), torch.zeros(mu.shape, dtype=kl_dtype)
-    for grad_z, grad_kl, latent_is_z, reduction in (
-        (mu, None, False, None),  # reparameterize
-        (None, kl_none, False, "none"),  # kl_divergence, elementwise
-        (mu, kl_sum, True, "sum"),  # reparameterize_kl
-        (None, kl_sum, True, "batchmean"),
+    kl_sum, kl_none = torch.zeros((), dtype=kl_dtype, device=device), torch.zeros_like(mu, dtype=kl_dtype)
+    for grad_z, grad_kl, reduction in (
+        (mu, None, None),  # reparameterize
+        (None, kl_none, "none"),  # kl_divergence, elementwise
+        (mu, kl_sum, "sum"),  # reparameterize_kl
+        (None, kl_sum, "batchmean"),
     ):
-        kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, latent_is_z=latent_is_z, reduction=reduction)
+        kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, reduction=reduction)
 
 
 def _variant(launch) -> tuple:
@@ -100,10 +100,9 @@ def _variant(launch) -> tuple:
     options = (("num_warps", kwargs.pop("num_warps")),)
     if "MAX_PROGRAMS" in kwargs:
         kwargs["MAX_PROGRAMS"] = GPU_MAX_PROGRAMS
+    # Every argument typed as Triton's JIT types it, n_elements included: a count below 2**31
+    # is an int32 even where INT64 is set.
     signature = tuple((name, _arg_type(value)) for name, value in zip(kernel.arg_names, args))
-    if kwargs.get("INT64"):
-        # The element count that makes the host ask for int64 offsets is itself an int64.
-        signature = tuple((name, "i64" if name == "n_elements" else t) for name, t in signature)
     signature += tuple((name, "constexpr") for name in kwargs)
     constexprs = tuple(
         (name, value.value if isinstance(value, tl.constexpr) else value) for name, value in kwargs.items()

@@ -7,14 +7,16 @@
 
 namespace fastvae::cpu {
 
-// z (where not null) and the KL of [begin, end), as sample_forward.
+// z and its eps (where not null) and the KL of [begin, end), as sample_forward. noise comes last,
+// defaulted, as only sampling for a backward wants it.
 template <typename scalar_t>
 acc_t<scalar_t> latent_forward(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
-                               acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end) {
+                               acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end,
+                               float* noise = nullptr) {
 #if FASTVAE_AVX2_BUILD
-  if (use_avx2()) return sample_forward_avx2(mu, logvar, seed, z, kl, kl_output, begin, end);
+  if (use_avx2()) return sample_forward_avx2(mu, logvar, seed, z, noise, kl, kl_output, begin, end);
 #endif
-  return sample_forward(mu, logvar, seed, z, kl, kl_output, begin, end);
+  return sample_forward(mu, logvar, seed, z, noise, kl, kl_output, begin, end);
 }
 
 // grad_mu and grad_logvar of [begin, end), as sample_backward.

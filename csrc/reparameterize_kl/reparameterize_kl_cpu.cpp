@@ -36,13 +36,23 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "Triton backend's), got ", name, " on ", t.device());
 }
 
+// fastvae._checks.latent_memory_format: a dense channels-last (3d) input gives outputs in its
+// format. The loops run in row-major order on contiguous copies (the noise counter is the
+// row-major index), and the outputs are laid out at the end: a copy each, on CPU only.
+at::MemoryFormat latent_memory_format(const at::Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
 at::TensorOptions accumulate_options(const at::Tensor& like) {
   return like.options().dtype(accumulate_type(like.scalar_type()));
 }
 
 template <typename scalar_t>
 void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64_t n, uint64_t seed,
-                               Reduction reduction, double divisor, scalar_t* z, acc_t<scalar_t>* kl) {
+                               Reduction reduction, double divisor, scalar_t* z, float* noise, acc_t<scalar_t>* kl) {
   using acc = acc_t<scalar_t>;
   const cpu::KlOutput kl_output = kl == nullptr                 ? cpu::KlOutput::None
                                   : reduction == Reduction::None ? cpu::KlOutput::Elementwise
@@ -50,8 +60,8 @@ void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64
   std::vector<acc> partials(kl_output == cpu::KlOutput::Sum ? cpu::num_chunks(n, kChunk) : 0);
   at::parallel_for(0, cpu::num_chunks(n, kChunk), 1, [&](int64_t first, int64_t last) {
     for (int64_t c = first; c < last; ++c) {
-      const acc total =
-          cpu::latent_forward(mu, logvar, seed, z, kl, kl_output, c * kChunk, cpu::chunk_end(c, n, kChunk));
+      const acc total = cpu::latent_forward(mu, logvar, seed, z, kl, kl_output, c * kChunk,
+                                            cpu::chunk_end(c, n, kChunk), noise);
       if (!partials.empty()) partials[c] = total;
     }
   });
@@ -60,10 +70,11 @@ void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                                                         const std::optional<at::Tensor>& seed,
-                                                         c10::string_view reduction_name, bool compute_z,
-                                                         bool compute_kl) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in,
+                                                                     const at::Tensor& logvar_in,
+                                                                     const std::optional<at::Tensor>& seed,
+                                                                     c10::string_view reduction_name, bool compute_z,
+                                                                     bool compute_kl, bool save_noise) {
   check_pair("mu", mu_in, "logvar", logvar_in);
   check_cpu(mu_in, "mu");
   const Reduction reduction = parse_reduction(reduction_name, /*allow_none=*/true);
@@ -72,6 +83,8 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   // Outputs not asked for are empty, so the schema keeps one fixed return type.
   at::Tensor z = compute_z ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
+  const bool write_noise = compute_z && save_noise;
+  at::Tensor noise = at::empty(write_noise ? mu.sizes() : at::IntArrayRef{0}, mu.options().dtype(at::kFloat));
   at::Tensor kl = !compute_kl                     ? at::empty({0}, accumulate_options(mu))
                   : reduction == Reduction::None ? at::empty(mu.sizes(), accumulate_options(mu))
                                                  : at::empty({}, accumulate_options(mu));
@@ -79,19 +92,26 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in
     reparameterize_kl_forward(mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(), mu.numel(),
                               seed_value, reduction, divisor,
                               compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr,
+                              write_noise ? noise.mutable_data_ptr<float>() : nullptr,
                               compute_kl ? kl.mutable_data_ptr<acc_t<scalar_t>>() : nullptr);
   });
-  return {z, kl};
+  const at::MemoryFormat memory_format = latent_memory_format(mu_in);
+  if (compute_z) z = z.contiguous(memory_format);
+  if (compute_kl && reduction == Reduction::None) kl = kl.contiguous(memory_format);
+  return {z, kl, noise};
 }
 
-// The backward keeps mu (with z and logvar) and takes 0.5 * std * eps as 0.5 * (z - mu), where the
-// Triton backward regenerates eps from the seed to save memory. Measured here (1024x1024 float32,
-// 2 threads), regenerating cost 8.6 ms against 4.7 ms for eager PyTorch's whole backward: Philox and
-// Box-Muller are nearly free on a GPU's idle ALUs, but dominate on a CPU, where one more saved
-// latent-sized tensor is cheap.
+// The backward reads the float32 eps the forward saved (with mu and logvar, which the caller keeps
+// anyway), where the Triton backward draws it again from the seed: exact at any logvar either way.
+// On a CPU, Philox and Box-Muller cost more than the 4 bytes an element of saved eps: measured side
+// by side (one process, calls interleaved, 2 threads on a 2-vCPU Intel Xeon VM, with a throwaway
+// switch that drew eps again instead), forward + backward took 1.06x (128x128), 1.24x (1024x1024),
+// 1.20x (4096x1024) as long in float32 and 1.26x (1024x1024) in bfloat16 when drawing again, with
+// bit-equal gradients. On a GPU, whose ALUs idle while it waits on memory, drawing again should
+// be nearly free (not measured: no GPU yet).
 std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::optional<at::Tensor>& grad_z,
                                                                   const std::optional<at::Tensor>& grad_kl,
-                                                                  const std::optional<at::Tensor>& z_in,
+                                                                  const std::optional<at::Tensor>& noise_in,
                                                                   const at::Tensor& mu_in, const at::Tensor& logvar_in,
                                                                   c10::string_view reduction_name) {
   check_pair("mu", mu_in, "logvar", logvar_in);
@@ -99,13 +119,18 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
   const Reduction reduction = parse_reduction(reduction_name, /*allow_none=*/true);
   const bool has_grad_z = grad_z.has_value() && grad_z->defined();
   const bool has_grad_kl = grad_kl.has_value() && grad_kl->defined();
-  at::Tensor gz, z;
+  at::Tensor gz, noise;
   if (has_grad_z) {
-    TORCH_CHECK(z_in.has_value() && z_in->defined(), "grad_z needs z, got None");
+    TORCH_CHECK(noise_in.has_value() && noise_in->defined(),
+                "grad_z needs the forward's noise (reparameterize_kl with save_noise=True), got None");
     check_pair("grad_z", *grad_z, "mu", mu_in);
-    check_pair("z", *z_in, "mu", mu_in);
+    TORCH_CHECK(noise_in->scalar_type() == at::kFloat && noise_in->sizes() == mu_in.sizes() &&
+                    noise_in->device() == mu_in.device(),
+                "noise is ", noise_in->scalar_type(), " of shape ", noise_in->sizes(), " on ", noise_in->device(),
+                " but grad_z needs Float of mu's shape ", mu_in.sizes(), " on ", mu_in.device(),
+                " (reparameterize_kl with save_noise=True)");
     gz = grad_z->contiguous();
-    z = z_in->contiguous();
+    noise = noise_in->contiguous();
   }
   at::Tensor gkl;
   if (has_grad_kl) {
@@ -128,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
     const bool elementwise = reduction == Reduction::None;
     const cpu::LatentGradInputs<scalar_t> in{
         has_grad_z ? gz.const_data_ptr<scalar_t>() : nullptr,
-        has_grad_z ? z.const_data_ptr<scalar_t>() : nullptr,
+        has_grad_z ? noise.const_data_ptr<float>() : nullptr,
         has_grad_kl && elementwise ? gkl.const_data_ptr<acc>() : nullptr,
         has_grad_kl,
         has_grad_kl && !elementwise ? *gkl.const_data_ptr<acc>() / static_cast<acc>(divisor) : acc(0),
@@ -142,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
       cpu::latent_backward(in, grad_mu_data, grad_logvar_data, begin, end);
     });
   });
-  return {grad_mu, grad_logvar};
+  return {grad_mu.contiguous(latent_memory_format(mu_in)), grad_logvar.contiguous(latent_memory_format(logvar_in))};
 }
 
 }  // namespace

@@ -8,8 +8,9 @@ namespace fastvae::cpu {
 
 template <typename scalar_t>
 acc_t<scalar_t> sample_forward_avx2(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
-                                    acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end) {
-  return AVX2::sample_forward(mu, logvar, seed, z, kl, kl_output, begin, end);
+                                    float* noise, acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin,
+                                    int64_t end) {
+  return AVX2::sample_forward(mu, logvar, seed, z, noise, kl, kl_output, begin, end);
 }
 
 template <typename scalar_t>
@@ -19,7 +20,7 @@ void sample_backward_avx2(const LatentGradInputs<scalar_t>& in, scalar_t* grad_m
 }
 
 #define FASTVAE_INSTANTIATE(scalar_t)                                                                           \
-  template acc_t<scalar_t> sample_forward_avx2(const scalar_t*, const scalar_t*, uint64_t, scalar_t*,           \
+  template acc_t<scalar_t> sample_forward_avx2(const scalar_t*, const scalar_t*, uint64_t, scalar_t*, float*,   \
                                                acc_t<scalar_t>*, KlOutput, int64_t, int64_t);                   \
   template void sample_backward_avx2(const LatentGradInputs<scalar_t>&, scalar_t*, scalar_t*, int64_t, int64_t);
 

@@ -6,7 +6,7 @@
 // the rest with at::vec's functions, which in the AVX2 build are Sleef's (within 1 ulp of the C
 // library's, so eps may differ from the scalar path in its last bit). float64 and the tails run
 // the scalar path. Both paths evaluate the templates of fastvae_math.h. The backward draws no
-// noise (see reparameterize_kl_cpu.cpp).
+// noise: it reads the float32 eps the forward saved (see reparameterize_kl_cpu.cpp).
 #pragma once
 
 #include <type_traits>
@@ -25,7 +25,7 @@ enum class KlOutput { None, Elementwise, Sum };
 template <typename scalar_t>
 struct LatentGradInputs {
   const scalar_t* grad_z;          // null when z gets no gradient
-  const scalar_t* z;               // read when grad_z is not null
+  const float* noise;              // the forward's eps, read when grad_z is not null
   const acc_t<scalar_t>* grad_kl;  // elementwise gradient of an unreduced KL, or null
   bool has_kl;                     // whether the KL gets a gradient
   acc_t<scalar_t> kl_weight;       // the gradient of each KL term when grad_kl is null
@@ -36,7 +36,8 @@ struct LatentGradInputs {
 // The AVX2 build's entry points, defined in reparameterize_kl_cpu_avx2.cpp for the four dtypes.
 template <typename scalar_t>
 acc_t<scalar_t> sample_forward_avx2(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
-                                    acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end);
+                                    float* noise, acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin,
+                                    int64_t end);
 template <typename scalar_t>
 void sample_backward_avx2(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, scalar_t* grad_logvar,
                           int64_t begin, int64_t end);
@@ -46,13 +47,13 @@ inline namespace CPU_CAPABILITY {
 // The gradients of one element, or of one vector of elements (T the accumulate type or a
 // Vectorized of it), from what the backward read for it.
 template <typename T>
-C10_ALWAYS_INLINE void latent_grads(bool has_grad_z, bool has_kl, T grad_z, T z, T kl_weight, T mu, T logvar,
+C10_ALWAYS_INLINE void latent_grads(bool has_grad_z, bool has_kl, T grad_z, T eps, T kl_weight, T mu, T logvar,
                                     T& grad_mu, T& grad_logvar) {
   grad_mu = T(0);
   grad_logvar = T(0);
   if (has_grad_z) {
     grad_mu = grad_mu + grad_z;
-    grad_logvar = grad_logvar + grad_z * reparameterize_grad_logvar_from_z(z, mu);
+    grad_logvar = grad_logvar + grad_z * reparameterize_grad_logvar(logvar, eps);
   }
   if (has_kl) {
     grad_mu = grad_mu + kl_weight * kl_grad_mu(mu);
@@ -114,10 +115,11 @@ C10_ALWAYS_INLINE FloatVec philox_normal_vec(uint64_t seed, uint64_t first) {
 #endif
 }
 
-// z (where not null) and the KL of [begin, end); returns the KL's sum when kl_output is Sum,
-// added in a fixed order (lanes, then the tail) so it does not depend on the thread count.
+// z and the eps it was drawn with (each where not null) and the KL of [begin, end); returns the
+// KL's sum when kl_output is Sum, added in a fixed order (lanes, then the tail) so it does not
+// depend on the thread count. noise is written only along with z.
 template <typename scalar_t>
-acc_t<scalar_t> sample_forward(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z,
+acc_t<scalar_t> sample_forward(const scalar_t* mu, const scalar_t* logvar, uint64_t seed, scalar_t* z, float* noise,
                                acc_t<scalar_t>* kl, KlOutput kl_output, int64_t begin, int64_t end) {
   using acc = acc_t<scalar_t>;
   acc total = 0;
@@ -126,7 +128,11 @@ acc_t<scalar_t> sample_forward(const scalar_t* mu, const scalar_t* logvar, uint6
     FloatVec sum(0);
     for (; i + FloatVec::size() <= end; i += FloatVec::size()) {
       const FloatVec m = load_widened(mu + i), lv = load_widened(logvar + i);
-      if (z != nullptr) store_narrowed(z + i, reparameterize(m, lv, philox_normal_vec(seed, i)));
+      if (z != nullptr) {
+        const FloatVec eps = philox_normal_vec(seed, i);
+        store_narrowed(z + i, reparameterize(m, lv, eps));
+        if (noise != nullptr) eps.store(noise + i);
+      }
       if (kl_output == KlOutput::Elementwise) {
         kl_term(m, lv).store(kl + i);
       } else if (kl_output == KlOutput::Sum) {
@@ -137,7 +143,11 @@ acc_t<scalar_t> sample_forward(const scalar_t* mu, const scalar_t* logvar, uint6
   }
   for (; i < end; ++i) {
     const acc m = mu[i], lv = logvar[i];
-    if (z != nullptr) z[i] = static_cast<scalar_t>(reparameterize<acc>(m, lv, philox_normal(seed, i)));
+    if (z != nullptr) {
+      const float eps = philox_normal(seed, i);
+      z[i] = static_cast<scalar_t>(reparameterize<acc>(m, lv, eps));
+      if (noise != nullptr) noise[i] = eps;
+    }
     if (kl_output == KlOutput::Elementwise) {
       kl[i] = kl_term(m, lv);
     } else if (kl_output == KlOutput::Sum) {
@@ -157,10 +167,10 @@ void sample_backward(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, sc
     const FloatVec zero(0), weight(in.kl_weight);
     for (; i + FloatVec::size() <= end; i += FloatVec::size()) {
       const FloatVec g_z = has_grad_z ? load_widened(in.grad_z + i) : zero;
-      const FloatVec z = has_grad_z ? load_widened(in.z + i) : zero;
+      const FloatVec eps = has_grad_z ? FloatVec::loadu(in.noise + i) : zero;
       const FloatVec w = in.grad_kl != nullptr ? FloatVec::loadu(in.grad_kl + i) : weight;
       FloatVec g_mu, g_lv;
-      latent_grads(has_grad_z, in.has_kl, g_z, z, w, load_widened(in.mu + i), load_widened(in.logvar + i), g_mu,
+      latent_grads(has_grad_z, in.has_kl, g_z, eps, w, load_widened(in.mu + i), load_widened(in.logvar + i), g_mu,
                    g_lv);
       store_narrowed(grad_mu + i, g_mu);
       store_narrowed(grad_logvar + i, g_lv);
@@ -168,10 +178,10 @@ void sample_backward(const LatentGradInputs<scalar_t>& in, scalar_t* grad_mu, sc
   }
   for (; i < end; ++i) {
     const acc g_z = has_grad_z ? static_cast<acc>(in.grad_z[i]) : acc(0);
-    const acc z = has_grad_z ? static_cast<acc>(in.z[i]) : acc(0);
+    const acc eps = has_grad_z ? static_cast<acc>(in.noise[i]) : acc(0);
     const acc w = in.grad_kl != nullptr ? in.grad_kl[i] : in.kl_weight;
     acc g_mu, g_lv;
-    latent_grads<acc>(has_grad_z, in.has_kl, g_z, z, w, static_cast<acc>(in.mu[i]), static_cast<acc>(in.logvar[i]),
+    latent_grads<acc>(has_grad_z, in.has_kl, g_z, eps, w, static_cast<acc>(in.mu[i]), static_cast<acc>(in.logvar[i]),
                       g_mu, g_lv);
     grad_mu[i] = static_cast<scalar_t>(g_mu);
     grad_logvar[i] = static_cast<scalar_t>(g_lv);

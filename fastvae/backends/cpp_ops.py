@@ -9,14 +9,16 @@ otherwise :func:`unavailable_reason` says why not.
 * ``vae_loss``: CPU kernels always, CUDA kernels when the extension was built with them.
 * ``reparameterize``, ``kl_divergence``, ``reparameterize_kl``: CPU only, all through
   ``fastvae::reparameterize_kl``. They draw the same Philox stream as the Triton kernels, so a
-  seed gives the same ``z`` on CPU and GPU; sampling on CUDA is the Triton backend's job.
+  seed gives the same ``z`` on CPU and GPU (to a few float32 ulps); sampling on CUDA is the
+  Triton backend's job. When a backward can follow, the forward also saves the float32 ``eps``
+  it drew, from which the backward takes dz/dlogvar exactly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastvae._checks import accumulate_dtype
+from fastvae._checks import accumulate_dtype, latent_memory_format
 from fastvae._extension import extension_error
 from fastvae._seed import seed_tensor
 
@@ -65,28 +67,43 @@ def vae_loss(
     return loss, recon, kl
 
 
+def _needs_noise(mu: torch.Tensor, logvar: torch.Tensor) -> bool:
+    # The backward of z reads the forward's eps, so it is written only when a backward can need it.
+    return torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+
+
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
-    z, _ = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, seed_tensor(seed), "sum", True, False)
+    z, _, _ = torch.ops.fastvae.reparameterize_kl.default(
+        mu, logvar, seed_tensor(seed), "sum", True, False, _needs_noise(mu, logvar)
+    )
     return z
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    _, kl = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, None, reduction, False, True)
+    _, kl, _ = torch.ops.fastvae.reparameterize_kl.default(mu, logvar, None, reduction, False, True, False)
     return kl
 
 
 def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum", seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.ops.fastvae.reparameterize_kl.default(mu, logvar, seed_tensor(seed), reduction, True, True)
+    z, kl, _ = torch.ops.fastvae.reparameterize_kl.default(
+        mu, logvar, seed_tensor(seed), reduction, True, True, _needs_noise(mu, logvar)
+    )
+    return z, kl
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels. Outputs are contiguous, as the C++ kernels write them.
+# Fake kernels. Outputs are contiguous, as the C++ kernels write them, except the latent-shaped
+# outputs of reparameterize_kl and its backward, which keep a channels-last input's format.
 
 
 def _empty(shape, dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _latent_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=latent_memory_format(like))
 
 
 def _latent_grads(mu, logvar):
@@ -110,14 +127,21 @@ def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, 
     return _latent_grads(mu, logvar)
 
 
-def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl):
-    z = _empty(mu.shape if compute_z else (0,), mu.dtype, mu)
-    kl_shape = (0,) if not compute_kl else mu.shape if reduction == "none" else ()
-    return z, _empty(kl_shape, accumulate_dtype(mu.dtype), mu)
+def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl, save_noise):
+    z = _latent_like(mu, mu.dtype) if compute_z else _empty((0,), mu.dtype, mu)
+    acc = accumulate_dtype(mu.dtype)
+    if not compute_kl:
+        kl = _empty((0,), acc, mu)
+    elif reduction == "none":
+        kl = _latent_like(mu, acc)
+    else:
+        kl = _empty((), acc, mu)
+    noise = _empty(mu.shape if compute_z and save_noise else (0,), torch.float32, mu)
+    return z, kl, noise
 
 
-def _reparameterize_kl_backward_fake(grad_z, grad_kl, z, mu, logvar, reduction):
-    return _latent_grads(mu, logvar)
+def _reparameterize_kl_backward_fake(grad_z, grad_kl, noise, mu, logvar, reduction):
+    return _latent_like(mu, mu.dtype), _latent_like(logvar, logvar.dtype)
 
 
 if extension_error is None:

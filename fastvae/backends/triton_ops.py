@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastvae._checks import accumulate_dtype
+from fastvae._checks import accumulate_dtype, latent_memory_format
 from fastvae._seed import seed_tensor
 
 OPS = frozenset({"reparameterize", "kl_divergence", "reparameterize_kl"})
@@ -52,14 +52,15 @@ def unavailable_reason(device: torch.device, op: Optional[str] = None) -> Option
     return f"Triton kernels run on CUDA tensors, not {device.type}"
 
 
-def _latent_like(mu: torch.Tensor) -> torch.Tensor:
-    # The kernels write contiguous outputs whatever the input strides.
-    return torch.empty(mu.shape, dtype=mu.dtype, device=mu.device)
+def _latent_like(mu: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    # The kernels write channels-last outputs for channels-last inputs, else contiguous ones.
+    return torch.empty(mu.shape, dtype=dtype or mu.dtype, device=mu.device, memory_format=latent_memory_format(mu))
 
 
 def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
-    shape = mu.shape if reduction == "none" else ()
-    return torch.empty(shape, dtype=accumulate_dtype(mu.dtype), device=mu.device)
+    if reduction == "none":
+        return _latent_like(mu, accumulate_dtype(mu.dtype))
+    return torch.empty((), dtype=accumulate_dtype(mu.dtype), device=mu.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,21 +86,14 @@ def _reparameterize_kl_kernels(
 def _backward_kernels(
     grad_z: Optional[torch.Tensor],
     grad_kl: Optional[torch.Tensor],
-    latent: Optional[torch.Tensor],
+    mu: Optional[torch.Tensor],
     logvar: torch.Tensor,
     seed: Optional[torch.Tensor],
-    latent_is_z: bool,
     reduction: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(grad_mu, grad_logvar)``; ``latent`` is z (then mu = z - std * eps) or mu."""
+    """``(grad_mu, grad_logvar)``: eps is drawn again from ``seed``, mu read when ``grad_kl`` is given."""
     return _kernels.reparameterize_kl_backward(
-        grad_z,
-        grad_kl,
-        latent,
-        logvar,
-        None if seed is None else seed.item(),
-        latent_is_z=latent_is_z,
-        reduction=reduction,
+        grad_z, grad_kl, mu, logvar, None if seed is None else seed.item(), reduction=reduction
     )
 
 
@@ -132,7 +126,7 @@ def _(mu, logvar, seed, reduction):
 
 
 @_reparameterize_kl_backward.register_fake
-def _(grad_z, grad_kl, latent, logvar, seed, latent_is_z, reduction):
+def _(grad_z, grad_kl, mu, logvar, seed, reduction):
     return _latent_like(logvar), _latent_like(logvar)
 
 
@@ -164,12 +158,13 @@ def _setup_kl_divergence(ctx, inputs, output):
 
 
 def _setup_reparameterize_kl(ctx, inputs, output):
-    _, logvar, seed, reduction = inputs
-    z, _ = output
+    mu, logvar, seed, reduction = inputs
     ctx.reduction = reduction
     ctx.set_materialize_grads(False)
-    # z instead of mu: the decoder keeps z alive anyway, and mu is recovered from it.
-    ctx.save_for_backward(z, logvar, seed)
+    # The inputs and the seed: nothing the forward allocated is kept alive. The backward draws
+    # eps again rather than recovering it (or mu) from z, which would lose precision wherever
+    # std is small next to mu or the dtype is narrow.
+    ctx.save_for_backward(mu, logvar, seed)
 
 
 class _Backwards:
@@ -182,21 +177,21 @@ class _Backwards:
     def reparameterize(self, ctx, grad_z):
         _check_first_order("fastvae::triton_reparameterize")
         logvar, seed = ctx.saved_tensors
-        grad_mu, grad_logvar = self.latent_grads(grad_z, None, None, logvar, seed, False, None)
+        grad_mu, grad_logvar = self.latent_grads(grad_z, None, None, logvar, seed, None)
         return grad_mu, grad_logvar, None
 
     def kl_divergence(self, ctx, grad_kl):
         _check_first_order("fastvae::triton_kl_divergence")
         mu, logvar = ctx.saved_tensors
-        grad_mu, grad_logvar = self.latent_grads(None, grad_kl, mu, logvar, None, False, ctx.reduction)
+        grad_mu, grad_logvar = self.latent_grads(None, grad_kl, mu, logvar, None, ctx.reduction)
         return grad_mu, grad_logvar, None
 
     def reparameterize_kl(self, ctx, grad_z, grad_kl):
         _check_first_order("fastvae::triton_reparameterize_kl")
-        z, logvar, seed = ctx.saved_tensors
+        mu, logvar, seed = ctx.saved_tensors
         if grad_z is None and grad_kl is None:
             return None, None, None, None
-        grad_mu, grad_logvar = self.latent_grads(grad_z, grad_kl, z, logvar, seed, True, ctx.reduction)
+        grad_mu, grad_logvar = self.latent_grads(grad_z, grad_kl, mu, logvar, seed, ctx.reduction)
         return grad_mu, grad_logvar, None, None
 
 
