@@ -475,3 +475,26 @@ def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype):
     assert_losses_close(runs[0][:3], cpu_outputs, dtype)
     for g, e in zip(runs[0][3:], cpu_grads):
         torch.testing.assert_close(g.cpu(), e, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_scaled_reduced_precision_gradients_do_not_underflow(device, dtype):
+    # A GradScaler's 65536 on a "mean" loss over 64x3x64x64: the true gradient 2 (x_hat - x) / N
+    # is around 1e-6, below float16's normal range. Storing it so and scaling afterwards rounded
+    # 45% of the float16 gradients to zero (issue 10); the reference rounds once, after scaling.
+    gen = torch.Generator().manual_seed(0)
+    shape = (64, 3, 64, 64)
+    x_hat64, x64 = torch.rand(shape, generator=gen, dtype=torch.float64), torch.rand(shape, generator=gen, dtype=torch.float64)
+    x_hat = x_hat64.to(device=device, dtype=dtype).requires_grad_(True)
+    x = x64.to(device=device, dtype=dtype)
+    mu, logvar = torch.zeros(64, 8, device=device, dtype=dtype), torch.zeros(64, 8, device=device, dtype=dtype)
+    scale = 65536.0
+    (ops.vae_loss(x_hat, x, mu, logvar, reduction="mean", backend="cpp")[0] * scale).backward()
+    exact = scale * 2 * (x_hat.detach().double() - x.double()) / x.numel()
+    # One rounding of the exact value to the dtype, as the reference's gradient has.
+    rounded = exact.to(dtype).double()
+    grad = x_hat.grad.double()
+    assert (grad == 0).float().mean().item() <= (rounded == 0).float().mean().item() + 1e-4
+    relative_l1 = ((grad - exact).abs().sum() / exact.abs().sum()).item()
+    assert relative_l1 <= 2 * ((rounded - exact).abs().sum() / exact.abs().sum()).item() + 1e-6

@@ -32,6 +32,16 @@ Reduction check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, co
                                                  const at::Tensor& mu, const at::Tensor& logvar,
                                                  std::string_view reduction);
 
+// The image gradient the forward writes is d recon / d x_hat up to a factor the backward's weight
+// supplies. In float32 and float64 it includes the reduction's 1 / divisor, so the gradient of
+// loss.backward() is finished in the forward. float16 and bfloat16 leave it to the backward,
+// which multiplies by it in float32 together with the incoming gradient: 2 (x_hat - x) / N of a
+// 64x3x64x64 mean is around 1e-6, below float16's normal range, and a GradScaler's 65536 applied
+// afterwards would only scale the rounding error of subnormals up.
+inline bool image_grad_includes_divisor(at::ScalarType image) {
+  return image == at::kFloat || image == at::kDouble;
+}
+
 // (loss, recon, kl) as 0-dim tensors of x's accumulate type, and image_grad: like x when
 // compute_image_grad, else empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,

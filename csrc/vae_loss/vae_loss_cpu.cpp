@@ -83,7 +83,9 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
                       image_t* image_grad) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
-  const image_acc grad_factor = squared_error_grad_factor(image_acc(1) / static_cast<image_acc>(image_divisor));
+  const image_acc inverse_divisor = image_acc(1) / static_cast<image_acc>(image_divisor);
+  const image_acc grad_factor = squared_error_grad_factor(
+      image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value) ? inverse_divisor : image_acc(1));
   std::vector<image_acc> recon_partials(cpu::num_chunks(n_image));
   std::vector<latent_acc> kl_partials(cpu::num_chunks(n_latent));
   for_each_chunk(n_image, n_latent, [&](bool is_image, int64_t chunk, int64_t begin, int64_t end) {
@@ -104,15 +106,20 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
 }
 
 // Weights of the incoming gradients: the image term appears in loss and recon, the KL term in
-// loss (times beta) and kl. grad_x_hat may be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight).
+// loss (times beta) and kl; image_scale is what the forward left out of image_grad. grad_x_hat may
+// be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight).
 template <typename image_t, typename latent_t>
-void vae_loss_backward(const image_t* image_grad, int64_t n_image, bool skip_unit_weight, const latent_t* mu,
+void vae_loss_backward(const image_t* image_grad, int64_t n_image, double image_divisor, bool skip_unit_weight,
+                       const latent_t* mu,
                        const latent_t* logvar, int64_t n_latent, acc_t<image_t> g_loss, acc_t<image_t> g_recon,
                        acc_t<image_t> g_kl, double beta, double latent_divisor, image_t* grad_x_hat, image_t* grad_x,
                        latent_t* grad_mu, latent_t* grad_logvar) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
-  const image_acc image_weight = g_loss + g_recon;
+  const image_acc image_scale = image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value)
+                                    ? image_acc(1)
+                                    : image_acc(1) / static_cast<image_acc>(image_divisor);
+  const image_acc image_weight = (g_loss + g_recon) * image_scale;
   // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: no pass over
   // the image at all.
   if (skip_unit_weight && image_weight == image_acc(1)) n_image = 0;
@@ -171,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cpu", [&] {
     using image_acc = acc_t<image_t>;
     vae_loss_backward(image_grad.const_data_ptr<image_t>(), scale_image || compute_grad_x ? image_grad.numel() : 0,
-                      /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(),
+                      reduction_divisor(reduction, image_grad), /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(),
                       mu.numel(),
                       *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
                       *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),
@@ -195,7 +202,8 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(const at::Tenso
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cpu", [&] {
     using image_acc = acc_t<image_t>;
     image_t* data = image_grad.mutable_data_ptr<image_t>();
-    vae_loss_backward<image_t, latent_t>(data, image_grad.numel(), /*skip_unit_weight=*/true,
+    vae_loss_backward<image_t, latent_t>(data, image_grad.numel(), reduction_divisor(reduction, image_grad),
+                                         /*skip_unit_weight=*/true,
                                          mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
                                          *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
                                          *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),

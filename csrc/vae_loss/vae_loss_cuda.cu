@@ -146,16 +146,18 @@ __global__ void __launch_bounds__(kThreads)
 template <typename image_t, typename latent_t, int kVec>
 __global__ void __launch_bounds__(kThreads) vae_loss_backward_kernel(
     const acc_t<image_t>* __restrict__ grad_loss, const acc_t<image_t>* __restrict__ grad_recon,
-    const acc_t<image_t>* __restrict__ grad_kl, double beta, double latent_divisor, const image_t* image_grad,
+    const acc_t<image_t>* __restrict__ grad_kl, acc_t<image_t> image_scale, double beta, double latent_divisor,
+    const image_t* image_grad,
     int64_t n_image, bool skip_unit_weight, const latent_t* __restrict__ mu, const latent_t* __restrict__ logvar,
     int64_t n_latent, image_t* grad_x_hat, image_t* __restrict__ grad_x, latent_t* __restrict__ grad_mu,
     latent_t* __restrict__ grad_logvar) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
   using P = Pack<image_t, kVec>;
-  // The image term appears in loss and recon, the KL term in loss (times beta) and kl.
+  // The image term appears in loss and recon, the KL term in loss (times beta) and kl; image_scale
+  // is what the forward left out of image_grad.
   const image_acc g_loss = *grad_loss;
-  const image_acc image_weight = g_loss + *grad_recon;
+  const image_acc image_weight = (g_loss + *grad_recon) * image_scale;
   const latent_acc kl_weight = static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + *grad_kl) /
                                static_cast<latent_acc>(latent_divisor);
   // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: the image is
@@ -234,7 +236,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(const a
     const bool vectorized = aligned16(xh) && aligned16(xx);
     const int blocks = num_blocks(x.numel(), mu.numel(), vectorized ? kVec : 1);
     const double image_divisor = reduction_divisor(reduction, x);
-    const image_acc grad_factor = squared_error_grad_factor(image_acc(1) / static_cast<image_acc>(image_divisor));
+    const image_acc inverse_divisor = image_acc(1) / static_cast<image_acc>(image_divisor);
+    const image_acc grad_factor =
+        squared_error_grad_factor(image_grad_includes_divisor(x.scalar_type()) ? inverse_divisor : image_acc(1));
     at::Tensor recon_partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<image_acc>::value));
     at::Tensor kl_partials = at::empty({blocks}, x.options().dtype(c10::CppTypeToScalarType<latent_acc>::value));
     const auto launch = [&](auto kernel) {
@@ -263,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(const a
 // not null, and grad_mu, grad_logvar.
 template <typename image_t, typename latent_t>
 void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
-                     const image_t* image_grad, int64_t n_image, bool skip_unit_weight, const at::Tensor& mu,
+                     const image_t* image_grad, int64_t n_image, double image_divisor, bool skip_unit_weight,
+                     const at::Tensor& mu,
                      const at::Tensor& logvar, double beta, Reduction reduction, image_t* grad_x_hat, image_t* grad_x,
                      at::Tensor& grad_mu, at::Tensor& grad_logvar) {
   using image_acc = acc_t<image_t>;
@@ -271,10 +276,13 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, 
   // Fresh outputs are 16-byte aligned; image_grad is unless a caller passed a view.
   const bool vectorized = aligned16(image_grad) && (grad_x_hat == nullptr || aligned16(grad_x_hat));
   const int blocks = num_blocks(n_image, mu.numel(), vectorized ? kVec : 1);
+  const image_acc image_scale = image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value)
+                                    ? image_acc(1)
+                                    : image_acc(1) / static_cast<image_acc>(image_divisor);
   const auto launch = [&](auto kernel) {
     kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         grad_loss.const_data_ptr<image_acc>(), grad_recon.const_data_ptr<image_acc>(),
-        grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu), image_grad, n_image,
+        grad_kl.const_data_ptr<image_acc>(), image_scale, beta, reduction_divisor(reduction, mu), image_grad, n_image,
         skip_unit_weight, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(), grad_x_hat,
         grad_x, grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
   };
@@ -301,7 +309,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cud
   const int64_t n_image = scale_image || compute_grad_x ? image_grad.numel() : 0;
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cuda", [&] {
     launch_backward<image_t, latent_t>(grad_loss, grad_recon, grad_kl, image_grad.const_data_ptr<image_t>(), n_image,
-                                       /*skip_unit_weight=*/false, mu, logvar, beta, reduction,
+                                       reduction_divisor(reduction, image_grad), /*skip_unit_weight=*/false, mu, logvar, beta, reduction,
                                        scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
                                        compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu,
                                        grad_logvar);
@@ -323,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cuda(const at::Tens
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cuda", [&] {
     image_t* data = image_grad.mutable_data_ptr<image_t>();
     launch_backward<image_t, latent_t>(grad_loss, grad_recon, grad_kl, data, image_grad.numel(),
-                                       /*skip_unit_weight=*/true, mu, logvar, beta, reduction, /*grad_x_hat=*/data,
+                                       reduction_divisor(reduction, image_grad), /*skip_unit_weight=*/true, mu, logvar, beta, reduction, /*grad_x_hat=*/data,
                                        /*grad_x=*/nullptr, grad_mu, grad_logvar);
   });
   return {grad_mu, grad_logvar};
