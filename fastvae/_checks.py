@@ -69,6 +69,23 @@ def check_latents(mu: torch.Tensor, logvar: torch.Tensor, reduction: str | None 
         check_batched("mu", mu, reduction)
 
 
+def promote_pair(a: object, b: object) -> tuple[object, object]:
+    """Two floating tensors of different dtypes, both cast to their promoted dtype, as
+    ``F.mse_loss`` does: under ``torch.autocast(bfloat16)`` the decoder's output is bfloat16
+    while the data stays float32, and both are then computed in float32. Anything else comes
+    back unchanged, for the checks to name."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dtype != b.dtype
+        and a.dtype in FLOAT_DTYPES
+        and b.dtype in FLOAT_DTYPES
+    ):
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return a.to(dtype), b.to(dtype)
+    return a, b
+
+
 def check_vae_loss(
     x_hat: torch.Tensor,
     x: torch.Tensor,

@@ -144,8 +144,9 @@ class VAE(nn.Module):
         """The negative ELBO of ``x``: ``(loss, recon, kl)`` as in :func:`fastvae.ops.vae_loss`."""
         x_hat, mu, logvar = self(x)
         backend = "auto" if self.backend == "triton" else self.backend
-        # Under autocast the decoder's output may be lower precision than the batch.
-        return LossParts(*ops.vae_loss(x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=reduction, backend=backend))
+        # Under autocast the decoder's output may be lower precision than the batch: vae_loss
+        # computes the pair in the promoted dtype, as F.mse_loss does.
+        return LossParts(*ops.vae_loss(x_hat, x, mu, logvar, beta=beta, reduction=reduction, backend=backend))
 
     def _inference(self, fn, *args):
         # Sampling utilities run in eval mode so BatchNorm uses (and does not update) its running stats.

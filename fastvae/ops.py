@@ -18,7 +18,7 @@ from types import ModuleType
 import torch
 
 from fastvae import reference
-from fastvae._checks import check_latents, check_seed, check_vae_loss
+from fastvae._checks import check_latents, check_seed, check_vae_loss, promote_pair
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 OPS = ("reparameterize", "kl_divergence", "reparameterize_kl", "vae_loss")
@@ -132,7 +132,13 @@ def vae_loss(
     reduction: str = "sum",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, recon, kl)`` with recon the squared error and ``loss = recon + beta * kl``."""
+    """``(loss, recon, kl)`` with recon the squared error and ``loss = recon + beta * kl``.
+
+    x_hat and x of different dtypes (autocast) are computed in their promoted dtype, as are mu
+    and logvar.
+    """
+    x_hat, x = promote_pair(x_hat, x)
+    mu, logvar = promote_pair(mu, logvar)
     check_vae_loss(x_hat, x, mu, logvar, beta, reduction)
     impl = _implementation("vae_loss", x.device, backend)
     return impl(x_hat, x, mu, logvar, beta=float(beta), reduction=reduction)

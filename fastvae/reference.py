@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvae._checks import accumulate_dtype, check_latents, check_seed, check_vae_loss
+from fastvae._checks import accumulate_dtype, check_latents, check_seed, check_vae_loss, promote_pair
 
 
 def _scale(total: torch.Tensor, reduction: str, like: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,11 @@ def vae_loss(
     """The negative ELBO with a Gaussian decoder: ``(loss, recon, kl)``.
 
     ``recon`` is the squared error between ``x_hat`` and ``x`` and ``loss = recon + beta * kl``,
-    both terms reduced with ``reduction`` ("sum", "batchmean" or "mean").
+    both terms reduced with ``reduction`` ("sum", "batchmean" or "mean"). Pairs of different
+    dtypes are promoted, as ``F.mse_loss`` does.
     """
+    x_hat, x = promote_pair(x_hat, x)
+    mu, logvar = promote_pair(mu, logvar)
     check_vae_loss(x_hat, x, mu, logvar, beta, reduction)
     acc = accumulate_dtype(x.dtype)
     recon = _scale(F.mse_loss(x_hat.to(acc), x.to(acc), reduction="sum"), reduction, x)
