@@ -404,8 +404,9 @@ def test_edge_sizes(device, image, latent, reduction, recon):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_inputs(device):
-    big = sample_inputs(device, False, torch.float32, image=(4, 3, 9, 8), latent=(4, 12))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(device, dtype):
+    big = sample_inputs(device, False, dtype, image=(4, 3, 9, 8), latent=(4, 12))
     # A transpose, a strided slice, and views whose data starts off a 16-byte boundary.
     views = (big[0].transpose(2, 3), big[1].transpose(2, 3), big[2][:, 1:], big[3][:, :-1])
     leaves = [v.detach().requires_grad_(True) for v in views]
@@ -529,16 +530,17 @@ def test_cpp_backend_availability():
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype):
-    cpu_inputs = sample_inputs("cpu", True, dtype, image=(6, 3, 33, 31), latent=(6, 50))
+@pytest.mark.parametrize("recon", RECONS)
+def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype, recon):
+    cpu_inputs = sample_inputs("cpu", True, dtype, image=(6, 3, 33, 31), latent=(6, 50), recon=recon)
     cuda_inputs = [t.detach().cuda().requires_grad_(True) for t in cpu_inputs]
     runs = []
     for _ in range(2):
-        outputs = ops.vae_loss(*cuda_inputs, beta=0.5, reduction="mean", backend="cpp")
+        outputs = ops.vae_loss(*cuda_inputs, beta=0.5, reduction="mean", recon=recon, backend="cpp")
         runs.append([t.detach() for t in (*outputs, *torch.autograd.grad(outputs[0], cuda_inputs))])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    cpu_outputs = ops.vae_loss(*cpu_inputs, beta=0.5, reduction="mean", backend="cpp")
+    cpu_outputs = ops.vae_loss(*cpu_inputs, beta=0.5, reduction="mean", recon=recon, backend="cpp")
     cpu_grads = torch.autograd.grad(cpu_outputs[0], cpu_inputs)
     assert_losses_close(runs[0][:3], cpu_outputs, dtype)
     for g, e in zip(runs[0][3:], cpu_grads):

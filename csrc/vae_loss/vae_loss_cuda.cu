@@ -7,10 +7,13 @@
 // image: forward + backward of loss.backward() then move 3N elements, where recomputing the
 // image gradient in the backward would move 5N.
 //
-// Determinism: the grid size is a function of the input sizes only (not of the GPU), each block
-// reduces with a fixed tree of warp shuffles, and the partials are added by one block in a fixed
-// order. No float atomics: the same inputs give the same loss bit for bit.
+// Determinism: the grid size is a function of the input sizes and dtypes only (not of the GPU
+// nor of the pointers' alignment), each thread sums the same elements in the same order whether
+// its loads are 16 bytes wide or not, each block reduces with a fixed tree of warp shuffles, and
+// the partials are added by one block in a fixed order. No float atomics: the same inputs give
+// the same loss bit for bit, on any GPU, at any alignment.
 #include <algorithm>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -28,13 +31,25 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-// Blocks an SM must hold at once: __launch_bounds__ makes ptxas fit every kernel in
-// 65536 / (kMinBlocksPerSm * kThreads) = 32 registers (without spills: ptxas -v reports none), so
-// a grid of kMaxBlocks runs as one wave on an H100 or H200 (132 SMs x 8 = 1056 >= 1024). A fixed
-// cap rather than a multiple of the SM count keeps the reduction tree, hence the bits, the same
-// on every GPU.
-constexpr int kMinBlocksPerSm = 8;
-constexpr int64_t kMaxBlocks = 1024;
+// Blocks an SM must hold at once. __launch_bounds__ makes ptxas fit each kernel in
+// 65536 / (blocks * kThreads) registers. ptxas -v (sm_90): at 8 blocks (32 registers) some
+// float32 forwards spill, at 6 (40) none without float64 do; float64's exp and log spill at 5
+// (48) and not at 4 (64). The grid is capped at kSmsPerWave SMs' worth of these blocks, so it
+// runs as one wave on a GPU of at least that many SMs (H100, H200: 132). A cap fixed by the
+// dtypes rather than read from the GPU keeps the reduction tree, hence the bits, the same on
+// every GPU.
+constexpr int kSmsPerWave = 128;
+
+template <typename image_t, typename latent_t>
+constexpr int min_blocks_per_sm() {
+  return std::is_same_v<image_t, double> || std::is_same_v<latent_t, double> ? 4 : 6;
+}
+
+template <typename image_t, typename latent_t>
+constexpr int64_t max_blocks() {
+  return int64_t{kSmsPerWave} * min_blocks_per_sm<image_t, latent_t>();
+}
+
 // Each thread handles at least this many 16-byte packs before another block is added.
 constexpr int64_t kPacksPerThread = 4;
 
@@ -91,7 +106,7 @@ __device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __rest
 // (kAligned only picks the loads), and the grid is a function of the sizes: the loss has the
 // same bits for any alignment. image_grad is fresh from the caching allocator, always aligned.
 template <Recon kRecon, typename image_t, typename latent_t, bool kAligned>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<image_t, latent_t>())
     vae_loss_forward_kernel(const image_t* __restrict__ x_hat, const image_t* __restrict__ x, int64_t n_image,
                             const latent_t* __restrict__ mu, const latent_t* __restrict__ logvar, int64_t n_latent,
                             acc_t<image_t> grad_weight, image_t* __restrict__ image_grad,
@@ -168,7 +183,7 @@ __global__ void __launch_bounds__(kThreads)
 // negated image gradient for kTarget = Mse (standing for every form where it is),
 // recon_grad_target<kTarget>(x_hat) otherwise. Elementwise: the loads' width changes no bits.
 template <Recon kTarget, typename image_t, typename latent_t, int kVec>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) vae_loss_backward_kernel(
+__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<image_t, latent_t>()) vae_loss_backward_kernel(
     const acc_t<image_t>* __restrict__ grad_loss, const acc_t<image_t>* __restrict__ grad_recon,
     const acc_t<image_t>* __restrict__ grad_kl, acc_t<image_t> image_scale, acc_t<image_t> inverse_divisor,
     double beta, double latent_divisor, const image_t* image_grad, const image_t* __restrict__ x_hat,
@@ -236,11 +251,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) vae_loss_backward_k
   }
 }
 
-// A function of the sizes only, so the reduction tree is the same on every GPU.
+// A function of the sizes and dtypes only, so the reduction tree is the same on every GPU.
+template <typename image_t, typename latent_t>
 int num_blocks(int64_t n_image, int64_t n_latent, int vec) {
   const int64_t work = std::max((n_image + vec - 1) / vec, n_latent);
   const int64_t blocks = (work + kThreads * kPacksPerThread - 1) / (kThreads * kPacksPerThread);
-  return static_cast<int>(std::clamp<int64_t>(blocks, 1, kMaxBlocks));
+  return static_cast<int>(std::clamp<int64_t>(blocks, 1, max_blocks<image_t, latent_t>()));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -277,7 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
     using latent_acc = acc_t<latent_t>;
     const auto* xh = x_hat.const_data_ptr<image_t>();
     const auto* xx = x.const_data_ptr<image_t>();
-    const int blocks = num_blocks(x.numel(), mu.numel(), 16 / sizeof(image_t));
+    const int blocks = num_blocks<image_t, latent_t>(x.numel(), mu.numel(), 16 / sizeof(image_t));
     const double image_divisor = reduction_divisor(reductions.recon, x);
     const image_acc grad_weight = image_grad_includes_divisor(x.scalar_type())
                                       ? image_acc(1) / static_cast<image_acc>(image_divisor)
@@ -322,7 +338,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, 
   // Fresh outputs are 16-byte aligned; image_grad and x_hat are unless a caller passed a view.
   const bool vectorized = aligned16(image_grad) && (grad_x_hat == nullptr || aligned16(grad_x_hat)) &&
                           (x_hat == nullptr || aligned16(x_hat));
-  const int blocks = num_blocks(n_image, mu.numel(), vectorized ? kVec : 1);
+  const int blocks = num_blocks<image_t, latent_t>(n_image, mu.numel(), vectorized ? kVec : 1);
   const image_acc inverse_divisor = image_acc(1) / static_cast<image_acc>(image_divisor);
   const image_acc image_scale =
       image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value) ? image_acc(1) : inverse_divisor;
