@@ -158,3 +158,24 @@ def test_bce_logits_decoder_outputs_logits_and_the_image_methods_apply_the_sigmo
     torch.testing.assert_close(samples, images_model.sample(3, generator=generator))
     path = logits_model.interpolate(x[0], x[1], steps=3)
     assert 0 <= path.min() and path.max() <= 1
+
+
+def test_train_recon_option_reaches_the_loss_and_the_checkpoint(tmp_path):
+    from fastvae import checkpoint
+    from fastvae.cli import main
+
+    argv = [
+        "train", "--image-size", "16", "--hidden-dims", "8,16", "--latent-dim", "4", "--batch-size", "8",
+        "--train-size", "16", "--eval-size", "8", "--device", "cpu", "--steps", "2", "--every", "2",
+        "--recon", "bce_logits", "--recon-reduction", "mean", "--kl-reduction", "batchmean", "--out", str(tmp_path),
+    ]
+    assert main(argv) == 0
+    ckpt = checkpoint.load(tmp_path / "ckpt.pt")
+    assert ckpt["config"]["recon"] == "bce_logits"
+    assert (ckpt["args"]["recon_reduction"], ckpt["args"]["kl_reduction"]) == ("mean", "batchmean")
+    # What `fastvae sample`/`reconstruct` rebuild: a decoder without its Sigmoid, images through it.
+    model = VAE(**ckpt["config"], backend="reference")
+    model.load_state_dict(ckpt["model"])
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in model.decoder)
+    images = model.sample(4)
+    assert 0 <= images.min() and images.max() <= 1
