@@ -296,15 +296,19 @@ def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_
         torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean", "mean")
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("recon, recon_reduction", [("mse", "batchmean"), ("bce_logits", "mean")])
+def test_torch_compile_fullgraph(recon, recon_reduction):
     def loss_fn(x_hat, x, mu, logvar):
-        loss, recon, kl = ops.vae_loss(x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", backend="cpp")
-        return loss + 0.5 * kl, recon
+        loss, recon_value, kl = ops.vae_loss(
+            x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", recon=recon, recon_reduction=recon_reduction,
+            backend="cpp",
+        )
+        return loss + 0.5 * kl, recon_value
 
     # aot_eager traces dynamo, the fake kernels and the autograd formula, without inductor's
     # code generation, which would only cost time here.
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    inputs = sample_inputs("cpu", True)
+    inputs = sample_inputs("cpu", True, recon=recon)
     actual, expected = compiled(*inputs), loss_fn(*inputs)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=0, rtol=0)
