@@ -2,7 +2,8 @@
 
 The fused backends must agree with these functions, and are timed against them.
 
-Reductions, the same for the reconstruction and the KL term:
+Reductions, of the reconstruction and the KL term alike (:func:`vae_loss` takes one for both,
+or one for each):
 
 * ``"sum"``: totals over the whole batch (the classic VAE recipe).
 * ``"batchmean"``: totals divided by the batch size ``shape[0]``, the per-sample ELBO scale.
