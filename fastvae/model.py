@@ -109,14 +109,20 @@ class VAE(nn.Module):
 
     @property
     def config(self) -> dict:
-        """The constructor arguments that fix the architecture and the loss (not the backend)."""
-        return {
+        """The constructor arguments that fix the architecture and the loss (not the backend).
+
+        ``recon`` is there only when it is not the default "mse", so the configs of checkpoints
+        written before it existed still match (and resume) an "mse" model's.
+        """
+        config = {
             "in_channels": self.in_channels,
             "image_size": self.image_size,
             "latent_dim": self.latent_dim,
             "hidden_dims": list(self.hidden_dims),
-            "recon": self.recon,
         }
+        if self.recon != "mse":
+            config["recon"] = self.recon
+        return config
 
     def _check_images(self, x: object) -> None:
         if not isinstance(x, torch.Tensor):

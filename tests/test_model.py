@@ -144,6 +144,7 @@ def test_bce_logits_decoder_outputs_logits_and_the_image_methods_apply_the_sigmo
     logits_model = VAE(image_size=16, backend="reference", recon="bce_logits", **SMALL)
     assert not any(isinstance(m, torch.nn.Sigmoid) for m in logits_model.decoder)
     assert logits_model.config["recon"] == "bce_logits"
+    assert "recon" not in VAE(image_size=16, **SMALL).config
     # The Sigmoid has no parameters: the same state_dict, and the images of an "mse" model.
     images_model = VAE(image_size=16, backend="reference", **SMALL)
     assert images_model.state_dict().keys() == logits_model.state_dict().keys()
