@@ -117,7 +117,9 @@ FASTVAE_HD T recon_grad(T x_hat, T x, T weight) {
 
 // Whether d recon_term / d x is -d recon_term / d x_hat (the squared and absolute errors), so the
 // backward negates the image gradient, rather than a function of x_hat alone (recon_grad_target).
-FASTVAE_HD constexpr bool recon_grad_target_is_negated(Recon recon) { return recon == Recon::Mse || recon == Recon::L1; }
+FASTVAE_HD constexpr bool recon_grad_target_is_negated(Recon recon) {
+  return recon == Recon::Mse || recon == Recon::L1;
+}
 
 // d recon_term / d x for the BCE forms, as torch's target gradients: log1p(-p) - log(p) for a
 // probability (unclamped, so infinite at 0 and 1, as torch's), -l for a logit.

@@ -145,7 +145,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="reconstruction term; bce_logits drops the decoder's Sigmoid (default: mse)")
     group.add_argument("--recon-reduction", choices=LOSS_REDUCTIONS,
                        help="reduction of the reconstruction term alone (default: --reduction)")
-    group.add_argument("--kl-reduction", choices=LOSS_REDUCTIONS, help="reduction of the KL term alone (default: --reduction)")
+    group.add_argument("--kl-reduction", choices=LOSS_REDUCTIONS,
+                       help="reduction of the KL term alone (default: --reduction)")
     group.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                        help="autocast dtype; fp16 needs CUDA and uses a GradScaler (default: off)")
 
@@ -326,7 +327,9 @@ def run(args: argparse.Namespace) -> int:
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
 
         # ---- model ----------------------------------------------------------------------------
-        model = VAE(3, args.image_size, args.latent_dim, args.hidden_dims, backend=args.backend, recon=args.recon).to(device)
+        model = VAE(
+            3, args.image_size, args.latent_dim, args.hidden_dims, backend=args.backend, recon=args.recon
+        ).to(device)
         if distributed:
             model = global_batchnorm(model, device)  # before the optimizer: it may make new parameters
 

@@ -559,7 +559,7 @@ def test_loss_scaled_reduced_precision_gradients_do_not_underflow(device, dtype)
     # 45% of the float16 gradients to zero (issue 10); the reference rounds once, after scaling.
     gen = torch.Generator().manual_seed(0)
     shape = (64, 3, 64, 64)
-    x_hat64, x64 = torch.rand(shape, generator=gen, dtype=torch.float64), torch.rand(shape, generator=gen, dtype=torch.float64)
+    x_hat64, x64 = (torch.rand(shape, generator=gen, dtype=torch.float64) for _ in range(2))
     x_hat = x_hat64.to(device=device, dtype=dtype).requires_grad_(True)
     x = x64.to(device=device, dtype=dtype)
     mu, logvar = torch.zeros(64, 8, device=device, dtype=dtype), torch.zeros(64, 8, device=device, dtype=dtype)

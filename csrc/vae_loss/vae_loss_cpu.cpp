@@ -142,8 +142,12 @@ void vae_loss_backward(const image_t* image_grad, const image_t* x_hat, int64_t 
     } else if constexpr (recon_grad_target_is_negated(kTarget)) {
       scale_image_grad_chunk(image_grad, image_weight, grad_x_hat, grad_x, begin, end);
     } else {
-      if (grad_x_hat != nullptr) scale_image_grad_chunk<image_t>(image_grad, image_weight, grad_x_hat, nullptr, begin, end);
-      if (grad_x != nullptr) target_grad_chunk<kTarget>(x_hat, (g_loss + g_recon) * inverse_divisor, grad_x, begin, end);
+      if (grad_x_hat != nullptr) {
+        scale_image_grad_chunk<image_t>(image_grad, image_weight, grad_x_hat, nullptr, begin, end);
+      }
+      if (grad_x != nullptr) {
+        target_grad_chunk<kTarget>(x_hat, (g_loss + g_recon) * inverse_divisor, grad_x, begin, end);
+      }
     }
   });
 }
@@ -153,7 +157,8 @@ void vae_loss_backward(const image_t* image_grad, const image_t* x_hat, int64_t 
 template <typename F>
 void dispatch_target(Recon recon, bool needs_x_hat, const F& f) {
   dispatch_recon(needs_x_hat ? recon : Recon::Mse, [&](auto target) {
-    if constexpr (decltype(target)::value == Recon::Mse || !recon_grad_target_is_negated(decltype(target)::value)) f(target);
+    constexpr Recon kTarget = decltype(target)::value;
+    if constexpr (kTarget == Recon::Mse || !recon_grad_target_is_negated(kTarget)) f(target);
   });
 }
 
