@@ -43,26 +43,94 @@ inline V max_(const V& a, const V& b) { return maximum(a, b); }  // at::vec::max
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Reconstruction: squared error. Templated on T so the CPU kernel runs the same expression on
-// at::vec::Vectorized lanes as on scalars.
+// Reconstruction terms of vae_loss: the per-element negative log-likelihood of x given the
+// decoder's output x_hat, as torch's losses define it, and its derivatives. Templated on T so the
+// CPU kernel runs the same expressions on at::vec::Vectorized lanes as on scalars.
 
-template <typename T>
-FASTVAE_HD T squared_error(T x_hat, T x) {
-  const T d = x_hat - x;
-  return d * d;
+enum class Recon {
+  Mse,        // (x_hat - x)^2: F.mse_loss
+  L1,         // |x_hat - x|: F.l1_loss
+  Bce,        // x_hat a probability: F.binary_cross_entropy
+  BceLogits,  // x_hat a logit: F.binary_cross_entropy_with_logits
+};
+
+// The primitives the terms need beyond those above, for scalars and (outside nvcc) vectors.
+FASTVAE_HD double log_(double v) { return log(v); }
+FASTVAE_HD float log1p_(float v) { return log1pf(v); }
+FASTVAE_HD double log1p_(double v) { return log1p(v); }
+FASTVAE_HD float abs_(float v) { return fabsf(v); }
+FASTVAE_HD double abs_(double v) { return fabs(v); }
+// max(v, lo) that keeps a NaN v, as std::max(v, lo) in torch's kernels and at::vec::maximum do.
+FASTVAE_HD float clamp_min_(float v, float lo) { return v < lo ? lo : v; }
+FASTVAE_HD double clamp_min_(double v, double lo) { return v < lo ? lo : v; }
+// torch.sign: sign(0) = 0, the subgradient torch's l1_loss takes at a tie.
+FASTVAE_HD float sign_(float v) { return static_cast<float>(v > 0.0f) - static_cast<float>(v < 0.0f); }
+FASTVAE_HD double sign_(double v) { return static_cast<double>(v > 0.0) - static_cast<double>(v < 0.0); }
+
+#if !defined(__CUDACC__)
+template <typename V>
+inline V log1p_(const V& v) { return v.log1p(); }
+template <typename V>
+inline V abs_(const V& v) { return v.abs(); }
+template <typename V>
+inline V clamp_min_(const V& v, const V& lo) { return maximum(v, lo); }
+template <typename V>
+inline V sign_(const V& v) { return v.gt(V(0)) - v.lt(V(0)); }  // 1 or 0 per comparison
+#endif
+
+// F.binary_cross_entropy clamps each log at -100, so probabilities of exactly 0 or 1 give a
+// finite loss, and divides its gradient by max(x_hat (1 - x_hat), 1e-12).
+constexpr double kBceLogFloor = -100.0;
+constexpr double kBceGradEpsilon = 1e-12;
+
+template <Recon kRecon, typename T>
+FASTVAE_HD T recon_term(T x_hat, T x) {
+  if constexpr (kRecon == Recon::Mse) {
+    const T d = x_hat - x;
+    return d * d;
+  } else if constexpr (kRecon == Recon::L1) {
+    return abs_(x_hat - x);
+  } else if constexpr (kRecon == Recon::Bce) {
+    const T floor(kBceLogFloor);
+    return T(0) - (x * clamp_min_(log_(x_hat), floor) + (T(1) - x) * clamp_min_(log_(T(1) - x_hat), floor));
+  } else {
+    // torch's (1 - x) l - log_sigmoid(l), with log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)):
+    // no exp of a large positive number, so huge logits of either sign stay finite.
+    return (T(1) - x) * x_hat + clamp_min_(T(0) - x_hat, T(0)) + log1p_(exp_(T(0) - abs_(x_hat)));
+  }
 }
 
-// d/dx_hat of weight * (x_hat - x)^2 is (x_hat - x) * 2 * weight. The factor is folded into the
-// weight once per launch, so the per-element cost is one subtract and one multiply;
-// d/dx is the negative of it.
-template <typename T>
-FASTVAE_HD T squared_error_grad_factor(T weight) {
-  return T(2) * weight;
+// weight * d recon_term / d x_hat.
+template <Recon kRecon, typename T>
+FASTVAE_HD T recon_grad(T x_hat, T x, T weight) {
+  if constexpr (kRecon == Recon::Mse) {
+    return (x_hat - x) * (T(2) * weight);
+  } else if constexpr (kRecon == Recon::L1) {
+    return sign_(x_hat - x) * weight;
+  } else if constexpr (kRecon == Recon::Bce) {
+    return (x_hat - x) / clamp_min_((T(1) - x_hat) * x_hat, T(kBceGradEpsilon)) * weight;
+  } else {
+    // sigmoid(l) - x; exp(-l) overflowing to inf gives sigmoid 0, as it should.
+    return (T(1) / (T(1) + exp_(T(0) - x_hat)) - x) * weight;
+  }
 }
 
-template <typename T>
-FASTVAE_HD T squared_error_grad(T x_hat, T x, T factor) {
-  return (x_hat - x) * factor;
+// Whether d recon_term / d x is -d recon_term / d x_hat (the squared and absolute errors), so the
+// backward negates the image gradient, rather than a function of x_hat alone (recon_grad_target).
+FASTVAE_HD constexpr bool recon_grad_target_is_negated(Recon recon) {
+  return recon == Recon::Mse || recon == Recon::L1;
+}
+
+// d recon_term / d x for the BCE forms, as torch's target gradients: log1p(-p) - log(p) for a
+// probability (unclamped, so infinite at 0 and 1, as torch's), -l for a logit.
+template <Recon kRecon, typename T>
+FASTVAE_HD T recon_grad_target(T x_hat) {
+  static_assert(!recon_grad_target_is_negated(kRecon), "the target gradient is the negated image gradient");
+  if constexpr (kRecon == Recon::Bce) {
+    return log1p_(T(0) - x_hat) - log_(x_hat);
+  } else {
+    return T(0) - x_hat;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

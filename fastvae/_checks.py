@@ -13,6 +13,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # "none" is only meaningful where the result can stay elementwise (the KL alone).
 KL_REDUCTIONS = ("sum", "batchmean", "mean", "none")
 LOSS_REDUCTIONS = ("sum", "batchmean", "mean")
+# vae_loss's reconstruction terms: torch's mse_loss, l1_loss, binary_cross_entropy (x_hat a
+# probability) and binary_cross_entropy_with_logits (x_hat a logit).
+RECONS = ("mse", "l1", "bce", "bce_logits")
 
 # Seeds feed Philox as a 64-bit key; negative values would alias positive ones after the cast.
 SEED_LIMIT = 2**63
@@ -74,17 +77,52 @@ def check_kl_latents(mu: torch.Tensor, logvar: torch.Tensor, reduction: object) 
     check_batched("mu", mu, reduction)
 
 
+def promote_pair(a: object, b: object) -> tuple[object, object]:
+    """Two floating tensors of different dtypes, both cast to their promoted dtype, as
+    ``F.mse_loss`` does: under ``torch.autocast(bfloat16)`` the decoder's output is bfloat16
+    while the data stays float32, and both are then computed in float32. Anything else comes
+    back unchanged, for the checks to name."""
+    if (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.dtype != b.dtype
+        and a.dtype in FLOAT_DTYPES
+        and b.dtype in FLOAT_DTYPES
+    ):
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return a.to(dtype), b.to(dtype)
+    return a, b
+
+
+def term_reductions(
+    reduction: object, recon_reduction: object, kl_reduction: object
+) -> tuple[object, object]:
+    """vae_loss's reduction of each term: ``reduction`` unless overridden. A bad ``reduction``
+    raises here, whether or not both terms override it."""
+    check_reduction(reduction, LOSS_REDUCTIONS)
+    return (
+        reduction if recon_reduction is None else recon_reduction,
+        reduction if kl_reduction is None else kl_reduction,
+    )
+
+
 def check_vae_loss(
     x_hat: torch.Tensor,
     x: torch.Tensor,
     mu: torch.Tensor,
     logvar: torch.Tensor,
     beta: object,
-    reduction: str,
+    recon: object,
+    recon_reduction: object,
+    kl_reduction: object,
 ) -> None:
     check_pair("x_hat", x_hat, "x", x)
     check_pair("mu", mu, "logvar", logvar)
-    check_reduction(reduction, LOSS_REDUCTIONS)
+    if recon not in RECONS:
+        raise ValueError(f"recon must be one of {', '.join(map(repr, RECONS))}, got {recon!r}")
+    for name, value in (("recon_reduction", recon_reduction), ("kl_reduction", kl_reduction)):
+        if value not in LOSS_REDUCTIONS:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}, got {value!r}")
     if x.dim() == 0 or mu.dim() == 0:
         raise ValueError(
             f"x and mu need a batch dimension, got x of shape {shape_str(x)} and mu of shape {shape_str(mu)}"

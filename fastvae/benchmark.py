@@ -113,20 +113,24 @@ def _latent_cases(device: torch.device, shapes: list[tuple[int, int]], dtype: to
     return cases
 
 
-def _loss_cases(device: torch.device, batches: list[int], dtype: torch.dtype, image=(3, 64, 64), latent=128) -> list[Case]:
+def _loss_cases(
+    device: torch.device, batches: list[int], dtype: torch.dtype, recon: str = "mse", image=(3, 64, 64), latent=128
+) -> list[Case]:
+    """vae_loss with reconstruction term ``recon``; its sizes are labelled with it unless "mse"."""
     fused = _fused_backend("vae_loss", device)
     methods = {
-        "eager": lambda *t: reference.vae_loss(*t),
-        "compile": _compiled(lambda *t: reference.vae_loss(*t)),
+        "eager": lambda *t: reference.vae_loss(*t, recon=recon),
+        "compile": _compiled(lambda *t: reference.vae_loss(*t, recon=recon)),
     }
     if fused:
-        methods["fused"] = lambda *t: ops.vae_loss(*t, backend=fused)
+        methods["fused"] = lambda *t: ops.vae_loss(*t, recon=recon, backend=fused)
     cases = []
     for b in batches:
         n = b * math.prod(image)
         size = dtype.itemsize
 
         def make(b=b):
+            # Probabilities in [0, 1) serve every recon: as predictions, or as logits.
             x_hat = torch.rand(b, *image, device=device, dtype=dtype, requires_grad=True)
             x = torch.rand(b, *image, device=device, dtype=dtype)
             mu = torch.randn(b, latent, device=device, dtype=dtype, requires_grad=True)
@@ -138,9 +142,13 @@ def _loss_cases(device: torch.device, batches: list[int], dtype: torch.dtype, im
         # such floor: fastvae's forward already wrote the image gradient, eager's did not.
         moved = {"fwd": 2 * n * size, "bwd": None, "fwd+bwd": 3 * n * size}
         label = f"{b}x{'x'.join(map(str, image))}"
+        if recon != "mse":
+            label = f"{recon}-{label}"
         for method, fn in methods.items():
             for pass_, (setup, target) in _passes(fn, make, lambda out: out[0]).items():
                 cases.append(Case("vae_loss", method, pass_, label, n, moved[pass_], setup, target))
+        if recon != "mse":
+            continue
 
         def sub_setup(b=b):
             a, c = torch.rand(2, b, *image, device=device, dtype=dtype)
@@ -188,9 +196,13 @@ def cases(device: torch.device, quick: bool = False) -> list[Case]:
         latents = [(128, 128), (1024, 1024)] if quick else [(128, 128), (1024, 1024), (4096, 1024)]
         batches = [128] if quick else [16, 128]
         train_batch = 16
+    # The other reconstruction terms at the largest batch, against the same floor; not in the
+    # quick smoke run, where compiling their formulas would take most of its time.
+    other_recons = () if quick else ("l1", "bce", "bce_logits")
     return (
         _latent_cases(device, latents, torch.float32)
         + _loss_cases(device, batches, torch.float32)
+        + [c for recon in other_recons for c in _loss_cases(device, batches[-1:], torch.float32, recon)]
         + _train_cases(device, train_batch, compile_=not quick)
     )
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fastvae import ops
-from fastvae._checks import shape_str
+from fastvae._checks import RECONS, shape_str
 
 # The encoder stops halving once the feature map is this small, so small images get fewer blocks.
 _MIN_FEATURE_SIZE = 4
@@ -41,6 +41,11 @@ class VAE(nn.Module):
     ConvTranspose2d to the image channels with a Sigmoid. ``image_size`` is any power of two from
     16 up; the number of blocks shrinks so the smallest feature map stays 4x4.
 
+    ``recon`` is the reconstruction term :meth:`loss` uses (see :func:`fastvae.ops.vae_loss`).
+    With "bce_logits" the decoder ends without its Sigmoid: the model's ``x_hat`` are logits, and
+    :meth:`sample`, :meth:`reconstruct` and :meth:`interpolate` apply the Sigmoid. The Sigmoid has
+    no parameters, so the ``state_dict`` is the same for every ``recon``.
+
     ``backend`` ("auto", "reference", "triton", "cpp") picks the implementation of the sampling and
     of :meth:`loss` (see :mod:`fastvae.ops`); with "triton", which has no loss kernel, the loss uses
     "auto". The parameters, and so the ``state_dict``, are the same whatever the backend.
@@ -53,6 +58,7 @@ class VAE(nn.Module):
         latent_dim: int = 128,
         hidden_dims: Sequence[int] = (64, 128, 256, 512),
         backend: str = "auto",
+        recon: str = "mse",
     ) -> None:
         super().__init__()
         _check_positive_int("in_channels", in_channels)
@@ -67,12 +73,15 @@ class VAE(nn.Module):
             _check_positive_int("each of hidden_dims", h)
         if backend not in ops.BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(map(repr, ops.BACKENDS))}, got {backend!r}")
+        if recon not in RECONS:
+            raise ValueError(f"recon must be one of {', '.join(map(repr, RECONS))}, got {recon!r}")
 
         self.in_channels = in_channels
         self.image_size = image_size
         self.latent_dim = latent_dim
         self.hidden_dims = hidden_dims
         self.backend = backend
+        self.recon = recon
 
         dims = hidden_dims[: _num_blocks(image_size, len(hidden_dims))]
         self._feature_shape = (dims[-1], image_size >> len(dims), image_size >> len(dims))
@@ -93,18 +102,27 @@ class VAE(nn.Module):
                 nn.BatchNorm2d(c_out),
                 nn.ReLU(inplace=True),
             ]
-        decoder += [nn.ConvTranspose2d(dims[0], in_channels, 4, 2, 1), nn.Sigmoid()]
+        decoder += [nn.ConvTranspose2d(dims[0], in_channels, 4, 2, 1)]
+        if recon != "bce_logits":
+            decoder += [nn.Sigmoid()]
         self.decoder = nn.Sequential(*decoder)
 
     @property
     def config(self) -> dict:
-        """The constructor arguments that fix the architecture (not the backend)."""
-        return {
+        """The constructor arguments that fix the architecture and the loss (not the backend).
+
+        ``recon`` is there only when it is not the default "mse", so the configs of checkpoints
+        written before it existed still match (and resume) an "mse" model's.
+        """
+        config = {
             "in_channels": self.in_channels,
             "image_size": self.image_size,
             "latent_dim": self.latent_dim,
             "hidden_dims": list(self.hidden_dims),
         }
+        if self.recon != "mse":
+            config["recon"] = self.recon
+        return config
 
     def _check_images(self, x: object) -> None:
         if not isinstance(x, torch.Tensor):
@@ -126,6 +144,7 @@ class VAE(nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for latents ``z``: images, or logits with ``recon="bce_logits"``."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (N, {self.latent_dim}), got {shape_str(z)}")
         h = self.decoder_input(z).view(-1, *self._feature_shape)
@@ -140,12 +159,32 @@ class VAE(nn.Module):
             z = mu
         return self.decode(z), mu, logvar
 
-    def loss(self, x: torch.Tensor, *, beta: float = 1.0, reduction: str = "sum") -> LossParts:
-        """The negative ELBO of ``x``: ``(loss, recon, kl)`` as in :func:`fastvae.ops.vae_loss`."""
+    def loss(
+        self,
+        x: torch.Tensor,
+        *,
+        beta: float = 1.0,
+        reduction: str = "sum",
+        recon_reduction: str | None = None,
+        kl_reduction: str | None = None,
+    ) -> LossParts:
+        """The negative ELBO of ``x``: ``(loss, recon, kl)`` as in :func:`fastvae.ops.vae_loss`,
+        with the model's ``recon``."""
         x_hat, mu, logvar = self(x)
         backend = "auto" if self.backend == "triton" else self.backend
-        # Under autocast the decoder's output may be lower precision than the batch.
-        return LossParts(*ops.vae_loss(x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=reduction, backend=backend))
+        # Under autocast the decoder's output may be lower precision than the batch: vae_loss
+        # computes the pair in the promoted dtype, as torch's losses do.
+        return LossParts(
+            *ops.vae_loss(
+                x_hat, x, mu, logvar, beta=beta, reduction=reduction, recon=self.recon,
+                recon_reduction=recon_reduction, kl_reduction=kl_reduction, backend=backend,
+            )
+        )
+
+    def _decode_images(self, z: torch.Tensor) -> torch.Tensor:
+        """Images decoded from ``z``, whatever the decoder's output is."""
+        decoded = self.decode(z)
+        return torch.sigmoid(decoded) if self.recon == "bce_logits" else decoded
 
     def _inference(self, fn, *args):
         # Sampling utilities run in eval mode so BatchNorm uses (and does not update) its running stats.
@@ -162,11 +201,11 @@ class VAE(nn.Module):
         _check_positive_int("n", n)
         param = self.decoder_input.weight
         z = torch.randn(n, self.latent_dim, generator=generator, device=generator.device if generator else "cpu")
-        return self._inference(self.decode, z.to(device=param.device, dtype=param.dtype))
+        return self._inference(self._decode_images, z.to(device=param.device, dtype=param.dtype))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decode the posterior mean of each image of ``x``."""
-        return self._inference(lambda x: self.decode(self.encode(x)[0]), x)
+        return self._inference(lambda x: self._decode_images(self.encode(x)[0]), x)
 
     def interpolate(self, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8) -> torch.Tensor:
         """Decode ``steps`` points on the line between the posterior means of ``x1`` and ``x2``.
@@ -188,7 +227,7 @@ class VAE(nn.Module):
             mu1, mu2 = self.encode(x1)[0], self.encode(x2)[0]
             t = torch.linspace(0, 1, steps, device=mu1.device, dtype=mu1.dtype).view(1, steps, 1)
             z = torch.lerp(mu1.unsqueeze(1), mu2.unsqueeze(1), t).flatten(0, 1)
-            return self.decode(z).unflatten(0, (x1.shape[0], steps))
+            return self._decode_images(z).unflatten(0, (x1.shape[0], steps))
 
         out = self._inference(run, x1, x2)
         return out[0] if single else out

@@ -18,7 +18,14 @@ from types import ModuleType
 import torch
 
 from fastvae import reference
-from fastvae._checks import check_kl_latents, check_latents, check_seed, check_vae_loss
+from fastvae._checks import (
+    check_kl_latents,
+    check_latents,
+    check_seed,
+    check_vae_loss,
+    promote_pair,
+    term_reductions,
+)
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 OPS = ("reparameterize", "kl_divergence", "reparameterize_kl", "vae_loss")
@@ -130,9 +137,24 @@ def vae_loss(
     *,
     beta: float = 1.0,
     reduction: str = "sum",
+    recon: str = "mse",
+    recon_reduction: str | None = None,
+    kl_reduction: str | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, recon, kl)`` with recon the squared error and ``loss = recon + beta * kl``."""
-    check_vae_loss(x_hat, x, mu, logvar, beta, reduction)
+    """``(loss, recon, kl)`` with ``loss = recon + beta * kl``, as :func:`fastvae.reference.vae_loss`.
+
+    ``recon`` is "mse", "l1", "bce" (x_hat a probability) or "bce_logits" (x_hat a logit; prefer
+    it to a Sigmoid and "bce"). ``recon_reduction``/``kl_reduction`` override ``reduction`` per
+    term: Stable Diffusion's autoencoder takes ``recon_reduction="mean", kl_reduction="batchmean"``.
+    x_hat and x of different dtypes (autocast) are computed in their promoted dtype, as are mu
+    and logvar.
+    """
+    x_hat, x = promote_pair(x_hat, x)
+    mu, logvar = promote_pair(mu, logvar)
+    recon_reduction, kl_reduction = term_reductions(reduction, recon_reduction, kl_reduction)
+    check_vae_loss(x_hat, x, mu, logvar, beta, recon, recon_reduction, kl_reduction)
     impl = _implementation("vae_loss", x.device, backend)
-    return impl(x_hat, x, mu, logvar, beta=float(beta), reduction=reduction)
+    return impl(
+        x_hat, x, mu, logvar, beta=float(beta), recon=recon, recon_reduction=recon_reduction, kl_reduction=kl_reduction
+    )

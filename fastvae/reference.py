@@ -2,7 +2,8 @@
 
 The fused backends must agree with these functions, and are timed against them.
 
-Reductions, the same for the reconstruction and the KL term:
+Reductions, of the reconstruction and the KL term alike (:func:`vae_loss` takes one for both,
+or one for each):
 
 * ``"sum"``: totals over the whole batch (the classic VAE recipe).
 * ``"batchmean"``: totals divided by the batch size ``shape[0]``, the per-sample ELBO scale.
@@ -22,7 +23,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastvae._checks import accumulate_dtype, check_kl_latents, check_latents, check_seed, check_vae_loss
+from fastvae._checks import (
+    accumulate_dtype,
+    check_kl_latents,
+    check_latents,
+    check_seed,
+    check_vae_loss,
+    promote_pair,
+    term_reductions,
+)
 
 
 def _scale(total: torch.Tensor, reduction: str, like: torch.Tensor) -> torch.Tensor:
@@ -65,6 +74,17 @@ def reparameterize_kl(
     return reparameterize(mu, logvar, seed=seed), kl_divergence(mu, logvar, reduction=reduction)
 
 
+def reconstruction_sum(x_hat: torch.Tensor, x: torch.Tensor, recon: str) -> torch.Tensor:
+    """The summed reconstruction term ``recon`` of :func:`vae_loss`, in ``x_hat``'s dtype."""
+    if recon == "mse":
+        return F.mse_loss(x_hat, x, reduction="sum")
+    if recon == "l1":
+        return F.l1_loss(x_hat, x, reduction="sum")
+    if recon == "bce":
+        return F.binary_cross_entropy(x_hat, x, reduction="sum")
+    return F.binary_cross_entropy_with_logits(x_hat, x, reduction="sum")
+
+
 def vae_loss(
     x_hat: torch.Tensor,
     x: torch.Tensor,
@@ -73,14 +93,30 @@ def vae_loss(
     *,
     beta: float = 1.0,
     reduction: str = "sum",
+    recon: str = "mse",
+    recon_reduction: str | None = None,
+    kl_reduction: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The negative ELBO with a Gaussian decoder: ``(loss, recon, kl)``.
+    """The negative ELBO: ``(loss, recon, kl)`` with ``loss = recon + beta * kl``.
 
-    ``recon`` is the squared error between ``x_hat`` and ``x`` and ``loss = recon + beta * kl``,
-    both terms reduced with ``reduction`` ("sum", "batchmean" or "mean").
+    ``recon`` is the reconstruction term, the negative log-likelihood of ``x`` under the decoder's
+    output ``x_hat`` summed over the elements, as torch's losses define it:
+
+    * ``"mse"``: squared error (a Gaussian decoder), ``F.mse_loss``;
+    * ``"l1"``: absolute error (a Laplace decoder), ``F.l1_loss``;
+    * ``"bce"``: ``x_hat`` is a probability, ``F.binary_cross_entropy`` (each log clamped at -100);
+    * ``"bce_logits"``: ``x_hat`` is a logit, ``F.binary_cross_entropy_with_logits``, the
+      numerically stable form of the two.
+
+    The BCE forms take targets ``x`` in [0, 1]; others are computed by the same formula, as torch
+    does. ``recon_reduction`` and ``kl_reduction`` ("sum", "batchmean" or "mean") override
+    ``reduction`` for their term. Pairs of different dtypes are promoted, as torch's losses do.
     """
-    check_vae_loss(x_hat, x, mu, logvar, beta, reduction)
+    x_hat, x = promote_pair(x_hat, x)
+    mu, logvar = promote_pair(mu, logvar)
+    recon_reduction, kl_reduction = term_reductions(reduction, recon_reduction, kl_reduction)
+    check_vae_loss(x_hat, x, mu, logvar, beta, recon, recon_reduction, kl_reduction)
     acc = accumulate_dtype(x.dtype)
-    recon = _scale(F.mse_loss(x_hat.to(acc), x.to(acc), reduction="sum"), reduction, x)
-    kl = kl_divergence(mu, logvar, reduction=reduction).to(recon.dtype)
-    return recon + beta * kl, recon, kl
+    recon_value = _scale(reconstruction_sum(x_hat.to(acc), x.to(acc), recon), recon_reduction, x)
+    kl = kl_divergence(mu, logvar, reduction=kl_reduction).to(recon_value.dtype)
+    return recon_value + beta * kl, recon_value, kl

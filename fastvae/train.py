@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
+from fastvae._checks import LOSS_REDUCTIONS, RECONS
 from fastvae._files import write_atomically
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
@@ -146,6 +147,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="floor on the batch-mean KL of each latent dimension, in nats (default: 0, off)")
     group.add_argument("--reduction", choices=("sum", "batchmean", "mean"), default="batchmean",
                        help="how both loss terms are reduced over the batch (default: batchmean, per image)")
+    group.add_argument("--recon", choices=RECONS, default="mse",
+                       help="reconstruction term; bce_logits drops the decoder's Sigmoid (default: mse)")
+    group.add_argument("--recon-reduction", choices=LOSS_REDUCTIONS,
+                       help="reduction of the reconstruction term alone (default: --reduction)")
+    group.add_argument("--kl-reduction", choices=LOSS_REDUCTIONS,
+                       help="reduction of the KL term alone (default: --reduction)")
     group.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                        help="autocast dtype; fp16 needs CUDA and uses a GradScaler (default: off)")
 
@@ -259,7 +266,9 @@ def evaluate(model: VAE, loader: DataLoader, device: torch.device, autocast, bac
             mu, logvar = model.encode(x)
             z = ops.reparameterize(mu, logvar, seed=i, backend=model.backend)
             x_hat = model.decode(z)
-            _, r, k = ops.vae_loss(x_hat, x.to(x_hat.dtype), mu, logvar, reduction="sum", backend=backend)
+            _, r, k = ops.vae_loss(
+                x_hat, x.to(x_hat.dtype), mu, logvar, reduction="sum", recon=model.recon, backend=backend
+            )
         recon += r.item()
         kl += k.item()
         means.append(mu.float())
@@ -333,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
 
         # ---- model ----------------------------------------------------------------------------
-        model = VAE(3, args.image_size, args.latent_dim, args.hidden_dims, backend=args.backend).to(device)
+        model = VAE(
+            3, args.image_size, args.latent_dim, args.hidden_dims, backend=args.backend, recon=args.recon
+        ).to(device)
         if distributed:
             model = global_batchnorm(model, device)  # before the optimizer: it may make new parameters
 
@@ -401,11 +412,12 @@ def run(args: argparse.Namespace) -> int:
             with autocast:
                 x_hat, mu, logvar = net(x)
                 loss, recon, kl = ops.vae_loss(
-                    x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=args.reduction, backend=loss_backend
+                    x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=args.reduction, recon=args.recon,
+                    recon_reduction=args.recon_reduction, kl_reduction=args.kl_reduction, backend=loss_backend,
                 )
                 if args.free_bits > 0:
                     floored = free_bits_kl(
-                        mu, logvar, floor=args.free_bits, reduction=args.reduction,
+                        mu, logvar, floor=args.free_bits, reduction=args.kl_reduction or args.reduction,
                         global_batch=args.batch_size, distributed=distributed, backend=loss_backend,
                     )
                     objective = scale * recon + beta * floored  # the floored KL is already global

@@ -111,6 +111,7 @@ def test_bad_images_raise(x, message):
         (dict(hidden_dims=()), ValueError, "hidden_dims must name at least one"),
         (dict(in_channels=2.0), TypeError, "in_channels must be an int, got float"),
         (dict(backend="cuda"), ValueError, "backend must be one of"),
+        (dict(recon="bernoulli"), ValueError, "recon must be one of 'mse', 'l1', 'bce', 'bce_logits', got 'bernoulli'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error, message):
@@ -122,3 +123,60 @@ def test_decode_checks_latent_shape():
     model = VAE(image_size=16, backend="reference", **SMALL)
     with pytest.raises(ValueError, match=r"z must have shape \(N, 8\), got \(2, 9\)"):
         model.decode(torch.zeros(2, 9))
+
+
+@pytest.mark.parametrize("recon", ["l1", "bce", "bce_logits"])
+def test_loss_uses_the_models_recon_and_split_reductions(recon):
+    torch.manual_seed(0)
+    model = VAE(image_size=16, backend="cpp" if fastvae.extension_error is None else "reference", recon=recon,
+                **SMALL).eval()
+    x = torch.rand(2, 3, 16, 16)
+    x_hat, mu, logvar = model(x)
+    parts = model.loss(x, beta=0.5, recon_reduction="mean", kl_reduction="batchmean")
+    want = fastvae.reference.vae_loss(x_hat, x, mu, logvar, beta=0.5, recon=recon, recon_reduction="mean",
+                                      kl_reduction="batchmean")
+    for got, expected in zip(parts, want):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bce_logits_decoder_outputs_logits_and_the_image_methods_apply_the_sigmoid():
+    torch.manual_seed(0)
+    logits_model = VAE(image_size=16, backend="reference", recon="bce_logits", **SMALL)
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in logits_model.decoder)
+    assert logits_model.config["recon"] == "bce_logits"
+    assert "recon" not in VAE(image_size=16, **SMALL).config
+    # The Sigmoid has no parameters: the same state_dict, and the images of an "mse" model.
+    images_model = VAE(image_size=16, backend="reference", **SMALL)
+    assert images_model.state_dict().keys() == logits_model.state_dict().keys()
+    images_model.load_state_dict(logits_model.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    logits = logits_model.eval()(x)[0]
+    assert logits.min() < 0 or logits.max() > 1
+    torch.testing.assert_close(logits_model.reconstruct(x), torch.sigmoid(logits))
+    torch.testing.assert_close(logits_model.reconstruct(x), images_model.reconstruct(x))
+    generator = torch.Generator().manual_seed(1)
+    samples = logits_model.sample(3, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(samples, images_model.sample(3, generator=generator))
+    path = logits_model.interpolate(x[0], x[1], steps=3)
+    assert 0 <= path.min() and path.max() <= 1
+
+
+def test_train_recon_option_reaches_the_loss_and_the_checkpoint(tmp_path):
+    from fastvae import checkpoint
+    from fastvae.cli import main
+
+    argv = [
+        "train", "--image-size", "16", "--hidden-dims", "8,16", "--latent-dim", "4", "--batch-size", "8",
+        "--train-size", "16", "--eval-size", "8", "--device", "cpu", "--steps", "2", "--every", "2",
+        "--recon", "bce_logits", "--recon-reduction", "mean", "--kl-reduction", "batchmean", "--out", str(tmp_path),
+    ]
+    assert main(argv) == 0
+    ckpt = checkpoint.load(tmp_path / "ckpt.pt")
+    assert ckpt["config"]["recon"] == "bce_logits"
+    assert (ckpt["args"]["recon_reduction"], ckpt["args"]["kl_reduction"]) == ("mean", "batchmean")
+    # What `fastvae sample`/`reconstruct` rebuild: a decoder without its Sigmoid, images through it.
+    model = VAE(**ckpt["config"], backend="reference")
+    model.load_state_dict(ckpt["model"])
+    assert not any(isinstance(m, torch.nn.Sigmoid) for m in model.decoder)
+    images = model.sample(4)
+    assert 0 <= images.min() and images.max() <= 1

@@ -57,6 +57,35 @@ def test_vae_loss_matches_closed_form(reduction, beta):
     np.testing.assert_allclose(loss.item(), want_recon + beta * want_kl, rtol=1e-12)
 
 
+def recon_elementwise_f64(x_hat, x, recon):
+    """The reconstruction terms in numpy float64, from their likelihoods."""
+    if recon == "mse":
+        return (x_hat - x) ** 2
+    if recon == "l1":
+        return np.abs(x_hat - x)
+    if recon == "bce":
+        return -(x * np.maximum(np.log(x_hat), -100) + (1 - x) * np.maximum(np.log(1 - x_hat), -100))
+    p = 1 / (1 + np.exp(-x_hat))
+    return -(x * np.log(p) + (1 - x) * np.log(1 - p))
+
+
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits"])
+@pytest.mark.parametrize("recon_reduction, kl_reduction", [("mean", "batchmean"), ("sum", "mean")])
+def test_vae_loss_recon_forms_and_split_reductions(recon, recon_reduction, kl_reduction):
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    x_hat = 0.05 + 0.9 * torch.rand(5, 3, 4, 4, generator=g, dtype=torch.float64)
+    mu, logvar = latents((5, 6))
+    loss, recon_value, kl = reference.vae_loss(
+        x_hat, x, mu, logvar, beta=0.3, recon=recon, recon_reduction=recon_reduction, kl_reduction=kl_reduction
+    )
+    want_recon = reduce_f64(recon_elementwise_f64(x_hat.numpy(), x.numpy(), recon), recon_reduction)
+    want_kl = reduce_f64(kl_elementwise_f64(mu.numpy(), logvar.numpy()), kl_reduction)
+    np.testing.assert_allclose(recon_value.item(), want_recon, rtol=1e-12)
+    np.testing.assert_allclose(kl.item(), want_kl, rtol=1e-12)
+    np.testing.assert_allclose(loss.item(), want_recon + 0.3 * want_kl, rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_inputs_reduce_in_float32(dtype):
     mu, logvar = latents((8, 16), dtype)
@@ -173,3 +202,7 @@ def test_vae_loss_bad_inputs():
         reference.vae_loss(x, x, torch.zeros(3, 2), torch.zeros(3, 2))
     with pytest.raises(TypeError, match="beta must be a float, got str"):
         reference.vae_loss(x, x, mu, mu, beta="1")
+    with pytest.raises(ValueError, match="recon must be one of 'mse', 'l1', 'bce', 'bce_logits', got 'mae'"):
+        reference.vae_loss(x, x, mu, mu, recon="mae")
+    with pytest.raises(ValueError, match="kl_reduction must be one of 'sum', 'batchmean', 'mean', got 'none'"):
+        reference.vae_loss(x, x, mu, mu, kl_reduction="none")

@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastvae
@@ -42,39 +43,66 @@ GRAD_TOL = {
 }
 
 
-def sample_inputs(device, requires_grad, dtype=torch.float32, image=(4, 3, 9, 7), latent=(4, 10), seed=0):
-    """(x_hat, x, mu, logvar) with sizes that are not multiples of any vector width."""
+RECONS = ["mse", "l1", "bce", "bce_logits"]
+# (recon_reduction, kl_reduction): one reduction for both, and Stable Diffusion's split.
+REDUCTION_PAIRS = [("sum", "sum"), ("batchmean", "batchmean"), ("mean", "mean"), ("mean", "batchmean")]
+
+
+def sample_inputs(device, requires_grad, dtype=torch.float32, image=(4, 3, 9, 7), latent=(4, 10), seed=0, recon="mse"):
+    """(x_hat, x, mu, logvar) with sizes that are not multiples of any vector width. For the BCE
+    forms x is in [0, 1], and x_hat a probability in [0.02, 0.98] ("bce") or a logit ("bce_logits")."""
     gen = torch.Generator().manual_seed(seed)
 
-    def make(shape, scale=1.0):
-        t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-        return t.requires_grad_(requires_grad)
+    def make(shape, values):
+        return values(shape).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-    return make(image), make(image), make(latent), make(latent, 0.5)
+    def normal(scale):
+        return lambda shape: torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+    def uniform(low, high):
+        return lambda shape: low + (high - low) * torch.rand(shape, generator=gen, dtype=torch.float64)
+
+    x_hat_values = {"bce": uniform(0.02, 0.98), "bce_logits": normal(3.0)}.get(recon, normal(1.0))
+    x_values = uniform(0.0, 1.0) if recon in ("bce", "bce_logits") else normal(1.0)
+    return make(image, x_hat_values), make(image, x_values), make(latent, normal(1.0)), make(latent, normal(0.5))
 
 
-def divisors(x, mu, reduction):
+def divisors(x, mu, reductions):
     """What the summed recon and KL terms are divided by."""
-    return tuple({"sum": 1, "batchmean": t.shape[0], "mean": t.numel()}[reduction] for t in (x, mu))
+    return tuple({"sum": 1, "batchmean": t.shape[0], "mean": t.numel()}[r] for t, r in zip((x, mu), reductions))
 
 
-def float64_loss(x_hat, x, mu, logvar, beta, reduction):
+def float64_recon(x_hat, x, recon):
+    """Elementwise (term, d term / d x_hat, d term / d x), written out independently of fastvae."""
+    if recon == "mse":
+        return (x_hat - x) ** 2, 2 * (x_hat - x), -2 * (x_hat - x)
+    if recon == "l1":
+        return (x_hat - x).abs(), torch.sign(x_hat - x), -torch.sign(x_hat - x)
+    if recon == "bce":
+        term = -(x * torch.log(x_hat).clamp(min=-100) + (1 - x) * torch.log(1 - x_hat).clamp(min=-100))
+        return term, (x_hat - x) / (x_hat * (1 - x_hat)).clamp(min=1e-12), torch.log1p(-x_hat) - torch.log(x_hat)
+    term = torch.clamp(x_hat, min=0) - x_hat * x + torch.log1p(torch.exp(-x_hat.abs()))
+    return term, torch.sigmoid(x_hat) - x, -x_hat
+
+
+def float64_loss(x_hat, x, mu, logvar, beta, reductions, recon="mse"):
     """The negative ELBO in float64, written out independently of fastvae."""
     x_hat, x, mu, logvar = (t.detach().double() for t in (x_hat, x, mu, logvar))
-    recon_div, kl_div = divisors(x, mu, reduction)
-    recon = ((x_hat - x) ** 2).sum() / recon_div
+    recon_div, kl_div = divisors(x, mu, reductions)
+    recon_value = float64_recon(x_hat, x, recon)[0].sum() / recon_div
     kl = (-0.5 * (1 + logvar - mu**2 - torch.exp(logvar))).sum() / kl_div
-    return recon + beta * kl, recon, kl
+    return recon_value + beta * kl, recon_value, kl
 
 
-def float64_grads(x_hat, x, mu, logvar, beta, reduction, weights):
+def float64_grads(x_hat, x, mu, logvar, beta, reductions, weights, recon="mse"):
     """d(w_loss * loss + w_recon * recon + w_kl * kl) / d(x_hat, x, mu, logvar), in float64."""
     x_hat, x, mu, logvar = (t.detach().double() for t in (x_hat, x, mu, logvar))
     w_loss, w_recon, w_kl = weights
-    recon_div, kl_div = divisors(x, mu, reduction)
-    grad_x_hat = 2 * (x_hat - x) * (w_loss + w_recon) / recon_div
+    recon_div, kl_div = divisors(x, mu, reductions)
+    _, d_x_hat, d_x = float64_recon(x_hat, x, recon)
+    image_weight = (w_loss + w_recon) / recon_div
     kl_weight = (beta * w_loss + w_kl) / kl_div
-    return grad_x_hat, -grad_x_hat, kl_weight * mu, kl_weight * 0.5 * (torch.exp(logvar) - 1)
+    return image_weight * d_x_hat, image_weight * d_x, kl_weight * mu, kl_weight * 0.5 * (torch.exp(logvar) - 1)
 
 
 def assert_losses_close(actual, expected, dtype):
@@ -83,36 +111,51 @@ def assert_losses_close(actual, expected, dtype):
         torch.testing.assert_close(a.double().cpu(), e.double().cpu(), atol=atol * max(1.0, abs(e.item())), rtol=rtol)
 
 
+def loss_kwargs(recon, reductions):
+    return {"recon": recon, "recon_reduction": reductions[0], "kl_reduction": reductions[1]}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("beta", [0.0, 1.0, 4.5])
-def test_forward_matches_reference_and_float64(device, dtype, reduction, beta):
-    inputs = sample_inputs(device, False, dtype)
-    loss, recon, kl = ops.vae_loss(*inputs, beta=beta, reduction=reduction, backend="cpp")
+@pytest.mark.parametrize("recon", RECONS)
+@pytest.mark.parametrize("reductions", REDUCTION_PAIRS)
+@pytest.mark.parametrize("beta", [0.0, 4.5])
+def test_forward_matches_reference_and_float64(device, dtype, recon, reductions, beta):
+    inputs = sample_inputs(device, False, dtype, recon=recon)
+    kwargs = loss_kwargs(recon, reductions)
+    loss, recon_value, kl = ops.vae_loss(*inputs, beta=beta, **kwargs, backend="cpp")
     accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-    assert all(t.shape == () and t.dtype == accumulate and t.device.type == device for t in (loss, recon, kl))
-    assert_losses_close((loss, recon, kl), reference.vae_loss(*inputs, beta=beta, reduction=reduction), dtype)
-    assert_losses_close((loss, recon, kl), float64_loss(*inputs, beta, reduction), dtype)
+    assert all(t.shape == () and t.dtype == accumulate and t.device.type == device for t in (loss, recon_value, kl))
+    assert_losses_close((loss, recon_value, kl), reference.vae_loss(*inputs, beta=beta, **kwargs), dtype)
+    assert_losses_close((loss, recon_value, kl), float64_loss(*inputs, beta, reductions, recon), dtype)
+
+
+def test_reduction_is_the_default_of_both_terms():
+    inputs = sample_inputs("cpu", False)
+    split = ops.vae_loss(*inputs, reduction="mean", kl_reduction="batchmean", backend="cpp")
+    for actual, expected in zip(split, float64_loss(*inputs, 1.0, ("mean", "batchmean"))):
+        torch.testing.assert_close(actual.double(), expected, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("recon", RECONS)
+@pytest.mark.parametrize("reductions", REDUCTION_PAIRS)
 # Incoming gradients of (loss, recon, kl): loss.backward(); all three with an image weight
 # (loss + recon) of 1, where the forward's image gradient is used as is; and one to scale by.
 @pytest.mark.parametrize("weights, beta", [((1.0, 0.0, 0.0), 1.0), ((1.5, -0.5, 2.0), 0.25), ((0.5, 0.25, -1.0), 3.0)])
-def test_gradients_of_all_three_outputs(device, dtype, reduction, weights, beta):
-    inputs = sample_inputs(device, True, dtype)
+def test_gradients_of_all_three_outputs(device, dtype, recon, reductions, weights, beta):
+    inputs = sample_inputs(device, True, dtype, recon=recon)
+    kwargs = loss_kwargs(recon, reductions)
     grad_outputs = [torch.tensor(w, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
                     for w in weights]
-    outputs = ops.vae_loss(*inputs, beta=beta, reduction=reduction, backend="cpp")
+    outputs = ops.vae_loss(*inputs, beta=beta, **kwargs, backend="cpp")
     grads = torch.autograd.grad(outputs, inputs, grad_outputs)
-    expected_outputs = reference.vae_loss(*inputs, beta=beta, reduction=reduction)
+    expected_outputs = reference.vae_loss(*inputs, beta=beta, **kwargs)
     reference_grads = torch.autograd.grad(expected_outputs, inputs, grad_outputs)
     atol, rtol = GRAD_TOL[dtype]
     for name, g, r, e in zip(("x_hat", "x", "mu", "logvar"), grads, reference_grads,
-                             float64_grads(*inputs, beta, reduction, weights)):
+                             float64_grads(*inputs, beta, reductions, weights, recon)):
         assert g.dtype == dtype and g.shape == e.shape, name
         torch.testing.assert_close(g.double().cpu(), e.cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
         torch.testing.assert_close(g, r, atol=atol, rtol=rtol, msg=lambda m: f"{name} vs reference: {m}")
@@ -147,7 +190,8 @@ def test_image_gradient_is_only_written_when_a_backward_can_need_it():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("weight", [1.0, 0.7])
 @pytest.mark.parametrize("x_requires_grad, reused", [(False, True), (True, False)])
-def test_backward_hands_over_the_forwards_image_gradient(device, weight, x_requires_grad, reused):
+@pytest.mark.parametrize("recon", RECONS)
+def test_backward_hands_over_the_forwards_image_gradient(device, weight, x_requires_grad, reused, recon):
     # The image gradient written by the forward becomes x_hat.grad itself, scaled in place (not
     # at all for loss.backward()): no image-sized tensor made and no copy. Only when x needs its
     # own gradient does the backward write new tensors.
@@ -157,16 +201,16 @@ def test_backward_hands_over_the_forwards_image_gradient(device, weight, x_requi
         saved.append(t.data_ptr())
         return t
 
-    x_hat, x, mu, logvar = sample_inputs(device, True)
+    x_hat, x, mu, logvar = sample_inputs(device, True, recon=recon)
     x = x.detach().requires_grad_(x_requires_grad)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = ops.vae_loss(x_hat, x, mu, logvar, backend="cpp")[0]
+        loss = ops.vae_loss(x_hat, x, mu, logvar, recon=recon, backend="cpp")[0]
     (weight * loss).backward()
     assert (x_hat.grad.data_ptr() in saved) == reused
-    expected = weight * 2 * (x_hat - x).detach()
-    torch.testing.assert_close(x_hat.grad, expected)
+    expected_x_hat, expected_x, _, _ = float64_grads(x_hat, x, mu, logvar, 1.0, ("sum", "sum"), (weight, 0, 0), recon)
+    torch.testing.assert_close(x_hat.grad, expected_x_hat.float().to(device))
     if x_requires_grad:
-        torch.testing.assert_close(x.grad, -expected)
+        torch.testing.assert_close(x.grad, expected_x.float().to(device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,38 +239,41 @@ def test_double_backward_is_refused_not_silently_wrong(device):
 
 def test_raw_op_without_image_gradient_refuses_to_backpropagate_to_the_image():
     inputs = sample_inputs("cpu", True)
-    loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "sum", False)[0]
+    loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "mse", "sum", "sum", False)[0]
     with pytest.raises(RuntimeError, match="compute_image_grad=False"):
         torch.autograd.grad(loss, inputs[0])
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_gradcheck_float64(reduction):
-    inputs = sample_inputs("cpu", True, torch.float64, image=(3, 2, 5), latent=(3, 4))
+@pytest.mark.parametrize("recon", RECONS)
+@pytest.mark.parametrize("reductions", REDUCTION_PAIRS)
+def test_gradcheck_float64(recon, reductions):
+    inputs = sample_inputs("cpu", True, torch.float64, image=(3, 2, 5), latent=(3, 4), recon=recon)
     assert torch.autograd.gradcheck(
-        lambda *args: ops.vae_loss(*args, beta=0.7, reduction=reduction, backend="cpp"), inputs
+        lambda *args: ops.vae_loss(*args, beta=0.7, **loss_kwargs(recon, reductions), backend="cpp"), inputs
     )
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_opcheck(device, reduction):
-    inputs = sample_inputs(device, True, torch.float32, image=(3, 2, 5), latent=(3, 4))
-    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*inputs, 0.7, reduction, True))
+@pytest.mark.parametrize("recon", RECONS)
+@pytest.mark.parametrize("reductions", [("sum", "sum"), ("mean", "batchmean")])
+def test_opcheck(device, recon, reductions):
+    inputs = sample_inputs(device, True, torch.float32, image=(3, 2, 5), latent=(3, 4), recon=recon)
+    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*inputs, 0.7, recon, *reductions, True))
     # Without the image gradient, only the latents can get gradients.
     frozen_image = (inputs[0].detach(), inputs[1].detach(), *inputs[2:])
-    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*frozen_image, 0.7, reduction, False))
+    torch.library.opcheck(torch.ops.fastvae.vae_loss.default, (*frozen_image, 0.7, recon, *reductions, False))
     grads = [torch.tensor(w, device=device) for w in (1.0, 0.5, -2.0)]
-    image_grad, _, mu, logvar = (t.detach() for t in inputs)
+    x_hat, image_grad, mu, logvar = (t.detach() for t in inputs)
     for scale_image, compute_grad_x in [(True, True), (False, True), (True, False), (False, False)]:
         torch.library.opcheck(
             torch.ops.fastvae.vae_loss_backward.default,
-            (*grads, image_grad, mu, logvar, 0.7, reduction, scale_image, compute_grad_x),
+            (*grads, image_grad, x_hat, mu, logvar, 0.7, recon, *reductions, scale_image, compute_grad_x),
         )
     for weight in (1.0, 0.5):
         in_place_grads = [torch.tensor(w, device=device) for w in (weight, 0.0, -2.0)]
         torch.library.opcheck(
-            torch.ops.fastvae.vae_loss_backward_.default, (*in_place_grads, image_grad.clone(), mu, logvar, 0.7, reduction)
+            torch.ops.fastvae.vae_loss_backward_.default,
+            (*in_place_grads, image_grad.clone(), mu, logvar, 0.7, *reductions),
         )
 
 
@@ -237,25 +284,31 @@ def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_
     # The image's weight is grad_loss + grad_recon: 1 (the image is left as it is) or 0.25.
     grads = [torch.tensor(w, device=device) for w in (weight, 0.0, -2.0)]
     image_grad = 2 * (x_hat - x)
-    expected = torch.ops.fastvae.vae_loss_backward(*grads, image_grad, mu, logvar, 0.7, "mean", True, False)
+    expected = torch.ops.fastvae.vae_loss_backward(
+        *grads, image_grad, None, mu, logvar, 0.7, "mse", "mean", "mean", True, False
+    )
     scaled = image_grad.clone()
-    latent_grads = torch.ops.fastvae.vae_loss_backward_(*grads, scaled, mu, logvar, 0.7, "mean")
+    latent_grads = torch.ops.fastvae.vae_loss_backward_(*grads, scaled, mu, logvar, 0.7, "mean", "mean")
     torch.testing.assert_close(scaled, expected[0])
     torch.testing.assert_close(latent_grads[0], expected[2])
     torch.testing.assert_close(latent_grads[1], expected[3])
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean")
+        torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean", "mean")
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("recon, recon_reduction", [("mse", "batchmean"), ("bce_logits", "mean")])
+def test_torch_compile_fullgraph(recon, recon_reduction):
     def loss_fn(x_hat, x, mu, logvar):
-        loss, recon, kl = ops.vae_loss(x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", backend="cpp")
-        return loss + 0.5 * kl, recon
+        loss, recon_value, kl = ops.vae_loss(
+            x_hat, x, mu, logvar, beta=2.0, reduction="batchmean", recon=recon, recon_reduction=recon_reduction,
+            backend="cpp",
+        )
+        return loss + 0.5 * kl, recon_value
 
     # aot_eager traces dynamo, the fake kernels and the autograd formula, without inductor's
     # code generation, which would only cost time here.
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
-    inputs = sample_inputs("cpu", True)
+    inputs = sample_inputs("cpu", True, recon=recon)
     actual, expected = compiled(*inputs), loss_fn(*inputs)
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, atol=0, rtol=0)
@@ -264,15 +317,16 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_bitwise_deterministic_across_runs_and_thread_counts(dtype):
+@pytest.mark.parametrize("recon", ["mse", "bce_logits"])
+def test_bitwise_deterministic_across_runs_and_thread_counts(dtype, recon):
     # Several 16Ki-element chunks, so two threads really split the work.
-    inputs = sample_inputs("cpu", True, dtype, image=(5, 3, 64, 70), latent=(5, 9000))
+    inputs = sample_inputs("cpu", True, dtype, image=(5, 3, 64, 70), latent=(5, 9000), recon=recon)
     threads = torch.get_num_threads()
     results = []
     try:
         for num_threads in (1, 2, 2):
             torch.set_num_threads(num_threads)
-            outputs = ops.vae_loss(*inputs, beta=0.3, reduction="sum", backend="cpp")
+            outputs = ops.vae_loss(*inputs, beta=0.3, reduction="sum", recon=recon, backend="cpp")
             grads = torch.autograd.grad(outputs[0], inputs)
             results.append([t.detach() for t in (*outputs, *grads)])
     finally:
@@ -290,12 +344,14 @@ _BUILD_OUTPUTS_SCRIPT = textwrap.dedent(
 
     gen = torch.Generator().manual_seed(0)
     results = []
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        inputs = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-                  for shape in ((3, 5003), (3, 5003), (3, 7), (3, 7))]
-        outputs = ops.vae_loss(*inputs, beta=0.5, backend="cpp")
-        # A weight other than 1, so the backward's scaling loop runs too.
-        results += [*outputs, *torch.autograd.grad(0.7 * outputs[0], inputs)]
+    for recon in ("mse", "l1", "bce", "bce_logits"):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            x_hat, x, mu, logvar = (torch.rand(shape, generator=gen, dtype=torch.float64)
+                                    for shape in ((3, 5003), (3, 5003), (3, 7), (3, 7)))
+            inputs = [t.to(dtype).requires_grad_() for t in (0.02 + 0.96 * x_hat, x, mu, logvar)]
+            outputs = ops.vae_loss(*inputs, beta=0.5, recon=recon, backend="cpp")
+            # A weight other than 1, so the backward's scaling loop runs too.
+            results += [*outputs, *torch.autograd.grad(0.7 * outputs[0], inputs)]
     torch.save([r.detach() for r in results], sys.argv[1])
     """
 )
@@ -314,14 +370,15 @@ def test_avx2_and_baseline_builds_agree(tmp_path):
     names = ("loss", "recon", "kl", "grad_x_hat", "grad_x", "grad_mu", "grad_logvar")
     for i, (baseline, avx2) in enumerate(zip(*runs)):
         name = names[i % len(names)]
-        if name in ("recon", "grad_x_hat", "grad_x"):
-            # Adds and multiplies only, on the same lanes in the same order: the same bits.
+        recon = ("mse", "l1", "bce", "bce_logits")[i // (4 * len(names))]
+        if name in ("recon", "grad_x_hat", "grad_x") and recon in ("mse", "l1"):
+            # Adds, multiplies and comparisons only, on the same lanes in the same order: the same bits.
             assert torch.equal(baseline, avx2), name
         else:
-            # The KL takes exp from Sleef in the AVX2 build and from the C library in the
-            # baseline build: each within an ulp of exact, not always the same one.
+            # The KL and the BCE forms take exp and log from Sleef in the AVX2 build and from the C
+            # library in the baseline build: each within an ulp of exact, not always the same one.
             eps = torch.finfo(baseline.dtype).eps
-            torch.testing.assert_close(avx2, baseline, rtol=4 * eps, atol=4 * eps, msg=name)
+            torch.testing.assert_close(avx2, baseline, rtol=4 * eps, atol=4 * eps, msg=f"{recon} {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -336,10 +393,11 @@ def test_avx2_and_baseline_builds_agree(tmp_path):
     ],
 )
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_edge_sizes(device, image, latent, reduction):
-    inputs = sample_inputs(device, True, torch.float32, image, latent)
-    outputs = ops.vae_loss(*inputs, beta=0.5, reduction=reduction, backend="cpp")
-    expected = reference.vae_loss(*inputs, beta=0.5, reduction=reduction)
+@pytest.mark.parametrize("recon", RECONS)
+def test_edge_sizes(device, image, latent, reduction, recon):
+    inputs = sample_inputs(device, True, torch.float32, image, latent, recon=recon)
+    outputs = ops.vae_loss(*inputs, beta=0.5, reduction=reduction, recon=recon, backend="cpp")
+    expected = reference.vae_loss(*inputs, beta=0.5, reduction=reduction, recon=recon)
     for o, e in zip(outputs, expected):
         # The mean of nothing is nan, as in torch.
         torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5, equal_nan=True)
@@ -350,8 +408,9 @@ def test_edge_sizes(device, image, latent, reduction):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_inputs(device):
-    big = sample_inputs(device, False, torch.float32, image=(4, 3, 9, 8), latent=(4, 12))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_contiguous_inputs(device, dtype):
+    big = sample_inputs(device, False, dtype, image=(4, 3, 9, 8), latent=(4, 12))
     # A transpose, a strided slice, and views whose data starts off a 16-byte boundary.
     views = (big[0].transpose(2, 3), big[1].transpose(2, 3), big[2][:, 1:], big[3][:, :-1])
     leaves = [v.detach().requires_grad_(True) for v in views]
@@ -365,7 +424,10 @@ def test_non_contiguous_inputs(device):
     # Contiguous, but one element into their storage: the CUDA kernels cannot use 16-byte loads.
     shifted = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in big]
     assert all(t.is_contiguous() and t.storage_offset() == 1 for t in shifted)
-    assert_losses_close(ops.vae_loss(*shifted, reduction="sum", backend="cpp"), float64_loss(*big, 1.0, "sum"), torch.float32)
+    # The same bits as aligned copies: the CUDA grid and each thread's elements do not depend on
+    # the loads' width.
+    for o, e in zip(ops.vae_loss(*shifted, backend="cpp"), ops.vae_loss(*(t.clone() for t in big), backend="cpp")):
+        assert torch.equal(o, e)
 
 
 @pytest.mark.parametrize("image_dtype, latent_dtype", [(torch.float16, torch.float64), (torch.float64, torch.bfloat16)])
@@ -387,10 +449,16 @@ def test_image_and_latent_dtypes_may_differ(image_dtype, latent_dtype):
     [
         (lambda a: {**a, "x": a["x"][:, :2]}, ValueError, r"x_hat has shape \(4, 3, 9, 7\) but x has \(4, 2, 9, 7\)"),
         (lambda a: {**a, "mu": a["mu"][:3], "logvar": a["logvar"][:3]}, ValueError, "x has batch size 4 but mu has 3"),
-        (lambda a: {**a, "x": a["x"].double()}, TypeError, "x_hat is torch.float32 but x is torch.float64"),
+        (lambda a: {**a, "x": a["x"].int()}, TypeError, "x must be float16, bfloat16, float32 or float64, got torch.int32"),
         (lambda a: {**a, "logvar": a["logvar"].to("meta")}, ValueError, "mu is on cpu but logvar is on meta"),
         (lambda a: {**a, "x_hat": a["x_hat"].int(), "x": a["x"].int()}, TypeError, "x_hat must be float16"),
         (lambda a: {**a, "reduction": "none"}, ValueError, "reduction must be one of 'sum', 'batchmean', 'mean'"),
+        (lambda a: {**a, "recon": "huber"}, ValueError,
+         "recon must be one of 'mse', 'l1', 'bce', 'bce_logits', got 'huber'"),
+        (lambda a: {**a, "kl_reduction": "avg"}, ValueError,
+         "kl_reduction must be one of 'sum', 'batchmean', 'mean', got 'avg'"),
+        (lambda a: {**a, "recon_reduction": "none"}, ValueError,
+         "recon_reduction must be one of 'sum', 'batchmean', 'mean', got 'none'"),
         (lambda a: {**a, "beta": "1"}, TypeError, "beta must be a float"),
     ],
 )
@@ -410,11 +478,12 @@ def test_bad_inputs_raise_before_any_kernel(change, error, message):
         (lambda a: a.__setitem__(0, a[0].half()), "x_hat is Half but x is Float"),
         (lambda a: (a.__setitem__(0, a[0].long()), a.__setitem__(1, a[1].long())), "x_hat must be float16"),
         (lambda a: (a.__setitem__(0, a[0][0, 0, 0, 0]), a.__setitem__(1, a[1][0, 0, 0, 0])), "need a batch dimension"),
-        (lambda a: a.__setitem__(5, "avg"), "reduction must be one of 'sum', 'batchmean', 'mean', got 'avg'"),
+        (lambda a: a.__setitem__(6, "avg"), "reduction must be one of 'sum', 'batchmean', 'mean', got 'avg'"),
+        (lambda a: a.__setitem__(5, "huber"), "recon must be one of 'mse', 'l1', 'bce', 'bce_logits', got 'huber'"),
     ],
 )
 def test_raw_op_rejects_bad_input_with_runtime_error(change, message):
-    args = [*sample_inputs("cpu", False), 1.0, "sum", True]
+    args = [*sample_inputs("cpu", False), 1.0, "mse", "sum", "sum", True]
     change(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastvae.vae_loss(*args)
@@ -423,10 +492,14 @@ def test_raw_op_rejects_bad_input_with_runtime_error(change, message):
 def test_raw_backward_op_rejects_bad_incoming_gradients():
     _, image_grad, mu, logvar = sample_inputs("cpu", False)
     one = torch.tensor(1.0)
+    tail = (mu, logvar, 1.0, "mse", "sum", "sum", True, True)
     with pytest.raises(RuntimeError, match="grad_recon must be 0-dimensional"):
-        torch.ops.fastvae.vae_loss_backward(one, torch.ones(2), one, image_grad, mu, logvar, 1.0, "sum", True, True)
+        torch.ops.fastvae.vae_loss_backward(one, torch.ones(2), one, image_grad, None, *tail)
     with pytest.raises(RuntimeError, match="grad_kl is Double but the output it is the gradient of is Float"):
-        torch.ops.fastvae.vae_loss_backward(one, one, one.double(), image_grad, mu, logvar, 1.0, "sum", True, True)
+        torch.ops.fastvae.vae_loss_backward(one, one, one.double(), image_grad, None, *tail)
+    with pytest.raises(RuntimeError, match="a function of x_hat, which must be given"):
+        torch.ops.fastvae.vae_loss_backward(one, one, one, image_grad, None, mu, logvar, 1.0, "bce", "sum", "sum",
+                                            True, True)
 
 
 def test_backward_is_one_operator_call():
@@ -461,17 +534,112 @@ def test_cpp_backend_availability():
 
 @CUDA
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype):
-    cpu_inputs = sample_inputs("cpu", True, dtype, image=(6, 3, 33, 31), latent=(6, 50))
+@pytest.mark.parametrize("recon", RECONS)
+def test_cuda_matches_cpu_and_is_bitwise_deterministic(dtype, recon):
+    cpu_inputs = sample_inputs("cpu", True, dtype, image=(6, 3, 33, 31), latent=(6, 50), recon=recon)
     cuda_inputs = [t.detach().cuda().requires_grad_(True) for t in cpu_inputs]
     runs = []
     for _ in range(2):
-        outputs = ops.vae_loss(*cuda_inputs, beta=0.5, reduction="mean", backend="cpp")
+        outputs = ops.vae_loss(*cuda_inputs, beta=0.5, reduction="mean", recon=recon, backend="cpp")
         runs.append([t.detach() for t in (*outputs, *torch.autograd.grad(outputs[0], cuda_inputs))])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
-    cpu_outputs = ops.vae_loss(*cpu_inputs, beta=0.5, reduction="mean", backend="cpp")
+    cpu_outputs = ops.vae_loss(*cpu_inputs, beta=0.5, reduction="mean", recon=recon, backend="cpp")
     cpu_grads = torch.autograd.grad(cpu_outputs[0], cpu_inputs)
     assert_losses_close(runs[0][:3], cpu_outputs, dtype)
     for g, e in zip(runs[0][3:], cpu_grads):
         torch.testing.assert_close(g.cpu(), e, atol=GRAD_TOL[dtype][0], rtol=GRAD_TOL[dtype][1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_loss_scaled_reduced_precision_gradients_do_not_underflow(device, dtype):
+    # A GradScaler's 65536 on a "mean" loss over 64x3x64x64: the true gradient 2 (x_hat - x) / N
+    # is around 1e-6, below float16's normal range. Storing it so and scaling afterwards rounded
+    # 45% of the float16 gradients to zero (issue 10); the reference rounds once, after scaling.
+    gen = torch.Generator().manual_seed(0)
+    shape = (64, 3, 64, 64)
+    x_hat64, x64 = (torch.rand(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    x_hat = x_hat64.to(device=device, dtype=dtype).requires_grad_(True)
+    x = x64.to(device=device, dtype=dtype)
+    mu, logvar = torch.zeros(64, 8, device=device, dtype=dtype), torch.zeros(64, 8, device=device, dtype=dtype)
+    scale = 65536.0
+    (ops.vae_loss(x_hat, x, mu, logvar, reduction="mean", backend="cpp")[0] * scale).backward()
+    exact = scale * 2 * (x_hat.detach().double() - x.double()) / x.numel()
+    # One rounding of the exact value to the dtype, as the reference's gradient has.
+    rounded = exact.to(dtype).double()
+    grad = x_hat.grad.double()
+    assert (grad == 0).float().mean().item() <= (rounded == 0).float().mean().item() + 1e-4
+    relative_l1 = ((grad - exact).abs().sum() / exact.abs().sum()).item()
+    assert relative_l1 <= 2 * ((rounded - exact).abs().sum() / exact.abs().sum()).item() + 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_autocast_bfloat16_decoder_output_with_float32_target(backend):
+    # Under autocast the decoder's output is bfloat16 and the batch float32: computed in float32,
+    # as F.mse_loss computes the mix (issue 14), and the gradient flows back to the bfloat16 output.
+    gen = torch.Generator().manual_seed(0)
+    decoder = torch.nn.Linear(6, 5 * 7)
+    x = torch.rand(4, 5, 7, generator=gen)
+    z, mu, logvar = (torch.randn(4, 6, generator=gen, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_hat = decoder(z).view(4, 5, 7)
+        assert x_hat.dtype == torch.bfloat16 and x.dtype == torch.float32
+        loss, recon, kl = ops.vae_loss(x_hat, x, mu, logvar, reduction="batchmean", backend=backend)
+        expected_recon = F.mse_loss(x_hat, x, reduction="sum") / 4
+    assert recon.dtype == torch.float32
+    torch.testing.assert_close(recon, expected_recon.float(), atol=1e-6, rtol=1e-6)
+    assert_losses_close((loss, recon, kl), float64_loss(x_hat.float(), x, mu, logvar, 1.0, ("batchmean", "batchmean")), torch.float32)
+    (grad_z,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (expected_grad_z,) = torch.autograd.grad(expected_recon, z)
+    torch.testing.assert_close(grad_z, expected_grad_z, atol=1e-3, rtol=1e-3)
+
+
+TORCH_LOSSES = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "bce": F.binary_cross_entropy,
+    "bce_logits": F.binary_cross_entropy_with_logits,
+}
+
+
+def assert_matches_torch_loss(recon, x_hat, x, dtype, reduction="sum"):
+    """Values and both image gradients of vae_loss's recon term against torch's own loss on the same
+    inputs (upcast as vae_loss computes), NaN nowhere torch has none."""
+    x_hat = x_hat.to(dtype).requires_grad_(True)
+    x = x.to(dtype).requires_grad_(True)
+    mu, logvar = torch.zeros(x.shape[0], 2, dtype=dtype), torch.zeros(x.shape[0], 2, dtype=dtype)
+    recon_value = ops.vae_loss(x_hat, x, mu, logvar, recon=recon, reduction=reduction, backend="cpp")[1]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    expected = TORCH_LOSSES[recon](x_hat.to(acc), x.to(acc), reduction=reduction)
+    torch.testing.assert_close(recon_value, expected, rtol=1e-6, atol=1e-6)
+    for name, g, e in zip(("x_hat", "x"), torch.autograd.grad(recon_value, (x_hat, x)),
+                          torch.autograd.grad(expected, (x_hat, x))):
+        assert not (g.isnan() & ~e.isnan()).any(), name
+        torch.testing.assert_close(g, e, rtol=2e-3, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_at_probabilities_of_exactly_0_and_1(dtype):
+    # Each log is clamped at -100 as in F.binary_cross_entropy: finite loss, gradients of +-1e12
+    # in the image (infinite in float16, as torch's), and torch's infinite target gradients.
+    x_hat = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.5, 0.0], [1.0, 0.25, 0.0, 1.0, 1.0, 0.0]])
+    x = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.5, 0.3], [0.7, 1.0, 1.0, 0.0, 1.0, 0.0]])
+    assert_matches_torch_loss("bce", x_hat, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_logits_at_huge_logits(dtype):
+    big = 6e4 if dtype == torch.float16 else 1e30
+    x_hat = torch.tensor([[big, -big, big, -big, 40.0], [-40.0, big, -big, 0.0, 1e-3]])
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0], [0.0, 0.5, 0.5, 0.5, 0.0]])
+    assert_matches_torch_loss("bce_logits", x_hat, x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_l1_ties_take_torchs_zero_subgradient(dtype, reduction):
+    # x_hat == x on every other element, longer than a vector so the vectorized loop sees ties.
+    x = torch.linspace(-2, 2, 2 * 37).view(2, 37)
+    x_hat = torch.where(torch.arange(37) % 2 == 0, x, x + 0.25)
+    assert_matches_torch_loss("l1", x_hat, x, dtype, reduction)

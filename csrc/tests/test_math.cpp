@@ -101,16 +101,42 @@ void test_kl_and_gradients() {
   }
 }
 
-void test_squared_error_and_gradient() {
-  expect_near("squared_error", fastvae::squared_error(3.0, 1.5), 2.25, 0.0);
+template <fastvae::Recon kRecon>
+void check_recon_gradients(const char* name, double x_hat, double x) {
   const double weight = 0.75;
-  const double factor = fastvae::squared_error_grad_factor(weight);
-  for (double x_hat : {-1.0, 0.2, 4.0}) {
-    const double x = 0.6;
-    const double numeric =
-        central_difference([&](double v) { return weight * fastvae::squared_error(v, x); }, x_hat);
-    expect_near("squared_error_grad", fastvae::squared_error_grad(x_hat, x, factor), numeric, 1e-7);
+  const double numeric =
+      central_difference([&](double v) { return weight * fastvae::recon_term<kRecon>(v, x); }, x_hat);
+  expect_near(name, fastvae::recon_grad<kRecon>(x_hat, x, weight), numeric, 1e-6 * std::fmax(1.0, std::fabs(numeric)));
+  if constexpr (!fastvae::recon_grad_target_is_negated(kRecon)) {
+    const double numeric_x = central_difference([&](double t) { return fastvae::recon_term<kRecon>(x_hat, t); }, x);
+    expect_near(name, fastvae::recon_grad_target<kRecon>(x_hat), numeric_x, 1e-6 * std::fmax(1.0, std::fabs(numeric_x)));
   }
+}
+
+void test_recon_terms_and_gradients() {
+  using fastvae::Recon;
+  expect_near("mse", fastvae::recon_term<Recon::Mse>(3.0, 1.5), 2.25, 0.0);
+  expect_near("l1", fastvae::recon_term<Recon::L1>(1.0, 3.5), 2.5, 0.0);
+  expect_near("bce", fastvae::recon_term<Recon::Bce>(0.25, 1.0), -std::log(0.25), 1e-15);
+  expect_near("bce_logits", fastvae::recon_term<Recon::BceLogits>(0.0, 0.3), std::log(2.0), 1e-15);
+  for (double x_hat : {0.05, 0.3, 0.8}) {
+    for (double x : {0.0, 0.4, 1.0}) {
+      check_recon_gradients<Recon::Mse>("mse grad", x_hat, x);
+      check_recon_gradients<Recon::L1>("l1 grad", x_hat, x);
+      check_recon_gradients<Recon::Bce>("bce grad", x_hat, x);
+      check_recon_gradients<Recon::BceLogits>("bce_logits grad", 4 * x_hat - 2, x);
+    }
+  }
+  // torch's subgradient at a tie, and the clamps of F.binary_cross_entropy at 0 and 1.
+  expect_near("l1 grad at a tie", fastvae::recon_grad<Recon::L1>(0.5f, 0.5f, 1.0f), 0.0, 0.0);
+  expect_near("bce at x_hat = 0", fastvae::recon_term<Recon::Bce>(0.0, 1.0), 100.0, 0.0);
+  expect_near("bce at x_hat = 1", fastvae::recon_term<Recon::Bce>(1.0f, 0.25f), 75.0, 1e-5);
+  expect_near("bce grad at x_hat = 0", fastvae::recon_grad<Recon::Bce>(0.0, 1.0, 1.0), -1e12, 1.0);
+  // Huge logits of either sign: finite, and exact where the answer is.
+  expect_near("bce_logits at +1e30", fastvae::recon_term<Recon::BceLogits>(1e30f, 1.0f), 0.0, 0.0);
+  expect_near("bce_logits at -1e30", fastvae::recon_term<Recon::BceLogits>(-1e30f, 0.0f), 0.0, 0.0);
+  expect_near("bce_logits grad at +1e30", fastvae::recon_grad<Recon::BceLogits>(1e30f, 0.0f, 1.0f), 1.0, 0.0);
+  expect_near("bce_logits grad at -1e30", fastvae::recon_grad<Recon::BceLogits>(-1e30f, 0.0f, 1.0f), 0.0, 0.0);
 }
 
 void test_reparameterize_and_gradient() {
@@ -128,7 +154,7 @@ int main() {
   test_uniform_range();
   test_normal_matches_numpy_model();
   test_kl_and_gradients();
-  test_squared_error_and_gradient();
+  test_recon_terms_and_gradients();
   test_reparameterize_and_gradient();
   if (failures == 0) std::printf("fastvae_math: all checks passed\n");
   return failures == 0 ? 0 : 1;

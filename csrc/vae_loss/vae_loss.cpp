@@ -5,21 +5,38 @@
 
 namespace fastvae {
 
-Reduction check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
-                                const at::Tensor& logvar, std::string_view reduction) {
+Recon parse_recon(std::string_view recon) {
+  if (recon == "mse") return Recon::Mse;
+  if (recon == "l1") return Recon::L1;
+  if (recon == "bce") return Recon::Bce;
+  TORCH_CHECK(recon == "bce_logits", "recon must be one of 'mse', 'l1', 'bce', 'bce_logits', got '", recon, "'");
+  return Recon::BceLogits;
+}
+
+namespace {
+
+VaeLossReductions parse_reductions(std::string_view recon_reduction, std::string_view kl_reduction) {
+  return {parse_reduction(recon_reduction, /*allow_none=*/false), parse_reduction(kl_reduction, /*allow_none=*/false)};
+}
+
+}  // namespace
+
+VaeLossReductions check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
+                                        const at::Tensor& logvar, std::string_view recon_reduction,
+                                        std::string_view kl_reduction) {
   check_pair("x_hat", x_hat, "x", x);
   check_pair("mu", mu, "logvar", logvar);
   TORCH_CHECK(x.dim() > 0 && mu.dim() > 0, "x and mu need a batch dimension, got x of shape ",
               x.sizes(), " and mu of shape ", mu.sizes());
   TORCH_CHECK(x.size(0) == mu.size(0), "x has batch size ", x.size(0), " but mu has ", mu.size(0));
   TORCH_CHECK(x.device() == mu.device(), "x is on ", x.device(), " but mu is on ", mu.device());
-  return parse_reduction(reduction, /*allow_none=*/false);
+  return parse_reductions(recon_reduction, kl_reduction);
 }
 
-Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
-                                         const at::Tensor& mu, const at::Tensor& logvar,
-                                         std::string_view reduction) {
+VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 std::string_view recon_reduction, std::string_view kl_reduction) {
   check_pair("mu", mu, "logvar", logvar);
   check_float("image_grad", image_grad);
   TORCH_CHECK(image_grad.device() == mu.device(), "image_grad is on ", image_grad.device(), " but mu is on ",
@@ -35,18 +52,28 @@ Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::
   check("grad_loss", grad_loss);
   check("grad_recon", grad_recon);
   check("grad_kl", grad_kl);
-  return parse_reduction(reduction, /*allow_none=*/false);
+  return parse_reductions(recon_reduction, kl_reduction);
 }
 
-Reduction check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
-                                                 const at::Tensor& mu, const at::Tensor& logvar,
-                                                 std::string_view reduction) {
-  const Reduction parsed =
-      check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, reduction);
+VaeLossReductions check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                         const at::Tensor& mu, const at::Tensor& logvar,
+                                                         std::string_view recon_reduction,
+                                                         std::string_view kl_reduction) {
+  const VaeLossReductions parsed = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad, mu,
+                                                                  logvar, recon_reduction, kl_reduction);
   TORCH_CHECK(image_grad.is_contiguous(), "vae_loss_backward_ scales image_grad in place, so it must be contiguous, "
               "got strides ", image_grad.strides(), " for shape ", image_grad.sizes());
   return parsed;
+}
+
+bool check_target_grad_input(Recon recon, bool compute_grad_x, const std::optional<at::Tensor>& x_hat,
+                             const at::Tensor& image_grad) {
+  if (!compute_grad_x || recon_grad_target_is_negated(recon)) return false;
+  TORCH_CHECK(x_hat.has_value(), "the gradient of x for a BCE reconstruction term is a function of x_hat, "
+              "which must be given");
+  check_pair("x_hat", *x_hat, "image_grad", image_grad);
+  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_vae_loss_outputs(const at::Tensor& x,

@@ -2,35 +2,79 @@
 // the backward applies, and output allocation.
 #pragma once
 
+#include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/core/Tensor.h>
 
 #include "../common.h"
+#include "../fastvae_math.h"
 
 namespace fastvae {
 
-// Checks the inputs (naming both sides on mismatch) and returns the reduction. x_hat/x may have
+// "mse", "l1", "bce" or "bce_logits".
+Recon parse_recon(std::string_view recon);
+
+// Calls f(std::integral_constant<Recon, recon>{}), so kernels take the term as a template
+// parameter and each form compiles to straight-line code.
+template <typename F>
+void dispatch_recon(Recon recon, const F& f) {
+  switch (recon) {
+    case Recon::Mse:
+      return f(std::integral_constant<Recon, Recon::Mse>{});
+    case Recon::L1:
+      return f(std::integral_constant<Recon, Recon::L1>{});
+    case Recon::Bce:
+      return f(std::integral_constant<Recon, Recon::Bce>{});
+    case Recon::BceLogits:
+      return f(std::integral_constant<Recon, Recon::BceLogits>{});
+  }
+}
+
+// The reduction of each term.
+struct VaeLossReductions {
+  Reduction recon, kl;
+};
+
+// Checks the inputs (naming both sides on mismatch) and parses the reductions. x_hat/x may have
 // another dtype than mu/logvar: each term accumulates in its own inputs' accumulate type.
-Reduction check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
-                                const at::Tensor& logvar, std::string_view reduction);
+VaeLossReductions check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tensor& x, const at::Tensor& mu,
+                                        const at::Tensor& logvar, std::string_view recon_reduction,
+                                        std::string_view kl_reduction);
 
 // The backward's inputs: image_grad (x's dtype, as the forward wrote it, or empty when no image
 // gradient is needed) next to mu/logvar, and the incoming gradients of (loss, recon, kl): 0-dim
 // tensors of x's accumulate type (kl is returned in it too) on the same device, read by the
 // kernels on the device, so a CUDA backward needs no host synchronization.
-Reduction check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
-                                         const at::Tensor& mu, const at::Tensor& logvar,
-                                         std::string_view reduction);
+VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                 const at::Tensor& mu, const at::Tensor& logvar,
+                                                 std::string_view recon_reduction, std::string_view kl_reduction);
 
 // The same for vae_loss_backward_, which scales image_grad in place: it must also be the
 // contiguous tensor the forward wrote.
-Reduction check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
-                                                 const at::Tensor& mu, const at::Tensor& logvar,
-                                                 std::string_view reduction);
+VaeLossReductions check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
+                                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+                                                         const at::Tensor& mu, const at::Tensor& logvar,
+                                                         std::string_view recon_reduction,
+                                                         std::string_view kl_reduction);
+
+// vae_loss_backward's grad_x for the BCE forms is a function of x_hat (recon_grad_target), which
+// must then be given, like image_grad. Returns whether it is needed.
+bool check_target_grad_input(Recon recon, bool compute_grad_x, const std::optional<at::Tensor>& x_hat,
+                             const at::Tensor& image_grad);
+
+// The image gradient the forward writes is d recon / d x_hat up to a factor the backward's weight
+// supplies. In float32 and float64 it includes the reduction's 1 / divisor, so the gradient of
+// loss.backward() is finished in the forward. float16 and bfloat16 leave it to the backward,
+// which multiplies by it in float32 together with the incoming gradient: 2 (x_hat - x) / N of a
+// 64x3x64x64 mean is around 1e-6, below float16's normal range, and a GradScaler's 65536 applied
+// afterwards would only scale the rounding error of subnormals up.
+inline bool image_grad_includes_divisor(at::ScalarType image) {
+  return image == at::kFloat || image == at::kDouble;
+}
 
 // (loss, recon, kl) as 0-dim tensors of x's accumulate type, and image_grad: like x when
 // compute_image_grad, else empty.

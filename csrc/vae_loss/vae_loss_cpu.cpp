@@ -31,13 +31,13 @@ using cpu::acc_t;
 using cpu::kChunk;
 
 // The baseline or the AVX2 build of the image loops (vae_loss_cpu_kernels.h).
-template <bool kWriteGrad, typename scalar_t>
-acc_t<scalar_t> squared_error_chunk(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> factor,
-                                    scalar_t* image_grad, int64_t begin, int64_t end) {
+template <Recon kRecon, bool kWriteGrad, typename scalar_t>
+acc_t<scalar_t> recon_chunk(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> grad_weight,
+                            scalar_t* image_grad, int64_t begin, int64_t end) {
 #if FASTVAE_AVX2_BUILD
-  if (cpu::use_avx2()) return cpu::squared_error_sum_avx2<kWriteGrad>(x_hat, x, factor, image_grad, begin, end);
+  if (cpu::use_avx2()) return cpu::recon_sum_avx2<kRecon, kWriteGrad>(x_hat, x, grad_weight, image_grad, begin, end);
 #endif
-  return cpu::squared_error_sum<kWriteGrad>(x_hat, x, factor, image_grad, begin, end);
+  return cpu::recon_sum<kRecon, kWriteGrad>(x_hat, x, grad_weight, image_grad, begin, end);
 }
 
 template <typename scalar_t>
@@ -47,6 +47,14 @@ void scale_image_grad_chunk(const scalar_t* image_grad, acc_t<scalar_t> weight, 
   if (cpu::use_avx2()) return cpu::scale_image_grad_avx2(image_grad, weight, grad_x_hat, grad_x, begin, end);
 #endif
   cpu::scale_image_grad(image_grad, weight, grad_x_hat, grad_x, begin, end);
+}
+
+template <Recon kRecon, typename scalar_t>
+void target_grad_chunk(const scalar_t* x_hat, acc_t<scalar_t> weight, scalar_t* grad_x, int64_t begin, int64_t end) {
+#if FASTVAE_AVX2_BUILD
+  if (cpu::use_avx2()) return cpu::target_grad_avx2<kRecon>(x_hat, weight, grad_x, begin, end);
+#endif
+  cpu::target_grad<kRecon>(x_hat, weight, grad_x, begin, end);
 }
 
 // Nested dispatch: the image pair and the latents may differ in dtype, and each term
@@ -76,14 +84,16 @@ void for_each_chunk(int64_t n_image, int64_t n_latent, const F& run) {
   });
 }
 
-template <typename image_t, typename latent_t>
+template <Recon kRecon, typename image_t, typename latent_t>
 void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, const latent_t* mu,
                       const latent_t* logvar, int64_t n_latent, double beta, double image_divisor,
                       double latent_divisor, acc_t<image_t>* loss, acc_t<image_t>* recon, acc_t<image_t>* kl,
                       image_t* image_grad) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
-  const image_acc grad_factor = squared_error_grad_factor(image_acc(1) / static_cast<image_acc>(image_divisor));
+  const image_acc inverse_divisor = image_acc(1) / static_cast<image_acc>(image_divisor);
+  const image_acc grad_weight =
+      image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value) ? inverse_divisor : image_acc(1);
   std::vector<image_acc> recon_partials(cpu::num_chunks(n_image));
   std::vector<latent_acc> kl_partials(cpu::num_chunks(n_latent));
   for_each_chunk(n_image, n_latent, [&](bool is_image, int64_t chunk, int64_t begin, int64_t end) {
@@ -91,9 +101,9 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
       kl_partials[chunk] = cpu::latent_forward<latent_t>(mu, logvar, /*seed=*/0, /*z=*/nullptr, /*kl=*/nullptr,
                                                          cpu::KlOutput::Sum, begin, end);
     } else if (image_grad != nullptr) {
-      recon_partials[chunk] = squared_error_chunk<true>(x_hat, x, grad_factor, image_grad, begin, end);
+      recon_partials[chunk] = recon_chunk<kRecon, true>(x_hat, x, grad_weight, image_grad, begin, end);
     } else {
-      recon_partials[chunk] = squared_error_chunk<false>(x_hat, x, grad_factor, image_grad, begin, end);
+      recon_partials[chunk] = recon_chunk<kRecon, false>(x_hat, x, grad_weight, image_grad, begin, end);
     }
   });
   // Divisions rather than reciprocal products, as the reference divides; 0/0 gives nan for the
@@ -104,15 +114,21 @@ void vae_loss_forward(const image_t* x_hat, const image_t* x, int64_t n_image, c
 }
 
 // Weights of the incoming gradients: the image term appears in loss and recon, the KL term in
-// loss (times beta) and kl. grad_x_hat may be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight).
-template <typename image_t, typename latent_t>
-void vae_loss_backward(const image_t* image_grad, int64_t n_image, bool skip_unit_weight, const latent_t* mu,
-                       const latent_t* logvar, int64_t n_latent, acc_t<image_t> g_loss, acc_t<image_t> g_recon,
-                       acc_t<image_t> g_kl, double beta, double latent_divisor, image_t* grad_x_hat, image_t* grad_x,
-                       latent_t* grad_mu, latent_t* grad_logvar) {
+// loss (times beta) and kl; image_scale is what the forward left out of image_grad. grad_x_hat may
+// be image_grad itself (vae_loss_backward_, which also sets skip_unit_weight). grad_x is the
+// negated image gradient for kTarget = Mse, recon_grad_target<kTarget>(x_hat) otherwise.
+template <Recon kTarget, typename image_t, typename latent_t>
+void vae_loss_backward(const image_t* image_grad, const image_t* x_hat, int64_t n_image, double image_divisor,
+                       bool skip_unit_weight, const latent_t* mu, const latent_t* logvar, int64_t n_latent,
+                       acc_t<image_t> g_loss, acc_t<image_t> g_recon, acc_t<image_t> g_kl, double beta,
+                       double latent_divisor, image_t* grad_x_hat, image_t* grad_x, latent_t* grad_mu,
+                       latent_t* grad_logvar) {
   using image_acc = acc_t<image_t>;
   using latent_acc = acc_t<latent_t>;
-  const image_acc image_weight = g_loss + g_recon;
+  const image_acc inverse_divisor = image_acc(1) / static_cast<image_acc>(image_divisor);
+  const image_acc image_scale =
+      image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value) ? image_acc(1) : inverse_divisor;
+  const image_acc image_weight = (g_loss + g_recon) * image_scale;
   // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: no pass over
   // the image at all.
   if (skip_unit_weight && image_weight == image_acc(1)) n_image = 0;
@@ -121,11 +137,28 @@ void vae_loss_backward(const image_t* image_grad, int64_t n_image, bool skip_uni
   // The KL's gradient is reparameterize_kl's without z.
   const cpu::LatentGradInputs<latent_t> latent{nullptr, nullptr, nullptr, /*has_kl=*/true, latent_weight, mu, logvar};
   for_each_chunk(n_image, n_latent, [&](bool is_image, int64_t, int64_t begin, int64_t end) {
-    if (is_image) {
+    if (!is_image) {
+      cpu::latent_backward(latent, grad_mu, grad_logvar, begin, end);
+    } else if constexpr (recon_grad_target_is_negated(kTarget)) {
       scale_image_grad_chunk(image_grad, image_weight, grad_x_hat, grad_x, begin, end);
     } else {
-      cpu::latent_backward(latent, grad_mu, grad_logvar, begin, end);
+      if (grad_x_hat != nullptr) {
+        scale_image_grad_chunk<image_t>(image_grad, image_weight, grad_x_hat, nullptr, begin, end);
+      }
+      if (grad_x != nullptr) {
+        target_grad_chunk<kTarget>(x_hat, (g_loss + g_recon) * inverse_divisor, grad_x, begin, end);
+      }
     }
+  });
+}
+
+// Calls f with the Recon that vae_loss_backward takes as kTarget: Mse stands for every form whose
+// x gradient is the negated image gradient.
+template <typename F>
+void dispatch_target(Recon recon, bool needs_x_hat, const F& f) {
+  dispatch_recon(needs_x_hat ? recon : Recon::Mse, [&](auto target) {
+    constexpr Recon kTarget = decltype(target)::value;
+    if constexpr (kTarget == Recon::Mse || !recon_grad_target_is_negated(kTarget)) f(target);
   });
 }
 
@@ -134,73 +167,81 @@ void check_cpu(const at::Tensor& image, const at::Tensor& mu) {
               image.device(), " and ", mu.device());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(const at::Tensor& x_hat_in,
-                                                                        const at::Tensor& x_in,
-                                                                        const at::Tensor& mu_in,
-                                                                        const at::Tensor& logvar_in, double beta,
-                                                                        c10::string_view reduction_name,
-                                                                        bool compute_image_grad) {
-  const Reduction reduction = check_vae_loss_inputs(x_hat_in, x_in, mu_in, logvar_in, reduction_name);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
+    const at::Tensor& x_hat_in, const at::Tensor& x_in, const at::Tensor& mu_in, const at::Tensor& logvar_in,
+    double beta, c10::string_view recon_name, c10::string_view recon_reduction, c10::string_view kl_reduction,
+    bool compute_image_grad) {
+  const VaeLossReductions reductions =
+      check_vae_loss_inputs(x_hat_in, x_in, mu_in, logvar_in, recon_reduction, kl_reduction);
+  const Recon recon_form = parse_recon(recon_name);
   check_cpu(x_in, mu_in);
   const at::Tensor x_hat = x_hat_in.contiguous(), x = x_in.contiguous();
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   auto [loss, recon, kl, image_grad] = empty_vae_loss_outputs(x, compute_image_grad);
   FASTVAE_DISPATCH_IMAGE_LATENT(x.scalar_type(), mu.scalar_type(), "vae_loss_cpu", [&] {
     using image_acc = acc_t<image_t>;
-    vae_loss_forward(x_hat.const_data_ptr<image_t>(), x.const_data_ptr<image_t>(), x.numel(),
-                     mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(), beta,
-                     reduction_divisor(reduction, x), reduction_divisor(reduction, mu),
-                     loss.mutable_data_ptr<image_acc>(), recon.mutable_data_ptr<image_acc>(),
-                     kl.mutable_data_ptr<image_acc>(),
-                     compute_image_grad ? image_grad.mutable_data_ptr<image_t>() : nullptr);
+    dispatch_recon(recon_form, [&](auto form) {
+      vae_loss_forward<decltype(form)::value>(x_hat.const_data_ptr<image_t>(), x.const_data_ptr<image_t>(), x.numel(),
+                                   mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(), beta,
+                                   reduction_divisor(reductions.recon, x), reduction_divisor(reductions.kl, mu),
+                                   loss.mutable_data_ptr<image_acc>(), recon.mutable_data_ptr<image_acc>(),
+                                   kl.mutable_data_ptr<image_acc>(),
+                                   compute_image_grad ? image_grad.mutable_data_ptr<image_t>() : nullptr);
+    });
   });
   return {loss, recon, kl, image_grad};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
-    const at::Tensor& image_grad_in, const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta,
-    c10::string_view reduction_name, bool scale_image, bool compute_grad_x) {
-  const Reduction reduction = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad_in, mu_in,
-                                                             logvar_in, reduction_name);
+    const at::Tensor& image_grad_in, const std::optional<at::Tensor>& x_hat_in, const at::Tensor& mu_in,
+    const at::Tensor& logvar_in, double beta, c10::string_view recon_name, c10::string_view recon_reduction,
+    c10::string_view kl_reduction, bool scale_image, bool compute_grad_x) {
+  const VaeLossReductions reductions = check_vae_loss_backward_inputs(grad_loss, grad_recon, grad_kl, image_grad_in,
+                                                                     mu_in, logvar_in, recon_reduction, kl_reduction);
+  const Recon recon_form = parse_recon(recon_name);
+  const bool needs_x_hat = check_target_grad_input(recon_form, compute_grad_x, x_hat_in, image_grad_in);
   check_cpu(image_grad_in, mu_in);
   const at::Tensor image_grad = image_grad_in.contiguous();
+  const at::Tensor x_hat = needs_x_hat ? x_hat_in->contiguous() : at::Tensor();
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   auto [grad_x_hat, grad_x, grad_mu, grad_logvar] =
       empty_vae_loss_backward_outputs(image_grad, mu, scale_image, compute_grad_x);
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_cpu", [&] {
     using image_acc = acc_t<image_t>;
-    vae_loss_backward(image_grad.const_data_ptr<image_t>(), scale_image || compute_grad_x ? image_grad.numel() : 0,
-                      /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(),
-                      mu.numel(),
-                      *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
-                      *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),
-                      scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
-                      compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr,
-                      grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
+    dispatch_target(recon_form, needs_x_hat, [&](auto target) {
+      vae_loss_backward<decltype(target)::value, image_t, latent_t>(
+          image_grad.const_data_ptr<image_t>(), needs_x_hat ? x_hat.const_data_ptr<image_t>() : nullptr,
+          scale_image || compute_grad_x ? image_grad.numel() : 0, reduction_divisor(reductions.recon, image_grad),
+          /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
+          *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
+          *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reductions.kl, mu),
+          scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
+          compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu.mutable_data_ptr<latent_t>(),
+          grad_logvar.mutable_data_ptr<latent_t>());
+    });
   });
   return {grad_x_hat, grad_x, grad_mu, grad_logvar};
 }
 
-std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(const at::Tensor& grad_loss,
-                                                                 const at::Tensor& grad_recon,
-                                                                 const at::Tensor& grad_kl, at::Tensor& image_grad,
-                                                                 const at::Tensor& mu_in, const at::Tensor& logvar_in,
-                                                                 double beta, c10::string_view reduction_name) {
-  const Reduction reduction = check_vae_loss_backward_inplace_inputs(grad_loss, grad_recon, grad_kl, image_grad,
-                                                                     mu_in, logvar_in, reduction_name);
+std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl, at::Tensor& image_grad,
+    const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta, c10::string_view recon_reduction,
+    c10::string_view kl_reduction) {
+  const VaeLossReductions reductions = check_vae_loss_backward_inplace_inputs(
+      grad_loss, grad_recon, grad_kl, image_grad, mu_in, logvar_in, recon_reduction, kl_reduction);
   check_cpu(image_grad, mu_in);
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
   auto [grad_mu, grad_logvar] = empty_latent_grads(mu);
   FASTVAE_DISPATCH_IMAGE_LATENT(image_grad.scalar_type(), mu.scalar_type(), "vae_loss_backward_inplace_cpu", [&] {
     using image_acc = acc_t<image_t>;
     image_t* data = image_grad.mutable_data_ptr<image_t>();
-    vae_loss_backward<image_t, latent_t>(data, image_grad.numel(), /*skip_unit_weight=*/true,
-                                         mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
-                                         *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
-                                         *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reduction, mu),
-                                         /*grad_x_hat=*/data, /*grad_x=*/nullptr, grad_mu.mutable_data_ptr<latent_t>(),
-                                         grad_logvar.mutable_data_ptr<latent_t>());
+    vae_loss_backward<Recon::Mse, image_t, latent_t>(
+        data, /*x_hat=*/nullptr, image_grad.numel(), reduction_divisor(reductions.recon, image_grad),
+        /*skip_unit_weight=*/true, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
+        *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
+        *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reductions.kl, mu), /*grad_x_hat=*/data,
+        /*grad_x=*/nullptr, grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
   });
   return {grad_mu, grad_logvar};
 }

@@ -9,43 +9,46 @@
 
 namespace fastvae::cpu {
 
-// The AVX2 build's entry points, defined in vae_loss_cpu_avx2.cpp for the four dtypes.
-template <bool kWriteGrad, typename scalar_t>
-acc_t<scalar_t> squared_error_sum_avx2(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> factor,
-                                       scalar_t* image_grad, int64_t begin, int64_t end);
+// The AVX2 build's entry points, defined in vae_loss_cpu_avx2.cpp for every Recon and dtype.
+template <Recon kRecon, bool kWriteGrad, typename scalar_t>
+acc_t<scalar_t> recon_sum_avx2(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> grad_weight,
+                               scalar_t* image_grad, int64_t begin, int64_t end);
 template <typename scalar_t>
 void scale_image_grad_avx2(const scalar_t* image_grad, acc_t<scalar_t> weight, scalar_t* grad_x_hat,
                            scalar_t* grad_x, int64_t begin, int64_t end);
+template <Recon kRecon, typename scalar_t>
+void target_grad_avx2(const scalar_t* x_hat, acc_t<scalar_t> weight, scalar_t* grad_x, int64_t begin, int64_t end);
 
 inline namespace CPU_CAPABILITY {
 
-// Sum of squared_error over [begin, end), in a fixed order of lanes then tail; with kWriteGrad
-// also image_grad = squared_error_grad(x_hat, x, factor) from the same loads. Vectorized has
-// 256 bits in both builds (an array, or an AVX2 register), so the lanes, their order and the
-// bits of the sum are the same.
-template <bool kWriteGrad, typename scalar_t>
-acc_t<scalar_t> squared_error_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> factor,
-                                  scalar_t* image_grad, int64_t begin, int64_t end) {
+// Sum of recon_term<kRecon> over [begin, end), in a fixed order of lanes then tail; with
+// kWriteGrad also image_grad = recon_grad<kRecon>(x_hat, x, grad_weight) from the same loads.
+// Vectorized has 256 bits in both builds (an array, or an AVX2 register), so the lanes and their
+// order are the same; the sums have the same bits where the term is adds and multiplies only
+// (Mse, L1), and differ by the ulps of Sleef's and the C library's log and exp otherwise.
+template <Recon kRecon, bool kWriteGrad, typename scalar_t>
+acc_t<scalar_t> recon_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> grad_weight,
+                          scalar_t* image_grad, int64_t begin, int64_t end) {
   using Vec = AccVec<scalar_t>;
-  const Vec f(factor);
+  const Vec w(grad_weight);
   // Two independent accumulators hide the add latency.
   Vec acc0(0), acc1(0);
   int64_t i = begin;
   for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
     const Vec a0 = load_widened(x_hat + i), b0 = load_widened(x + i);
     const Vec a1 = load_widened(x_hat + i + Vec::size()), b1 = load_widened(x + i + Vec::size());
-    acc0 = acc0 + squared_error(a0, b0);
-    acc1 = acc1 + squared_error(a1, b1);
+    acc0 = acc0 + recon_term<kRecon>(a0, b0);
+    acc1 = acc1 + recon_term<kRecon>(a1, b1);
     if constexpr (kWriteGrad) {
-      store_narrowed(image_grad + i, squared_error_grad(a0, b0, f));
-      store_narrowed(image_grad + i + Vec::size(), squared_error_grad(a1, b1, f));
+      store_narrowed(image_grad + i, recon_grad<kRecon>(a0, b0, w));
+      store_narrowed(image_grad + i + Vec::size(), recon_grad<kRecon>(a1, b1, w));
     }
   }
   acc_t<scalar_t> total = lane_sum(acc0 + acc1);
   for (; i < end; ++i) {
     const acc_t<scalar_t> a = x_hat[i], b = x[i];
-    total += squared_error(a, b);
-    if constexpr (kWriteGrad) image_grad[i] = static_cast<scalar_t>(squared_error_grad(a, b, factor));
+    total += recon_term<kRecon>(a, b);
+    if constexpr (kWriteGrad) image_grad[i] = static_cast<scalar_t>(recon_grad<kRecon>(a, b, grad_weight));
   }
   return total;
 }
@@ -66,6 +69,20 @@ void scale_image_grad(const scalar_t* image_grad, acc_t<scalar_t> weight, scalar
     const acc_t<scalar_t> g = static_cast<acc_t<scalar_t>>(image_grad[i]) * weight;
     if (grad_x_hat != nullptr) grad_x_hat[i] = static_cast<scalar_t>(g);
     if (grad_x != nullptr) grad_x[i] = static_cast<scalar_t>(-g);
+  }
+}
+
+// grad_x = weight * recon_grad_target<kRecon>(x_hat), for the BCE forms.
+template <Recon kRecon, typename scalar_t>
+void target_grad(const scalar_t* x_hat, acc_t<scalar_t> weight, scalar_t* grad_x, int64_t begin, int64_t end) {
+  using Vec = AccVec<scalar_t>;
+  const Vec w(weight);
+  int64_t i = begin;
+  for (; i + Vec::size() <= end; i += Vec::size()) {
+    store_narrowed(grad_x + i, recon_grad_target<kRecon>(load_widened(x_hat + i)) * w);
+  }
+  for (; i < end; ++i) {
+    grad_x[i] = static_cast<scalar_t>(recon_grad_target<kRecon>(static_cast<acc_t<scalar_t>>(x_hat[i])) * weight);
   }
 }
 

@@ -57,14 +57,16 @@ def vae_loss(
     logvar: torch.Tensor,
     *,
     beta: float = 1.0,
-    reduction: str = "sum",
+    recon: str = "mse",
+    recon_reduction: str = "sum",
+    kl_reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # The image gradient is written by the forward pass, so only when a backward can need it.
     compute_image_grad = torch.is_grad_enabled() and (x_hat.requires_grad or x.requires_grad)
-    loss, recon, kl, _ = torch.ops.fastvae.vae_loss.default(
-        x_hat, x, mu, logvar, float(beta), reduction, compute_image_grad
+    loss, recon_value, kl, _ = torch.ops.fastvae.vae_loss.default(
+        x_hat, x, mu, logvar, float(beta), recon, recon_reduction, kl_reduction, compute_image_grad
     )
-    return loss, recon, kl
+    return loss, recon_value, kl
 
 
 def _needs_noise(mu: torch.Tensor, logvar: torch.Tensor) -> bool:
@@ -110,20 +112,21 @@ def _latent_grads(mu, logvar):
     return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
 
 
-def _vae_loss_fake(x_hat, x, mu, logvar, beta, reduction, compute_image_grad):
+def _vae_loss_fake(x_hat, x, mu, logvar, beta, recon, recon_reduction, kl_reduction, compute_image_grad):
     acc = accumulate_dtype(x.dtype)
     image_grad = _empty(x.shape if compute_image_grad else (0,), x.dtype, x)
     return _empty((), acc, x), _empty((), acc, x), _empty((), acc, x), image_grad
 
 
-def _vae_loss_backward_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction, scale_image,
-                            compute_grad_x):
+def _vae_loss_backward_fake(grad_loss, grad_recon, grad_kl, image_grad, x_hat, mu, logvar, beta, recon,
+                            recon_reduction, kl_reduction, scale_image, compute_grad_x):
     grad_x_hat = _empty(image_grad.shape if scale_image else (0,), image_grad.dtype, image_grad)
     grad_x = _empty(image_grad.shape if compute_grad_x else (0,), image_grad.dtype, image_grad)
     return grad_x_hat, grad_x, *_latent_grads(mu, logvar)
 
 
-def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, reduction):
+def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, recon_reduction,
+                                    kl_reduction):
     return _latent_grads(mu, logvar)
 
 
