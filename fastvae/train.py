@@ -267,7 +267,7 @@ def evaluate(model: VAE, loader: DataLoader, device: torch.device, autocast, bac
             z = ops.reparameterize(mu, logvar, seed=i, backend=model.backend)
             x_hat = model.decode(z)
             _, r, k = ops.vae_loss(
-                x_hat, x.to(x_hat.dtype), mu, logvar, reduction="sum", recon=model.recon, backend=backend
+                x_hat, x, mu, logvar, reduction="sum", recon=model.recon, backend=backend
             )
         recon += r.item()
         kl += k.item()
@@ -379,8 +379,11 @@ def run(args: argparse.Namespace) -> int:
         if distributed:
             device_ids = [device.index] if device.type == "cuda" else None
             net = DistributedDataParallel(ShardedForward(model, rank, world_size), device_ids=device_ids)
-        # DDP averages gradients over ranks; with "sum" the global loss is the sum of the ranks'.
-        scale = world_size if args.reduction == "sum" else 1
+        # DDP averages gradients over ranks; a term reduced by "sum" globally is the sum of the ranks'.
+        recon_scale, kl_scale = (
+            world_size if (term_reduction or args.reduction) == "sum" else 1
+            for term_reduction in (args.recon_reduction, args.kl_reduction)
+        )
 
         if master:
             if args.overwrite:  # so that a later --resume cannot continue the old run
@@ -412,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
             with autocast:
                 x_hat, mu, logvar = net(x)
                 loss, recon, kl = ops.vae_loss(
-                    x_hat, x.to(x_hat.dtype), mu, logvar, beta=beta, reduction=args.reduction, recon=args.recon,
+                    x_hat, x, mu, logvar, beta=beta, reduction=args.reduction, recon=args.recon,
                     recon_reduction=args.recon_reduction, kl_reduction=args.kl_reduction, backend=loss_backend,
                 )
                 if args.free_bits > 0:
@@ -420,16 +423,19 @@ def run(args: argparse.Namespace) -> int:
                         mu, logvar, floor=args.free_bits, reduction=args.kl_reduction or args.reduction,
                         global_batch=args.batch_size, distributed=distributed, backend=loss_backend,
                     )
-                    objective = scale * recon + beta * floored  # the floored KL is already global
+                    objective = recon_scale * recon + beta * floored  # the floored KL is already global
+                elif recon_scale == kl_scale:
+                    objective = recon_scale * loss
                 else:
-                    objective = scale * loss
+                    objective = recon_scale * recon + kl_scale * beta * kl
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             step += 1
             # Averaged over ranks, these are the global loss and its parts.
-            history.append(torch.stack([objective.detach(), scale * recon.detach(), scale * kl.detach()]).float())
+            parts = [objective.detach(), recon_scale * recon.detach(), kl_scale * kl.detach()]
+            history.append(torch.stack(parts).float())
             betas.append(beta)
 
             evaluating = step % args.every == 0 or step == total_steps

@@ -173,6 +173,19 @@ def test_two_processes_give_the_losses_of_one_and_resume_exactly(tmp_path):
     assert step_losses(tmp_path / "parts") == two
 
 
+def test_two_processes_scale_each_term_by_its_own_reduction(tmp_path):
+    # A summed recon is the sum of the ranks' and a batch-mean KL their mean: DDP's gradient
+    # average must weigh the two terms differently.
+    options = ["--steps", 3, "--recon-reduction", "sum", "--kl-reduction", "batchmean"]
+    assert train(tmp_path / "one", *options) == 0
+    train_on_two_processes(tmp_path / "two", *options)
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "recon", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
 def test_training_into_a_run_without_resume_or_overwrite_is_refused(tmp_path, capsys):
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
