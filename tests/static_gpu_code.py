@@ -76,9 +76,40 @@ class Kernel:
     local_bytes: int
     # Global loads and stores by access width in bits: {"LDG": {128: 2, 32: 1}, "STG": {...}}
     accesses: dict
+    # Per loop of the SASS (a backward branch's target to the branch): its global accesses as
+    # above, and its local-memory loads and stores (LDL/STL), spills among them.
+    loops: list
 
     def count(self, op: str, bits: int) -> int:
         return self.accesses.get(op, {}).get(bits, 0)
+
+
+def _count_accesses(lines: list[str]) -> dict:
+    accesses: dict = {}
+    for line in lines:
+        for op, modifiers in _GLOBAL.findall(line):
+            by_width = accesses.setdefault(op, {})
+            bits = _access_bits(modifiers)
+            by_width[bits] = by_width.get(bits, 0) + 1
+    return accesses
+
+
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def _loops(body: str) -> list[dict]:
+    """The innermost-first loops of one kernel's SASS: each backward branch and what it spans."""
+    code = [(int(a, 16), text) for a, text in _INSTRUCTION.findall(body)]
+    loops = []
+    for address, text in code:
+        branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
+        if branch and branch.group(1) and int(branch.group(1), 16) <= address:
+            span = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
+            loops.append({
+                "accesses": _count_accesses(span),
+                "local": sum(1 for t in span if re.match(r"(@!?P\d\s+)?(LDL|STL)\b", t)),
+            })
+    return loops
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -110,13 +141,11 @@ def kernels_in(binary: str, arch: int = ARCH) -> list[Kernel]:
     mangled = bodies[0::2]
     kernels = []
     for name, demangled, body in zip(mangled, _demangle(mangled), bodies[1::2]):
-        accesses: dict = {}
-        for op, modifiers in _GLOBAL.findall(body):
-            by_width = accesses.setdefault(op, {})
-            bits = _access_bits(modifiers)
-            by_width[bits] = by_width.get(bits, 0) + 1
         r = resources.get(name, {})
-        kernels.append(Kernel(demangled, r.get("REG", -1), r.get("STACK", -1), r.get("LOCAL", -1), accesses))
+        kernels.append(Kernel(
+            demangled, r.get("REG", -1), r.get("STACK", -1), r.get("LOCAL", -1),
+            _count_accesses(body.splitlines()), _loops(body),
+        ))
     return kernels
 
 
@@ -180,7 +209,24 @@ def _compile_triton(job):
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
         (kernel,) = kernels_in(path)
-    return asdict(kernel)
+        ptx = os.path.join(folder, f"{name}.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        spills = ptxas_spills(ptx, f"sm_{ARCH}a")
+    return {**asdict(kernel), "spill_bytes": spills}
+
+
+def ptxas_spills(ptx: str, arch: str) -> int:
+    """Bytes of spill stores plus spill loads ptxas reports for the PTX's kernels.
+
+    The SASS alone cannot tell a spill from an array placed in local memory on purpose (sin and
+    cos keep one for the rare huge argument), so ask the assembler.
+    """
+    report = subprocess.run([find_tool("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    assert found, report
+    return sum(int(stores) + int(loads) for stores, loads in found)
 
 
 def triton_variants() -> list[TritonVariant]:
