@@ -35,6 +35,6 @@ trap 'rm -rf "$copy"' EXIT
 cd "$copy"
 # One arch is enough to show the CUDA code compiles against this torch; the default build in
 # `make test` covers the arch list.
-FASTVAE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+FASTVAE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0+PTX}" \
   "$py" -m pip install -q --no-deps --no-build-isolation -e .
 "$py" -m pytest -q -p no:cacheprovider -rs

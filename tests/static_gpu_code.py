@@ -76,8 +76,7 @@ class Kernel:
     local_bytes: int
     # Global loads and stores by access width in bits: {"LDG": {128: 2, 32: 1}, "STG": {...}}
     accesses: dict
-    # Per loop of the SASS (a backward branch's target to the branch): its global accesses as
-    # above, and its local-memory loads and stores (LDL/STL), spills among them.
+    # Per loop of the SASS (a backward branch's target to the branch): its global accesses as above.
     loops: list
 
     def count(self, op: str, bits: int) -> int:
@@ -105,10 +104,7 @@ def _loops(body: str) -> list[dict]:
         branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
         if branch and branch.group(1) and int(branch.group(1), 16) <= address:
             span = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
-            loops.append({
-                "accesses": _count_accesses(span),
-                "local": sum(1 for t in span if re.match(r"(@!?P\d\s+)?(LDL|STL)\b", t)),
-            })
+            loops.append({"accesses": _count_accesses(span)})
     return loops
 
 
@@ -212,21 +208,39 @@ def _compile_triton(job):
         ptx = os.path.join(folder, f"{name}.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        spills = ptxas_spills(ptx, f"sm_{ARCH}a")
+        spills = sum(ptxas_spills(ptx, f"sm_{ARCH}a").values())
     return {**asdict(kernel), "spill_bytes": spills}
 
 
-def ptxas_spills(ptx: str, arch: str) -> int:
-    """Bytes of spill stores plus spill loads ptxas reports for the PTX's kernels.
+def ptxas_spills(ptx: str, arch: str) -> dict[str, int]:
+    """Bytes of spill stores plus spill loads that ptxas reports, per kernel of the PTX file.
 
     The SASS alone cannot tell a spill from an array placed in local memory on purpose (sin and
     cos keep one for the rare huge argument), so ask the assembler.
     """
     report = subprocess.run([find_tool("ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.devnull],
                             capture_output=True, text=True, check=True).stderr
-    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    found = re.findall(
+        r"Function properties for (\S+)\s*\n.*?(\d+) bytes spill stores, (\d+) bytes spill loads", report
+    )
     assert found, report
-    return sum(int(stores) + int(loads) for stores, loads in found)
+    names = _demangle([name for name, _, _ in found])
+    return {name: int(stores) + int(loads) for name, (_, stores, loads) in zip(names, found)}
+
+
+def spills_in(binary: str, arch: int = ARCH) -> dict[str, int]:
+    """ptxas's spills per kernel, from the sm_``arch`` PTX embedded in ``binary`` (``+PTX`` builds)."""
+    cuobjdump = find_tool("cuobjdump")
+    with tempfile.TemporaryDirectory() as folder:
+        subprocess.run([cuobjdump, "-xptx", "all", os.path.abspath(binary)], cwd=folder,
+                       capture_output=True, text=True, check=True)
+        ptx = glob.glob(os.path.join(folder, f"*.sm_{arch}.ptx"))
+        if not ptx:
+            require_static_checks(f"{binary} holds no sm_{arch} PTX (build with TORCH_CUDA_ARCH_LIST ending in +PTX)")
+        spills: dict[str, int] = {}
+        for path in ptx:
+            spills.update(ptxas_spills(path, f"sm_{arch}"))
+    return spills
 
 
 def triton_variants() -> list[TritonVariant]:
