@@ -23,13 +23,8 @@ TRITON_DEVICES = [
         marks=pytest.mark.skipif(
             not TRITON_INTERPRETED,
             reason="Triton takes CPU tensors only under TRITON_INTERPRET=1, which is off in this run "
-            "(CUDA is present); the same checks run on cuda",
+            "(as wherever CUDA is present); the same checks run on cuda",
         ),
     )
 ] + CUDA_DEVICES
 
-
-def skip_unless_triton_runs_on(device: str) -> None:
-    """Skips the calling test when the Triton backend cannot take tensors on ``device`` here."""
-    if device == "cpu" and not TRITON_INTERPRETED:
-        pytest.skip("Triton takes CPU tensors only under TRITON_INTERPRET=1, which is off in this run")
