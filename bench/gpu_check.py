@@ -13,7 +13,7 @@ network (it creates no venv and downloads nothing), in order of importance:
 6. host       bench/host_overhead.py
 7. racecheck, 8. synccheck   compute-sanitizer's other tools over the same smoke run
 
-Each step has its own timeout, the whole run a budget (--budget, default 470 s, inside 8
+Each step has its own timeout, the whole run a budget (--budget, default 450 s, inside 8
 minutes); a step that fails or times out does not stop the next, and steps left when the budget
 is spent are reported as not run. Everything goes to one folder (--out, else $OUT, else
 gpu-check-out/): gpu-check.log (every step's output), summary.md, and the benchmark's JSON and
@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+# Seconds a timed-out step gets, after SIGINT, to write what it has before it is killed.
+INTERRUPT_GRACE_S = 20
 
 
 @dataclass
@@ -141,8 +143,14 @@ def _run(step: Step, command: list[str], timeout_s: float, log) -> tuple[str, fl
             code = process.wait(timeout=timeout_s)
             status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            # SIGINT first: pytest then stops but still writes its summary (the benchmark table
+            # and bench/results/ for the cases timed so far). Then whatever is left is killed.
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
             status = f"timed out after {timeout_s:.0f} s"
     elapsed = time.monotonic() - start
     log.write(f"===== {step.name}: {status} in {elapsed:.1f} s\n")
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-check-out"))
     parser.add_argument("--dry-run", action="store_true", help="rehearse without a GPU (see the docstring)")
-    parser.add_argument("--budget", type=float, default=470, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together")
     parser.add_argument("--only", nargs="*", help="run only these steps (by name)")
     parser.add_argument("--report-env", action="store_true", help="print versions, GPU and tools, and exit")
     args = parser.parse_args(argv)
