@@ -25,8 +25,11 @@ if [[ ! -x "$venv/bin/python" ]]; then
   "$(find_python)" -m venv "$venv"
 fi
 py="$venv/bin/python"
-"$py" -m pip install -q "$torch_pin" "$triton_pin" "setuptools>=70.1" wheel ninja \
-  numpy pillow tqdm pytest pytest-benchmark scipy matplotlib
+# triton 3.6's interpreter (the suite's CPU path) calls int() on 1-element arrays, which numpy
+# 2.5 refuses ("only 0-dimensional arrays can be converted to Python scalars"); GPUs do not use
+# the interpreter, so this pin is for the CPU run only.
+"$py" -m pip install -q "$torch_pin" "$triton_pin" "numpy<2.5" "setuptools>=70.1" wheel ninja \
+  pillow tqdm pytest pytest-benchmark scipy matplotlib
 "$py" -c "import sys, torch, triton; print('oldest_stack: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 copy="$(mktemp -d "${TMPDIR:-/tmp}/fastvae-oldest.XXXXXX")"

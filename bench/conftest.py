@@ -67,7 +67,9 @@ def run_case(benchmark):
         if DEVICE.type == "cuda":
             # A few host-timed rounds for pytest-benchmark's own table; fastvae's uses events.
             benchmark.pedantic(target, setup=setup, rounds=3, warmup_rounds=1, iterations=1)
-            median, timing = fb.cuda_timing(case.setup, case.target, DEVICE, min(rounds, 50), 2, case.numel)
+            # Each round is up to CALLS_PER_SYNC calls: keep the rounds within the same budget.
+            rounds = max(5, min(50, int(BUDGET_S / max(estimate * fb.CALLS_PER_SYNC, 1e-6))))
+            median, timing = fb.cuda_timing(case.setup, case.target, DEVICE, rounds, 2, case.numel)
         else:
             benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
             median, timing = benchmark.stats.stats.median, None
