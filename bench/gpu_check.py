@@ -82,7 +82,7 @@ def steps(cores: int) -> list[Step]:
         ),
         Step(
             "tests",
-            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *pytest_workers, "tests"],
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEsx", *pytest_workers, "tests"],
             240,
             {},
             [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests"],
