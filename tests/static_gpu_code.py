@@ -97,14 +97,29 @@ _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
 
 
 def _loops(body: str) -> list[dict]:
-    """The innermost-first loops of one kernel's SASS: each backward branch and what it spans."""
-    code = [(int(a, 16), text) for a, text in _INSTRUCTION.findall(body)]
+    """The loops of one kernel's SASS: each backward branch and what it spans, with the global
+    accesses there. Branch targets are addresses (``BRA 0x560``) or labels (``BRA `(.L_x_3)``),
+    as cuobjdump versions print them."""
+    code, labels, pending = [], {}, []
+    for line in body.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        instruction = _INSTRUCTION.search(line)
+        if instruction:
+            address = int(instruction.group(1), 16)
+            labels.update((name, address) for name in pending)
+            pending = []
+            code.append((address, instruction.group(2)))
     loops = []
     for address, text in code:
-        branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))", text)
-        if branch and branch.group(1) and int(branch.group(1), 16) <= address:
-            span = [t for a, t in code if int(branch.group(1), 16) <= a <= address]
-            loops.append({"accesses": _count_accesses(span)})
+        branch = re.search(r"\bBRA\s+(?:`\((\.L_x_\d+)\)|0x([0-9a-f]+))", text)
+        if branch is None:
+            continue
+        target = labels.get(branch.group(1)) if branch.group(1) else int(branch.group(2), 16)
+        if target is not None and target <= address:
+            loops.append({"accesses": _count_accesses([t for a, t in code if target <= a <= address])})
     return loops
 
 

@@ -131,6 +131,22 @@ def test_cuda_registers_fit_the_launch_bounds(cuda_kernels, cuda_source):
     assert checked, "no CUDA kernel matched a __global__ function of csrc/"
 
 
+def test_sass_loops_are_found_by_address_or_label():
+    # One loop, printed as older cuobjdumps do (an address) and as newer ones do (a label).
+    loop = [
+        "        /*0560*/                   LDG.E.128.CONSTANT R8, desc[UR4][R20.64] ;",
+        "        /*0570*/                   LDG.E.64 R12, desc[UR4][R22.64] ;",
+        "        /*06c0*/                   STG.E.128 desc[UR4][R14.64], R8 ;",
+    ]
+    before = "        /*0540*/                   LDG.E R1, desc[UR4][R2.64] ;"
+    by_address = "\n".join([before, *loop, "        /*0720*/               @P1 BRA 0x560 ;"])
+    by_label = "\n".join([before, ".L_x_3:", *loop, "        /*0720*/               @P1 BRA `(.L_x_3) ;"])
+    for body in (by_address, by_label):
+        assert sgc._loops(body) == [{"accesses": {"LDG": {128: 1, 64: 1}, "STG": {128: 1}}}]
+    forward_only = "\n".join([before, *loop, "        /*0720*/               @P1 BRA 0x800 ;"])
+    assert sgc._loops(forward_only) == []
+
+
 def test_launch_bounds_are_read_from_the_constants():
     source = "constexpr int kThreads = 256;\nconstexpr int kMinBlocks = 3;\n" \
              "__global__ void __launch_bounds__(kThreads, kMinBlocks)\n    my_kernel(int n) {}\n"
