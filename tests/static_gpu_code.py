@@ -79,9 +79,6 @@ class Kernel:
     # Per loop of the SASS (a backward branch's target to the branch): its global accesses as above.
     loops: list
 
-    def count(self, op: str, bits: int) -> int:
-        return self.accesses.get(op, {}).get(bits, 0)
-
 
 def _count_accesses(lines: list[str]) -> dict:
     accesses: dict = {}
@@ -191,8 +188,6 @@ class TritonVariant:
     dtype: str
     constexprs: dict
     num_warps: int
-    # Tensors the launch streams: those with one element per latent element.
-    streamed_tensors: int
     elements_per_thread: int
     element_bytes: int
     facts: dict
@@ -261,8 +256,6 @@ def spills_in(binary: str, arch: int = ARCH) -> dict[str, int]:
 def triton_variants() -> list[TritonVariant]:
     """Each distinct launch (int32 seeds and offsets) compiled for sm_90 with aligned tensors and
     an element count divisible by 16, as for a 128x128 latent."""
-    import torch
-
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import triton_launches
 
@@ -273,24 +266,19 @@ def triton_variants() -> list[TritonVariant]:
         types = dict(signature)
         if types.get("seed") != "i32" or dict(constexprs).get("INT64") or variant in [c[0] for c in chosen]:
             continue
-        _, args, _ = launch
-        values = dict(zip(launch[0].arg_names, args))
-        n = values["n_elements"]
-        tensors = [v for v in args if isinstance(v, torch.Tensor)]
-        streamed = sum(1 for t in tensors if t.numel() == n)
-        element = next(t for t in tensors if t.numel() == n)
+        kernel, args, _ = launch
+        logvar = dict(zip(kernel.arg_names, args))["logvar_ptr"]  # both kernels read it, in the latent dtype
         divisible = [a for a, t in signature if t.startswith("*")] + ["n_elements"]
-        chosen.append((variant, streamed, element.dtype.itemsize, dict(options)["num_warps"]))
+        chosen.append((variant, logvar.dtype.itemsize, dict(options)["num_warps"]))
         jobs.append((variant, divisible))
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         results = list(pool.map(_compile_triton, jobs))
     variants = []
-    for (variant, streamed, itemsize, warps), facts in zip(chosen, results):
+    for (variant, itemsize, warps), facts in zip(chosen, results):
         name, signature, constexprs, _ = variant
         c = dict(constexprs)
-        dtype = dict(signature)["mu_ptr" if "mu_ptr" in dict(signature) else "logvar_ptr"]
         variants.append(TritonVariant(
-            name, dtype, {k: str(v) for k, v in c.items()}, warps, streamed,
+            name, dict(signature)["logvar_ptr"], {k: str(v) for k, v in c.items()}, warps,
             c["BLOCK"] // (32 * warps), itemsize, facts,
         ))
     return variants
