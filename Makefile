@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.fastvae-built
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-check clean
 
 install: $(BUILT)
 
@@ -35,6 +35,13 @@ test: install
 
 bench: install
 	$(PY) -m pytest bench/ --benchmark
+
+# On a GPU machine with torch, triton and pytest installed (no venv, no network): build for sm_90,
+# test, sanitize, benchmark, all into one folder: make gpu-check OUT=dir. DRY_RUN=1 rehearses it
+# without a GPU (CI does); ONLY="tests bench" reruns some steps. See bench/gpu_check.py.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py $(if $(OUT),--out $(OUT)) $(if $(DRY_RUN),--dry-run) $(if $(ONLY),--only $(ONLY))
 
 clean:
 	rm -rf build fastvae/_C*.so *.egg-info

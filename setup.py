@@ -2,7 +2,8 @@
 
 The CPU operators are always built. The CUDA kernels are added when a CUDA toolkit and a CUDA
 build of torch are both present, whether or not a GPU is visible; they target the archs in
-TORCH_CUDA_ARCH_LIST (default "8.0;9.0", as torch's own default is "the GPUs I can see").
+TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX", as torch's own default is "the GPUs I can see"):
+machine code for sm_80 and sm_90, and sm_90 PTX that the driver compiles for newer GPUs.
 
     FASTVAE_FORCE_CUDA=1   build the CUDA kernels or fail saying why
     FASTVAE_SKIP_CUDA=1    build the CPU operators only
@@ -22,7 +23,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent.resolve()
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _is_toolkit(path: str | os.PathLike | None) -> bool:
@@ -133,7 +134,25 @@ def extensions_and_cmdclass():
             extra_link_args=link_flags,
             py_limited_api=True,
         )
-    return [extension], {"build_ext": BuildExtension}
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if build_cuda else None
+
+    class BuildExtensionAndRecord(BuildExtension):
+        """Writes fastvae/_build_info.py beside the built fastvae._C once the build succeeded.
+
+        It records the torch the extension was compiled against: its ABI is that torch's, so after
+        a torch upgrade fastvae._extension can say why the load failed and how to rebuild.
+        """
+
+        def run(self):
+            super().run()
+            info = Path(self.get_ext_fullpath("fastvae._C")).parent / "_build_info.py"
+            info.write_text(
+                '"""Written by setup.py when it built fastvae._C: what the extension was built against."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"CUDA_ARCHS = {archs!r}\n"
+            )
+
+    return [extension], {"build_ext": BuildExtensionAndRecord}
 
 
 # Guarded so .ci/build_checks.sh can import find_cuda_home; pip and `python setup.py` run this as __main__.

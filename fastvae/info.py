@@ -9,7 +9,7 @@ import torch
 
 import fastvae
 from fastvae import ops
-from fastvae._extension import extension_error
+from fastvae._extension import built_against, extension_error
 
 
 def _version(package: str) -> str:
@@ -23,7 +23,8 @@ def _extension_line() -> str:
     if extension_error is not None:
         return f"not loaded ({extension_error})"
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fastvae::vae_loss", "CUDA")
-    return "loaded, with CUDA kernels" if cuda else "loaded, CPU kernels only"
+    kernels = "loaded, with CUDA kernels" if cuda else "loaded, CPU kernels only"
+    return f"{kernels} (built against torch {built_against() or 'unknown'})"
 
 
 def report() -> str:

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors under Triton's interpreter. It must be
@@ -7,4 +8,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# True when Triton runs its kernels in the interpreter, which takes CPU tensors. Off wherever
+# CUDA exists (unless set by hand): Triton then compiles for the GPU and rejects CPU tensors.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+CUDA_DEVICES = ["cuda"] if torch.cuda.is_available() else []
+# Devices for the C++ and reference backends.
+DEVICES = ["cpu"] + CUDA_DEVICES
+# Devices for the Triton backend: CPU tensors only under the interpreter. The skip keeps the CPU
+# cases visible on a GPU host, with the reason, instead of failing them or dropping them silently.
+TRITON_DEVICES = [
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            not TRITON_INTERPRETED,
+            reason="Triton takes CPU tensors only under TRITON_INTERPRET=1, which is off in this run "
+            "(as wherever CUDA is present); the same checks run on cuda",
+        ),
+    )
+] + CUDA_DEVICES
+

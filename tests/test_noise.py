@@ -11,7 +11,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only under its interpreter
 from scipy import stats
 
 from fastvae import ops

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only under its interpreter
 
 import philox
 from fastvae import ops, reference

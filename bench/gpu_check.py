@@ -1,0 +1,222 @@
+"""`make gpu-check`: everything a first GPU session must verify, in one run of a few minutes.
+
+On a CUDA machine with torch, triton, pytest and pytest-benchmark already installed and no
+network (it creates no venv and downloads nothing), in order of importance:
+
+1. env        nvidia-smi, the versions, the toolkit
+2. build      fastvae._C for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), with all cores, offline
+3. tests      the whole suite on CUDA (Triton kernels and the CUDA loss for real, the CPU-vs-GPU
+              sampling comparison, the in-place backward, >2^31 elements where memory allows)
+4. memcheck   compute-sanitizer over bench/kernel_smoke.py: every kernel, once, small
+5. bench      pytest bench/ --benchmark: CUDA events over back-to-back calls, CUDA graphs at
+              small sizes; bench/results/<gpu>.json and .png
+6. host       bench/host_overhead.py
+7. racecheck, 8. synccheck   compute-sanitizer's other tools over the same smoke run
+
+Each step has its own timeout, the whole run a budget (--budget, default 450 s, inside 8
+minutes); a step that fails or times out does not stop the next, and steps left when the budget
+is spent are reported as not run. Everything goes to one folder (--out, else $OUT, else
+gpu-check-out/): gpu-check.log (every step's output), summary.md, and the benchmark's JSON and
+plot: four files, as few as the device tool fetches back.
+
+--dry-run rehearses it on a machine without a GPU (CI does): every step that needs no GPU runs
+for real (the build's plan, the suite's collection, the smoke run on CPU, the host-overhead
+script), and the others print the command they would run. So the first GPU run does not die on
+a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+# Seconds a timed-out step gets, after SIGINT, to write what it has before it is killed.
+INTERRUPT_GRACE_S = 20
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    timeout_s: int
+    env: dict
+    # What --dry-run runs instead (None: only print the command; it needs a GPU).
+    dry_command: list[str] | None
+
+
+def _sanitizer(tool: str, timeout_s: int) -> Step:
+    command = ["compute-sanitizer", "--tool", tool, "--error-exitcode", "1", "--print-limit", "20"]
+    if tool == "memcheck":
+        command += ["--leak-check", "no"]
+    return Step(
+        tool,
+        command + [PY, "bench/kernel_smoke.py", "--device", "cuda"],
+        timeout_s,
+        {},
+        [PY, "bench/kernel_smoke.py", "--device", "cpu"] if tool == "memcheck" else None,
+    )
+
+
+def steps(cores: int) -> list[Step]:
+    build_env = {"TORCH_CUDA_ARCH_LIST": "9.0", "FASTVAE_FORCE_CUDA": "1", "MAX_JOBS": str(cores)}
+    pytest_workers = ["-n", str(min(8, cores))] if _has_module("xdist") else []
+    return [
+        Step("env", [PY, "bench/gpu_check.py", "--report-env"], 60, {}, [PY, "bench/gpu_check.py", "--report-env"]),
+        Step(
+            "build",
+            [PY, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."],
+            240,
+            build_env,
+            # The plan only: the toolkit is found and the arch list is what the GPU build uses.
+            [PY, "-c", "import setup; print(setup._cuda_plan())"],
+        ),
+        Step(
+            "tests",
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEsx", *pytest_workers, "tests"],
+            240,
+            {},
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "tests"],
+        ),
+        _sanitizer("memcheck", 90),
+        Step(
+            "bench",
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark"],
+            200,
+            {"FASTVAE_BENCH_BUDGET_S": "0.3"},
+            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark", "--collect-only"],
+        ),
+        Step("host", [PY, "bench/host_overhead.py", "--rounds", "2000"], 60, {},
+             [PY, "bench/host_overhead.py", "--rounds", "20"]),
+        _sanitizer("racecheck", 60),
+        _sanitizer("synccheck", 45),
+    ]
+
+
+def report_env() -> None:
+    import torch
+
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", p.total_memory >> 30, "GiB")
+    try:
+        import triton
+
+        print("triton", triton.__version__)
+    except ImportError as exc:
+        print("triton missing:", exc)
+    for tool in ("nvidia-smi", "nvcc", "compute-sanitizer", "cuobjdump", "ninja"):
+        print(f"{tool:18}", shutil.which(tool) or "NOT FOUND")
+    if shutil.which("nvidia-smi"):
+        print(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout)
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _run(step: Step, command: list[str], timeout_s: float, log) -> tuple[str, float]:
+    env = {**os.environ, **step.env}
+    log.write(f"\n===== {step.name}: {shlex.join(command)}  (timeout {timeout_s:.0f} s)\n")
+    log.flush()
+    start = time.monotonic()
+    try:
+        # Its own process group, so a timeout also ends what it started (pytest-xdist workers).
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    except OSError as exc:
+        status = f"could not start: {exc}"
+    else:
+        try:
+            code = process.wait(timeout=timeout_s)
+            status = "ok" if code == 0 else f"failed (exit {code})"
+        except subprocess.TimeoutExpired:
+            # SIGINT first: pytest then stops but still writes its summary (the benchmark table
+            # and bench/results/ for the cases timed so far). Then whatever is left is killed.
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=INTERRUPT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            status = f"timed out after {timeout_s:.0f} s"
+    elapsed = time.monotonic() - start
+    log.write(f"===== {step.name}: {status} in {elapsed:.1f} s\n")
+    log.flush()
+    return status, elapsed
+
+
+def _copy_results(out: str, since: float) -> list[str]:
+    copied = []
+    for path in glob.glob(os.path.join(ROOT, "bench", "results", "*")):
+        if os.path.getmtime(path) >= since:
+            shutil.copy(path, out)
+            copied.append(os.path.basename(path))
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-check-out"))
+    parser.add_argument("--dry-run", action="store_true", help="rehearse without a GPU (see the docstring)")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together")
+    parser.add_argument("--only", nargs="*", help="run only these steps (by name)")
+    parser.add_argument("--report-env", action="store_true", help="print versions, GPU and tools, and exit")
+    args = parser.parse_args(argv)
+    if args.report_env:
+        report_env()
+        return 0
+    os.makedirs(args.out, exist_ok=True)
+    plan = [s for s in steps(os.cpu_count() or 1) if not args.only or s.name in args.only]
+    unknown = set(args.only or ()) - {s.name for s in steps(1)}
+    if unknown:
+        parser.error(f"unknown steps {sorted(unknown)}")
+    for step in plan:
+        tool = step.command[0]
+        if tool != PY and shutil.which(tool) is None and not args.dry_run:
+            print(f"gpu-check: {tool} not found; step {step.name} will fail", file=sys.stderr)
+    started, deadline = time.time(), time.monotonic() + args.budget
+    rows = []
+    with open(os.path.join(args.out, "gpu-check.log"), "w") as log:
+        log.write(f"gpu-check {'--dry-run ' if args.dry_run else ''}in {ROOT}, python {sys.version.split()[0]}\n")
+        for step in plan:
+            left = deadline - time.monotonic()
+            command = step.dry_command if args.dry_run else step.command
+            if left < 10:
+                status, elapsed = "not run: the budget was spent", 0.0
+            elif command is None:
+                log.write(f"\n===== {step.name} (needs a GPU; would run): {shlex.join(step.command)}\n")
+                status, elapsed = "dry run: needs a GPU, command printed", 0.0
+            else:
+                status, elapsed = _run(step, command, min(step.timeout_s, left), log)
+            rows.append((step, status, elapsed))
+            print(f"gpu-check: {step.name:10} {status} ({elapsed:.0f} s)", flush=True)
+    copied = [] if args.dry_run else _copy_results(args.out, started)
+    failed = [step.name for step, status, _ in rows if not (status == "ok" or status.startswith("dry run"))]
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"# gpu-check{' --dry-run' if args.dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n")
+        f.write("| step | status | seconds | command |\n| --- | --- | ---: | --- |\n")
+        for step, status, elapsed in rows:
+            command = step.dry_command if args.dry_run and step.dry_command else step.command
+            env = " ".join(f"{k}={v}" for k, v in step.env.items())
+            f.write(f"| {step.name} | {status} | {elapsed:.0f} | `{(env + ' ' if env else '') + shlex.join(command)}` |\n")
+        f.write(f"\nTotal {sum(e for _, _, e in rows):.0f} s. Failed: {', '.join(failed) or 'none'}. "
+                f"Results copied: {', '.join(copied) or 'none'}. Full output: gpu-check.log.\n")
+    print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps ok'}; see {args.out}/summary.md")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

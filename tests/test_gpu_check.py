@@ -1,0 +1,56 @@
+"""bench/gpu_check.py, the first GPU session's script: its runner keeps going after a failed or
+timed-out step, and its dry run works here (CI also runs the whole dry run: `.ci/run`)."""
+
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_check  # noqa: E402
+
+
+def _step(name, code, timeout_s=30):
+    return gpu_check.Step(name, [sys.executable, "-c", code], timeout_s, {"GPU_CHECK_TEST": "1"}, None)
+
+
+def test_a_step_that_fails_or_hangs_is_reported_and_ended(tmp_path):
+    failing = _step("fails", "raise SystemExit(3)")
+    hanging = _step("hangs", "import time; time.sleep(60)")
+    env = _step("env", "import os; print('GPU_CHECK_TEST=' + os.environ['GPU_CHECK_TEST'])")
+    with open(tmp_path / "log", "w") as log:
+        failed = gpu_check._run(failing, failing.command, 30, log)
+        start = time.monotonic()
+        hung = gpu_check._run(hanging, hanging.command, 1, log)
+        elapsed = time.monotonic() - start
+        passed = gpu_check._run(env, env.command, 30, log)
+    assert failed[0] == "failed (exit 3)"
+    assert hung[0] == "timed out after 1 s" and elapsed < 30
+    assert passed[0] == "ok"
+    text = (tmp_path / "log").read_text()
+    assert "===== hangs: timed out after 1 s" in text
+    assert "GPU_CHECK_TEST=1" in text and "===== env: ok" in text
+
+
+def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
+    steps = gpu_check.steps(cores=16)
+    names = [s.name for s in steps]
+    assert names[:3] == ["env", "build", "tests"] and len(set(names)) == len(names)
+    assert {"memcheck", "racecheck", "synccheck", "bench", "host"} <= set(names)
+    build = steps[names.index("build")]
+    assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0" and build.env["MAX_JOBS"] == "16"
+    assert "--no-index" in build.command  # no network on the GPU machine
+    for step in steps:
+        assert 0 < step.timeout_s <= 300
+        for arg in step.command + (step.dry_command or []):
+            if arg.endswith(".py"):
+                assert os.path.isfile(os.path.join(ROOT, arg)), f"{step.name}: {arg} does not exist"
+
+
+def test_dry_run_writes_a_summary(tmp_path):
+    code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "build", "racecheck"])
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| build | ok |" in summary, summary
+    assert "| racecheck | dry run: needs a GPU, command printed |" in summary
+    assert code == 0
+    assert (tmp_path / "gpu-check.log").is_file()
