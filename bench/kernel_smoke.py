@@ -3,7 +3,8 @@
 Short on purpose: `make gpu-check` runs it under compute-sanitizer (memcheck, racecheck,
 synccheck), which slows kernels by orders of magnitude. It covers each dtype, the vectorized and
 the unaligned (scalar) paths of the CUDA loss, its in-place backward, and each output and
-reduction of the Triton kernels, at sizes that are not multiples of a block or a vector.
+reduction of the Triton kernels, at sizes that are not multiples of a block or a vector. Every
+reconstruction form of the loss runs, each with one reduction for both terms and with split ones.
 
     python bench/kernel_smoke.py --device cuda
     python bench/kernel_smoke.py --device cpu    # the same calls on CPU (Triton interpreted)
@@ -30,6 +31,7 @@ def _vae_loss(device, dtype_name: str, aligned: bool) -> None:
     import torch
 
     from fastvae import ops, reference
+    from fastvae._checks import RECONS
 
     dtype = getattr(torch, dtype_name)
     # 3*17*19 image elements: not a multiple of a 16-byte vector; a 1-element offset misaligns.
@@ -39,12 +41,15 @@ def _vae_loss(device, dtype_name: str, aligned: bool) -> None:
     x = storage[1, offset:offset + 3 * 17 * 19 * 2].view(2, 3, 17, 19)
     mu = torch.randn(2, 37, device=device, dtype=dtype, requires_grad=True)
     logvar = (0.1 * torch.randn(2, 37, device=device, dtype=dtype)).requires_grad_()
-    for reduction in ("sum", "mean"):
+    cases = [(recon, reductions) for recon in RECONS for reductions in (("sum", "sum"), ("mean", "batchmean"))]
+    for recon, (recon_reduction, kl_reduction) in cases:
+        options = dict(beta=0.5, recon=recon, recon_reduction=recon_reduction, kl_reduction=kl_reduction)
+        what = f"{recon} {recon_reduction}/{kl_reduction} {dtype_name} aligned={aligned}"
         inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in (x_hat, x, mu, logvar)]
-        loss = ops.vae_loss(*inputs, beta=0.5, reduction=reduction, backend="cpp")
-        want = reference.vae_loss(x_hat, x, mu, logvar, beta=0.5, reduction=reduction)
+        loss = ops.vae_loss(*inputs, **options, backend="cpp")
+        want = reference.vae_loss(x_hat, x, mu, logvar, **options)
         for got, expected, name in zip(loss, want, ("loss", "recon", "kl")):
-            _close(got, expected, dtype_name, f"vae_loss {name} {dtype_name} {reduction} aligned={aligned}")
+            _close(got, expected, dtype_name, f"vae_loss {name} {what}")
         # loss.backward() takes the in-place backward; two weights take the out-of-place one.
         for weights in ((1.0, 0.0, 0.0), (0.7, 0.3, 0.2)):
             grads = torch.autograd.grad(
@@ -56,7 +61,7 @@ def _vae_loss(device, dtype_name: str, aligned: bool) -> None:
                 [x_hat, mu, logvar], retain_graph=True,
             )
             for got, expected in zip(grads, want_grads):
-                _close(got, expected, dtype_name, f"vae_loss gradient {dtype_name} {reduction} {weights}")
+                _close(got, expected, dtype_name, f"vae_loss gradient {what} {weights}")
 
 
 def _latent(device, dtype_name: str) -> None:

@@ -1,7 +1,8 @@
 """Train diffusers' AutoencoderKL (the Stable Diffusion VAE) with fastvae's fused posterior.
 
 The one line that matters is ``patch(vae)``: the model's ``encode`` then returns a
-``fastvae.DiagonalGaussian``, whose ``sample`` and ``kl`` run on fastvae's kernels.
+``fastvae.DiagonalGaussian``, whose ``sample`` and ``kl`` run on fastvae's kernels; the loss is
+``fastvae.ops.vae_loss``, one fused pass.
 
     python examples/train_autoencoder_kl.py                  # built-in shapes, 32x32, a tiny model: CPU-sized
     python examples/train_autoencoder_kl.py --no-fastvae     # the same run on diffusers' own posterior
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fastvae import ops
 from fastvae.data import EpochBatches, train_eval_split
 from fastvae.images import save_grid, side_by_side
 from fastvae.integrations.diffusers import patch
@@ -89,11 +91,18 @@ optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr)
 
 
 def step_loss(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' loss: the reconstruction error averaged over pixels + kl_weight x the batch mean
+    of the per-sample KL; with fastvae, one fused pass over the images and the latents."""
     posterior = vae.encode(x).latent_dist
     x_hat = vae.decode(posterior.sample()).sample
-    recon = F.l1_loss(x_hat, x) if args.recon == "l1" else F.mse_loss(x_hat, x)
-    kl = posterior.kl().mean()
-    return recon + args.kl_weight * kl, recon, kl
+    if args.no_fastvae:
+        recon = F.l1_loss(x_hat, x) if args.recon == "l1" else F.mse_loss(x_hat, x)
+        kl = posterior.kl().mean()
+        return recon + args.kl_weight * kl, recon, kl
+    return ops.vae_loss(
+        x_hat, x, posterior.mean, posterior.logvar, beta=args.kl_weight, recon=args.recon,
+        recon_reduction="mean", kl_reduction="batchmean",
+    )
 
 
 loss_fn = torch.compile(step_loss) if args.compile else step_loss

@@ -157,19 +157,36 @@ def kernels_in(binary: str, arch: int = ARCH) -> list[Kernel]:
     return kernels
 
 
-def launch_bounds(source: str, kernel: str) -> tuple[int, int]:
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside parentheses and angle brackets."""
+    terms, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "(<"
+        depth -= char in ")>"
+        if char == "," and depth == 0:
+            terms.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return terms + [current.strip()]
+
+
+def launch_bounds(source: str, kernel: str, template_args: list[str] = ()) -> tuple[int, int]:
     """(max threads, min blocks per SM) of ``__launch_bounds__`` on ``kernel`` in CUDA ``source``,
-    its constants resolved from the file's ``constexpr`` definitions."""
+    its constants resolved from the file's ``constexpr`` definitions. A bound that depends on the
+    dtypes, ``kMinBlocksPerSm<image_t, latent_t>``, is kMinBlocksFloat64 for the instantiations
+    whose ``template_args`` hold a double, else kMinBlocks."""
     constants = {
         name: int(value)
         for name, value in re.findall(r"constexpr\s+(?:int|int64_t|int32_t|unsigned)\s+(\w+)\s*=\s*(\d+)\s*;", source)
     }
-    match = re.search(r"__launch_bounds__\(([^)]*)\)\s*\n?\s*" + kernel + r"\s*\(", source)
-    if match is None:
-        match = re.search(r"__launch_bounds__\(([^)]*)\)[^;{]*?\b" + kernel + r"\s*\(", source, re.DOTALL)
+    match = re.search(r"__launch_bounds__\(((?:[^()]|\([^()]*\))*)\)\s*" + kernel + r"\s*\(", source)
     assert match, f"no __launch_bounds__ on {kernel}"
     values = []
-    for term in match.group(1).split(","):
+    for term in _top_level_split(match.group(1)):
+        if term.startswith("kMinBlocksPerSm<"):
+            values.append(constants["kMinBlocksFloat64" if "double" in template_args else "kMinBlocks"])
+            continue
         expression = re.sub(r"\b([A-Za-z_]\w*)\b", lambda m: str(constants[m.group(1)]), term)
         values.append(int(eval(expression, {"__builtins__": {}})))  # digits and operators only
     return values[0], values[1] if len(values) > 1 else 1

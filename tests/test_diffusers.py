@@ -159,6 +159,27 @@ def test_training_step_matches_diffusers_given_the_same_z(recon, dtype, monkeypa
 
 
 @needs_diffusers
+@pytest.mark.parametrize("recon", ["l1", "mse"])
+def test_fused_loss_is_diffusers_loss(recon):
+    # diffusers' recipe, reconstruction error averaged over pixels + kl_weight x the batch mean of
+    # the per-sample KL, is one fused vae_loss: recon_reduction="mean", kl_reduction="batchmean".
+    vae = patch(tiny_vae())
+    x = images()
+    posterior = vae.encode(x).latent_dist
+    x_hat = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(0))).sample
+    recon_loss = F.l1_loss(x_hat, x) if recon == "l1" else F.mse_loss(x_hat, x)
+    want = recon_loss + KL_WEIGHT * posterior.kl().mean()
+    got, _, _ = ops.vae_loss(
+        x_hat, x, posterior.mean, posterior.logvar, beta=KL_WEIGHT, recon=recon,
+        recon_reduction="mean", kl_reduction="batchmean",
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    for g, w in zip(torch.autograd.grad(got, params, retain_graph=True), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+@needs_diffusers
 def test_thirty_steps_lower_the_loss_both_ways():
     x = images(8)
     for vae in (tiny_vae(), patch(tiny_vae())):

@@ -39,15 +39,16 @@ constexpr int kWarps = kThreads / 32;
 // dtypes rather than read from the GPU keeps the reduction tree, hence the bits, the same on
 // every GPU.
 constexpr int kSmsPerWave = 128;
+constexpr int kMinBlocks = 6;
+constexpr int kMinBlocksFloat64 = 4;  // where the image or the latents are float64
 
 template <typename image_t, typename latent_t>
-constexpr int min_blocks_per_sm() {
-  return std::is_same_v<image_t, double> || std::is_same_v<latent_t, double> ? 4 : 6;
-}
+constexpr int kMinBlocksPerSm =
+    std::is_same_v<image_t, double> || std::is_same_v<latent_t, double> ? kMinBlocksFloat64 : kMinBlocks;
 
 template <typename image_t, typename latent_t>
 constexpr int64_t max_blocks() {
-  return int64_t{kSmsPerWave} * min_blocks_per_sm<image_t, latent_t>();
+  return int64_t{kSmsPerWave} * kMinBlocksPerSm<image_t, latent_t>;
 }
 
 // Each thread handles at least this many 16-byte packs before another block is added.
@@ -106,7 +107,7 @@ __device__ __forceinline__ Pack<scalar_t, kVec> load_pack(const scalar_t* __rest
 // (kAligned only picks the loads), and the grid is a function of the sizes: the loss has the
 // same bits for any alignment. image_grad is fresh from the caching allocator, always aligned.
 template <Recon kRecon, typename image_t, typename latent_t, bool kAligned>
-__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<image_t, latent_t>())
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<image_t, latent_t>)
     vae_loss_forward_kernel(const image_t* __restrict__ x_hat, const image_t* __restrict__ x, int64_t n_image,
                             const latent_t* __restrict__ mu, const latent_t* __restrict__ logvar, int64_t n_latent,
                             acc_t<image_t> grad_weight, image_t* __restrict__ image_grad,
@@ -183,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
 // negated image gradient for kTarget = Mse (standing for every form where it is),
 // recon_grad_target<kTarget>(x_hat) otherwise. Elementwise: the loads' width changes no bits.
 template <Recon kTarget, typename image_t, typename latent_t, int kVec>
-__global__ void __launch_bounds__(kThreads, min_blocks_per_sm<image_t, latent_t>()) vae_loss_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<image_t, latent_t>) vae_loss_backward_kernel(
     const acc_t<image_t>* __restrict__ grad_loss, const acc_t<image_t>* __restrict__ grad_recon,
     const acc_t<image_t>* __restrict__ grad_kl, acc_t<image_t> image_scale, acc_t<image_t> inverse_divisor,
     double beta, double latent_divisor, const image_t* image_grad, const image_t* __restrict__ x_hat,
