@@ -241,11 +241,12 @@ def opcheck_cases(backend, device):
     mu_, logvar_ = mu.detach(), logvar.detach()
     if backend == "triton":
         fastvae_ops = torch.ops.fastvae
+        backward = fastvae_ops.triton_reparameterize_kl_backward.default
         return [
             (fastvae_ops.triton_kl_divergence.default, (mu, logvar, "per_sample")),
             (fastvae_ops.triton_reparameterize_kl.default, (mu, logvar, seed, "per_sample")),
-            (fastvae_ops.triton_reparameterize_kl_backward.default, (grad_z, grad_kl, mu_, logvar_, seed, "per_sample")),
-            (fastvae_ops.triton_reparameterize_kl_backward.default, (None, grad_kl, mu_, logvar_, None, "per_sample")),
+            (backward, (grad_z, grad_kl, mu_, logvar_, seed, "per_sample")),
+            (backward, (None, grad_kl, mu_, logvar_, None, "per_sample")),
         ]
     _, _, noise = torch.ops.fastvae.reparameterize_kl.default(mu_, logvar_, seed, "per_sample", True, True, True)
     return [
