@@ -9,8 +9,9 @@ Reduction parse_reduction(std::string_view reduction, bool allow_none) {
   if (reduction == "sum") return Reduction::Sum;
   if (reduction == "batchmean") return Reduction::BatchMean;
   if (reduction == "mean") return Reduction::Mean;
+  if (allow_none && reduction == "per_sample") return Reduction::PerSample;
   TORCH_CHECK(allow_none && reduction == "none", "reduction must be one of 'sum', 'batchmean', 'mean'",
-              allow_none ? ", 'none'" : "", ", got '", reduction, "'");
+              allow_none ? ", 'none', 'per_sample'" : "", ", got '", reduction, "'");
   return Reduction::None;
 }
 

@@ -8,9 +8,10 @@
 
 namespace fastvae {
 
-enum class Reduction { None, Sum, BatchMean, Mean };
+enum class Reduction { None, Sum, BatchMean, Mean, PerSample };
 
-// `allow_none`: only the elementwise KL has a meaningful "none".
+// `allow_none`: only the KL alone has a meaningful "none" (elementwise) or "per_sample" (the
+// totals over every dim but the first); both are allowed with it.
 Reduction parse_reduction(std::string_view reduction, bool allow_none);
 
 // The number a reduced sum over `t` is divided by: 1, t.size(0) or t.numel().

@@ -38,7 +38,8 @@ TORCH_LIBRARY(fastvae, m) {
   // z = mu + exp(0.5 * logvar) * eps with eps = tl.randn(seed, index), and the KL of the same
   // latents. seed is a 0-dim int64 CPU tensor, needed when compute_z. With save_noise (and
   // compute_z) the same pass also writes noise, the float32 eps, for the backward. An output not
-  // computed is an empty tensor. reduction may be "none" (elementwise KL).
+  // computed is an empty tensor. reduction may be "none" (elementwise KL) or "per_sample" (kl of
+  // shape (B,): each sample's total over every dim but the first; mu needs at least 2 dims).
   m.def(
       "reparameterize_kl(Tensor mu, Tensor logvar, Tensor? seed, str reduction, bool compute_z,"
       " bool compute_kl, bool save_noise) -> (Tensor z, Tensor kl, Tensor noise)");

@@ -10,8 +10,9 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# "none" is only meaningful where the result can stay elementwise (the KL alone).
-KL_REDUCTIONS = ("sum", "batchmean", "mean", "none")
+# "none" and "per_sample" are only meaningful where the result need not be a scalar (the KL
+# alone): the elementwise KL, and its totals per sample (over every dim but the first).
+KL_REDUCTIONS = ("sum", "batchmean", "mean", "none", "per_sample")
 LOSS_REDUCTIONS = ("sum", "batchmean", "mean")
 # vae_loss's reconstruction terms: torch's mse_loss, l1_loss, binary_cross_entropy (x_hat a
 # probability) and binary_cross_entropy_with_logits (x_hat a logit).
@@ -54,6 +55,11 @@ def check_reduction(reduction: object, allowed: tuple[str, ...]) -> None:
 def check_batched(name: str, t: torch.Tensor, reduction: str) -> None:
     if reduction == "batchmean" and t.dim() == 0:
         raise ValueError(f"reduction 'batchmean' needs a batch dimension, but {name} is 0-dimensional")
+    if reduction == "per_sample" and t.dim() < 2:
+        raise ValueError(
+            f"reduction 'per_sample' sums over every dim but the first, so it needs at least 2 dims, "
+            f"but {name} has shape {shape_str(t)}"
+        )
 
 
 def check_seed(seed: object) -> None:

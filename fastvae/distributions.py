@@ -114,13 +114,12 @@ class DiagonalGaussian:
     def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
         """KL(self || other) per sample, summed over dims 1, 2 and 3: shape (B,) for (B, C, H, W).
 
-        ``other=None`` is the standard normal prior. That KL comes from the fused op
-        (``kl_divergence(reduction="none")``, which writes the elementwise KL in float32) and a sum
-        over dims 1..3: two passes. One pass needs a per-sample reduction in the KL kernels (the
-        Triton kernel and ``fastvae._C``'s ``reparameterize_kl``): a (B,) output, each program
-        reducing its block into its sample's total, which neither has yet.
-        For 4-D latents ``kl().mean()`` equals ``fastvae.ops.kl_divergence(mean, logvar,
-        reduction="batchmean")``, which is one pass.
+        ``other=None`` is the standard normal prior. For 4-D latents that KL is one pass of the
+        fused op, ``kl_divergence(reduction="per_sample")``: each sample's total, in float32, with
+        no elementwise intermediate. Latents of more dims (diffusers still sums dims 1..3 only,
+        leaving (B, ...)) take the elementwise KL (``reduction="none"``) and that sum: two passes.
+        ``kl().mean()`` equals ``fastvae.ops.kl_divergence(mean, logvar, reduction="batchmean")``
+        for 4-D latents.
 
         With ``other`` (any object with ``mean`` and ``logvar``, diffusers' class too)
         no kernel fits, since the fused KL is against N(0, 1) only: it is the reference formula in
@@ -131,6 +130,8 @@ class DiagonalGaussian:
         if self.mean.dim() < len(_KL_DIMS) + 1:
             raise ValueError(f"kl sums over dims 1, 2 and 3, so it needs 4-D latents, got {shape_str(self.mean)}")
         if other is None:
+            if self.mean.dim() == len(_KL_DIMS) + 1:
+                return ops.kl_divergence(self.mean, self.logvar, reduction="per_sample", backend=self.backend)
             elementwise = ops.kl_divergence(self.mean, self.logvar, reduction="none", backend=self.backend)
             return elementwise.sum(dim=_KL_DIMS)
         if tuple(other.mean.shape) != tuple(self.mean.shape):

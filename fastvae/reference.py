@@ -9,6 +9,9 @@ or one for each):
 * ``"batchmean"``: totals divided by the batch size ``shape[0]``, the per-sample ELBO scale.
 * ``"mean"``: totals divided by the number of elements of that term's tensor.
 * ``"none"`` (:func:`kl_divergence` and :func:`reparameterize_kl` only): the elementwise KL.
+* ``"per_sample"`` (:func:`kl_divergence` and :func:`reparameterize_kl` only): the totals of
+  each sample, over every dim but the first: shape ``(B,)`` for ``(B, ...)`` latents of at
+  least 2 dims (diffusers' posterior KL for ``(B, C, H, W)``).
 
 Dtypes: ``z`` comes back in the input dtype; the KL and the losses are computed and
 returned in float32 (float64 for float64 inputs), whatever the input dtype.
@@ -63,6 +66,8 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "s
     elementwise = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
     if reduction == "none":
         return elementwise
+    if reduction == "per_sample":
+        return elementwise.sum(dim=tuple(range(1, elementwise.dim())))
     return _scale(elementwise.sum(), reduction, elementwise)
 
 

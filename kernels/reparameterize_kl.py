@@ -27,10 +27,12 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from fastvae._checks import accumulate_dtype, latent_memory_format
 
-# What the forward computes besides z: nothing, the elementwise KL, or one reduced value.
+# What the forward computes besides z: nothing, the elementwise KL, one reduced value, or one
+# total per sample.
 KL_NONE = tl.constexpr(0)
 KL_ELEMENTWISE = tl.constexpr(1)
 KL_REDUCED = tl.constexpr(2)
+KL_PER_SAMPLE = tl.constexpr(3)
 
 # 1024 elements per tile with 4 warps is 8 elements a thread: two 16-byte loads per fp32 input
 # and enough independent Philox streams per thread to hide integer-multiply latency.
@@ -88,6 +90,7 @@ def _reparameterize_kl_forward_kernel(
     counter_ptr,
     seed,
     n_elements,
+    sample_size,
     divisor,
     channels,
     spatial,
@@ -101,17 +104,33 @@ def _reparameterize_kl_forward_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    num_tiles = _num_tiles(n_elements, BLOCK, INT64)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], COMPUTE)
-    # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and with it
-    # the reduced KL, depends only on the grid size, never on scheduling.
-    for tile in range(pid, num_tiles, num_programs):
-        if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
-            offsets = tl.cast(tile, tl.int64) * BLOCK + lanes
+    if KL_MODE == KL_PER_SAMPLE:
+        # One program per sample, looping over the sample's tiles (its elements are contiguous in
+        # memory in either layout). Each total is then one program's in-register sum in a fixed
+        # order: deterministic with no partials, counter or atomics. Latents have a few to a few
+        # hundred samples per batch, each of thousands of elements, so a (sample, tile) grid with
+        # a second-stage sum would buy parallelism only for tiny batches of huge samples.
+        if INT64:
+            first = tl.cast(pid, tl.int64) * sample_size
         else:
-            offsets = tile * BLOCK + lanes
-        mask = offsets < n_elements
+            first = pid * sample_size
+        end = first + sample_size
+        first_tile, tile_step = 0, 1
+        num_tiles = _num_tiles(sample_size, BLOCK, INT64)
+    else:
+        # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and
+        # with it the reduced KL, depends only on the grid size, never on scheduling.
+        first, end = 0, n_elements
+        first_tile, tile_step = pid, num_programs
+        num_tiles = _num_tiles(n_elements, BLOCK, INT64)
+    for tile in range(first_tile, num_tiles, tile_step):
+        if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
+            offsets = first + tl.cast(tile, tl.int64) * BLOCK + lanes
+        else:
+            offsets = first + tile * BLOCK + lanes
+        mask = offsets < end
         mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         logvar = tl.load(logvar_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
         if WRITE_Z:
@@ -126,6 +145,8 @@ def _reparameterize_kl_forward_kernel(
             else:
                 acc += tl.where(mask, kl, 0.0)
 
+    if KL_MODE == KL_PER_SAMPLE:
+        tl.store(kl_ptr + pid, tl.sum(acc, axis=0))
     if KL_MODE == KL_REDUCED:
         # Deterministic one-launch reduction: every program publishes its partial, and the
         # program that arrives last at the counter sums all partials in index order.
@@ -157,6 +178,7 @@ def _reparameterize_kl_backward_kernel(
     grad_logvar_ptr,
     seed,
     n_elements,
+    sample_size,
     divisor,
     channels,
     spatial,
@@ -196,6 +218,9 @@ def _reparameterize_kl_backward_kernel(
             mu = tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
             if GRAD_KL_MODE == KL_ELEMENTWISE:
                 grad_kl = tl.load(grad_kl_ptr + offsets, mask=mask, other=0.0).to(COMPUTE)
+            elif GRAD_KL_MODE == KL_PER_SAMPLE:
+                # The gradient of the element's sample total: B values, gathered from cache.
+                grad_kl = tl.load(grad_kl_ptr + offsets // sample_size, mask=mask, other=0.0).to(COMPUTE)
             else:
                 grad_kl = grad_kl_scalar
             # kl_grad_mu = mu, kl_grad_logvar = 0.5 * (exp(logvar) - 1).
@@ -307,22 +332,28 @@ def reparameterize_kl_forward(
     acc_dtype = accumulate_dtype(mu.dtype)
     memory_format, channels_last, channels, spatial = _layout(mu)
     z = torch.empty(shape, dtype=mu.dtype, device=device, memory_format=memory_format) if write_z else None
-    # The host tests this bool, not kl_mode: comparing tl.constexprs costs microseconds.
-    reduced = reduction is not None and reduction != "none"
+    # The host tests these bools, not kl_mode: comparing tl.constexprs costs microseconds.
+    per_sample = reduction == "per_sample"
+    reduced = reduction is not None and reduction != "none" and not per_sample
     if reduction is None:
         kl_mode, kl = KL_NONE, None
     elif reduction == "none":
         kl = torch.empty(shape, dtype=acc_dtype, device=device, memory_format=memory_format)
         kl_mode = KL_ELEMENTWISE
+    elif per_sample:
+        kl_mode, kl = KL_PER_SAMPLE, torch.empty(shape[0], dtype=acc_dtype, device=device)
     else:
         kl_mode, kl = KL_REDUCED, torch.empty((), dtype=acc_dtype, device=device)
     if numel == 0:
         if reduced:
             kl = _empty_reduction(reduction, shape, acc_dtype, device)
+        elif per_sample:
+            kl.zero_()  # samples of no elements total 0, as torch's sum over empty dims
         return z, kl
 
     mu, logvar = mu.contiguous(memory_format=memory_format), logvar.contiguous(memory_format=memory_format)
-    grid = _grid(device, numel)
+    # Per sample, one program a sample (see the kernel).
+    grid = shape[0] if per_sample else _grid(device, numel)
     max_programs = _max_programs(device)
     # Unused pointers still need a tensor of the right device; the constexpr flags keep the
     # kernel from touching them.
@@ -339,6 +370,7 @@ def reparameterize_kl_forward(
             counter,
             seed,
             numel,
+            numel // shape[0] if per_sample else 1,
             _divisor(reduction, shape, numel) if reduced else 1,
             channels,
             spatial,
@@ -378,11 +410,15 @@ def reparameterize_kl_backward(
     def laid_out(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=memory_format)
 
-    reduced = grad_kl is not None and reduction != "none"
+    per_sample = grad_kl is not None and reduction == "per_sample"
+    reduced = grad_kl is not None and reduction != "none" and not per_sample
     if grad_kl is None:
         grad_kl_mode = KL_NONE
     elif reduced:
         grad_kl_mode = KL_REDUCED
+    elif per_sample:
+        # (B,), often expanded from a later sum's gradient (stride 0).
+        grad_kl_mode, grad_kl = KL_PER_SAMPLE, grad_kl.contiguous()
     else:
         grad_kl_mode, grad_kl = KL_ELEMENTWISE, laid_out(grad_kl)
     logvar = laid_out(logvar)
@@ -396,6 +432,7 @@ def reparameterize_kl_backward(
             grad_logvar,
             seed if seed is not None else 0,
             numel,
+            numel // shape[0] if per_sample else 1,
             _divisor(reduction, shape, numel) if reduced else 1,
             channels,
             spatial,

@@ -118,6 +118,43 @@ def test_kl_is_per_sample_and_matches_float64(backend, dtype, shape):
         torch.testing.assert_close(grad.double(), expected_grad.to(dtype).double(), atol=atol, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else rtol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_is_one_per_sample_reduction(backend, monkeypatch):
+    # 4-D latents: one call of the per-sample KL, no elementwise KL summed afterwards. Moments in
+    # channels_last give the same bits from the fused backends (they reduce contiguous copies of
+    # the halves, which are not dense channels_last); torch's sum follows the layout.
+    reductions = []
+    kl_divergence = ops.kl_divergence
+
+    def recording(*args, **kwargs):
+        reductions.append(kwargs["reduction"])
+        return kl_divergence(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "kl_divergence", recording)
+    parameters = moments((3, 4, 5, 7), torch.float32)
+    kl = DiagonalGaussian(parameters, backend=backend).kl()
+    assert reductions == ["per_sample"]
+    torch.testing.assert_close(kl.double(), float64_kl(parameters), atol=1e-4, rtol=1e-5)
+    channels_last = parameters.to(memory_format=torch.channels_last)
+    kl_channels_last = DiagonalGaussian(channels_last, backend=backend).kl()
+    if backend == "reference":
+        torch.testing.assert_close(kl_channels_last, kl)
+    else:
+        assert torch.equal(kl_channels_last, kl)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_of_5d_latents_sums_dims_1_to_3_as_diffusers(backend):
+    # diffusers sums dims 1, 2 and 3 whatever the rank: (B, C, T, H, W) gives (B, W).
+    mean = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    logvar = torch.rand(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64) - 0.5
+    kl = DiagonalGaussian(torch.cat([mean, logvar], dim=1).float(), backend=backend).kl()
+    mean, logvar = mean.float().double(), logvar.float().double()
+    expected = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
+    assert kl.shape == (2, 6)
+    torch.testing.assert_close(kl.double(), expected, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kl_between_two_gaussians(dtype):
     parameters, other = moments((2, 4, 5, 3), dtype, seed=1), moments((2, 4, 5, 3), dtype, seed=2, extremes=False)

@@ -79,16 +79,20 @@ def record_launches() -> list:
 def _record_dtype(dtype: torch.dtype, seed: int, shape: tuple, memory_format=torch.contiguous_format,
                   device: str = "cpu") -> None:
     mu = torch.zeros(shape, dtype=dtype, device=device).to(memory_format=memory_format)
-    for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean")):
+    for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean"), (False, "per_sample"),
+                               (True, "per_sample")):
         kernels.reparameterize_kl_forward(mu, mu, seed, write_z=write_z, reduction=reduction)
     # The KL and its gradient are in the accumulate dtype, as the forward returns them.
     kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     kl_sum, kl_none = torch.zeros((), dtype=kl_dtype, device=device), torch.zeros_like(mu, dtype=kl_dtype)
+    kl_per_sample = torch.zeros(shape[0], dtype=kl_dtype, device=device)
     for grad_z, grad_kl, reduction in (
         (mu, None, None),  # reparameterize
         (None, kl_none, "none"),  # kl_divergence, elementwise
         (mu, kl_sum, "sum"),  # reparameterize_kl
         (None, kl_sum, "batchmean"),
+        (None, kl_per_sample, "per_sample"),  # kl_divergence per sample
+        (mu, kl_per_sample, "per_sample"),
     ):
         kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, mu, seed, reduction=reduction)
 

@@ -1,5 +1,6 @@
 // fastvae::reparameterize_kl and its backward on CPU. Sampling on CUDA is the Triton backend's
 // job; this kernel draws the same Philox stream (fastvae_math.h) so a seed gives the same z.
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -70,6 +71,44 @@ void reparameterize_kl_forward(const scalar_t* mu, const scalar_t* logvar, int64
   }
 }
 
+// The same with the KL's total per sample. The work is cut into the same fixed chunks as above,
+// and each chunk into the stretches of the samples it holds; a sample's total is its stretches'
+// sums added in chunk order, so it has the same bits whatever the thread count. With z, a chunk
+// is swept twice: z over the whole chunk, as reparameterize_kl_forward does (so the vector/scalar
+// split, and eps's last bit, is the same as for every other reduction), then the KL of each
+// stretch, reading the chunk (32 KiB of float32 mu and logvar) from cache rather than memory.
+template <typename scalar_t>
+void reparameterize_kl_per_sample(const scalar_t* mu, const scalar_t* logvar, int64_t samples, int64_t sample_size,
+                                  uint64_t seed, scalar_t* z, float* noise, acc_t<scalar_t>* kl) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = samples * sample_size, chunks = cpu::num_chunks(n, kChunk);
+  // The stretch of chunk c and sample b goes to partials[c + b]: stretches in memory order have
+  // increasing, distinct c + b (a later stretch has a later chunk, a later sample, or both).
+  std::vector<acc> partials(chunks + samples, acc(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) {
+      const int64_t begin = c * kChunk, end = cpu::chunk_end(c, n, kChunk);
+      if (z != nullptr) {
+        cpu::latent_forward(mu, logvar, seed, z, /*kl=*/nullptr, cpu::KlOutput::None, begin, end, noise);
+      }
+      for (int64_t i = begin; i < end;) {
+        const int64_t sample = i / sample_size, stop = std::min(end, (sample + 1) * sample_size);
+        partials[c + sample] = cpu::latent_forward(mu, logvar, seed, /*z=*/static_cast<scalar_t*>(nullptr),
+                                                   /*kl=*/nullptr, cpu::KlOutput::Sum, i, stop);
+        i = stop;
+      }
+    }
+  });
+  for (int64_t sample = 0; sample < samples; ++sample) {
+    acc total = 0;
+    if (sample_size > 0) {
+      const int64_t first_chunk = sample * sample_size / kChunk, last_chunk = ((sample + 1) * sample_size - 1) / kChunk;
+      for (int64_t c = first_chunk; c <= last_chunk; ++c) total += partials[c + sample];
+    }
+    kl[sample] = total;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::Tensor& mu_in,
                                                                      const at::Tensor& logvar_in,
                                                                      const std::optional<at::Tensor>& seed,
@@ -78,6 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::T
   check_pair("mu", mu_in, "logvar", logvar_in);
   check_cpu(mu_in, "mu");
   const Reduction reduction = parse_reduction(reduction_name, /*allow_none=*/true);
+  TORCH_CHECK(reduction != Reduction::PerSample || mu_in.dim() >= 2,
+              "reduction 'per_sample' sums over every dim but the first, so it needs at least 2 dims, but mu has "
+              "shape ", mu_in.sizes());
   const double divisor = reduction_divisor(reduction, mu_in);
   const uint64_t seed_value = compute_z ? read_seed(seed) : 0;
   const at::Tensor mu = mu_in.contiguous(), logvar = logvar_in.contiguous();
@@ -85,10 +127,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> reparameterize_kl_cpu(const at::T
   at::Tensor z = compute_z ? at::empty(mu.sizes(), mu.options()) : at::empty({0}, mu.options());
   const bool write_noise = compute_z && save_noise;
   at::Tensor noise = at::empty(write_noise ? mu.sizes() : at::IntArrayRef{0}, mu.options().dtype(at::kFloat));
-  at::Tensor kl = !compute_kl                     ? at::empty({0}, accumulate_options(mu))
-                  : reduction == Reduction::None ? at::empty(mu.sizes(), accumulate_options(mu))
-                                                 : at::empty({}, accumulate_options(mu));
+  at::Tensor kl = !compute_kl                          ? at::empty({0}, accumulate_options(mu))
+                  : reduction == Reduction::None      ? at::empty(mu.sizes(), accumulate_options(mu))
+                  : reduction == Reduction::PerSample ? at::empty({mu.size(0)}, accumulate_options(mu))
+                                                      : at::empty({}, accumulate_options(mu));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_cpu", [&] {
+    if (compute_kl && reduction == Reduction::PerSample) {
+      const int64_t samples = mu.size(0);
+      reparameterize_kl_per_sample(mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(), samples,
+                                   samples == 0 ? 0 : mu.numel() / samples, seed_value,
+                                   compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr,
+                                   write_noise ? noise.mutable_data_ptr<float>() : nullptr,
+                                   kl.mutable_data_ptr<acc_t<scalar_t>>());
+      return;
+    }
     reparameterize_kl_forward(mu.const_data_ptr<scalar_t>(), logvar.const_data_ptr<scalar_t>(), mu.numel(),
                               seed_value, reduction, divisor,
                               compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr,
@@ -140,6 +192,10 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
     if (reduction == Reduction::None) {
       TORCH_CHECK(grad_kl->sizes() == mu_in.sizes(), "grad_kl has shape ", grad_kl->sizes(),
                   " but the elementwise kl has ", mu_in.sizes());
+    } else if (reduction == Reduction::PerSample) {
+      TORCH_CHECK(mu_in.dim() >= 2 && grad_kl->dim() == 1 && grad_kl->size(0) == mu_in.size(0), "grad_kl has shape ",
+                  grad_kl->sizes(), " but the per-sample kl of mu of shape ", mu_in.sizes(), " has (",
+                  mu_in.dim() > 0 ? mu_in.size(0) : 0, ")");
     } else {
       TORCH_CHECK(grad_kl->dim() == 0, "grad_kl has shape ", grad_kl->sizes(), " but the reduced kl is 0-dim");
     }
@@ -151,20 +207,31 @@ std::tuple<at::Tensor, at::Tensor> reparameterize_kl_backward_cpu(const std::opt
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mu.scalar_type(), "reparameterize_kl_backward_cpu", [&] {
     using acc = acc_t<scalar_t>;
     const bool elementwise = reduction == Reduction::None;
+    const bool per_sample = has_grad_kl && reduction == Reduction::PerSample;
     const cpu::LatentGradInputs<scalar_t> in{
         has_grad_z ? gz.const_data_ptr<scalar_t>() : nullptr,
         has_grad_z ? noise.const_data_ptr<float>() : nullptr,
         has_grad_kl && elementwise ? gkl.const_data_ptr<acc>() : nullptr,
         has_grad_kl,
-        has_grad_kl && !elementwise ? *gkl.const_data_ptr<acc>() / static_cast<acc>(divisor) : acc(0),
+        // Per sample, the weight is set for each sample's stretch below.
+        has_grad_kl && !elementwise && !per_sample ? *gkl.const_data_ptr<acc>() / static_cast<acc>(divisor) : acc(0),
         mu.const_data_ptr<scalar_t>(),
         logvar.const_data_ptr<scalar_t>(),
     };
     scalar_t* grad_mu_data = grad_mu.mutable_data_ptr<scalar_t>();
     scalar_t* grad_logvar_data = grad_logvar.mutable_data_ptr<scalar_t>();
+    const int64_t sample_size = per_sample && mu.numel() > 0 ? mu.numel() / mu.size(0) : 0;
     // No noise to draw: memory-bound, so the usual chunk size.
     at::parallel_for(0, mu.numel(), cpu::kChunk, [&](int64_t begin, int64_t end) {
-      cpu::latent_backward(in, grad_mu_data, grad_logvar_data, begin, end);
+      if (!per_sample) return cpu::latent_backward(in, grad_mu_data, grad_logvar_data, begin, end);
+      // Each sample's stretch of [begin, end), weighted by the gradient of that sample's total.
+      for (int64_t i = begin; i < end;) {
+        const int64_t sample = i / sample_size, stop = std::min(end, (sample + 1) * sample_size);
+        cpu::LatentGradInputs<scalar_t> stretch = in;
+        stretch.kl_weight = gkl.const_data_ptr<acc>()[sample];
+        cpu::latent_backward(stretch, grad_mu_data, grad_logvar_data, i, stop);
+        i = stop;
+      }
     });
   });
   return {grad_mu.contiguous(latent_memory_format(mu_in)), grad_logvar.contiguous(latent_memory_format(logvar_in))};

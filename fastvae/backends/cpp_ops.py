@@ -137,6 +137,8 @@ def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl, 
         kl = _empty((0,), acc, mu)
     elif reduction == "none":
         kl = _latent_like(mu, acc)
+    elif reduction == "per_sample":
+        kl = _empty((mu.shape[0],), acc, mu)
     else:
         kl = _empty((), acc, mu)
     noise = _empty(mu.shape if compute_z and save_noise else (0,), torch.float32, mu)

@@ -60,7 +60,8 @@ def _latent_like(mu: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch
 def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return _latent_like(mu, accumulate_dtype(mu.dtype))
-    return torch.empty((), dtype=accumulate_dtype(mu.dtype), device=mu.device)
+    shape = (mu.shape[0],) if reduction == "per_sample" else ()
+    return torch.empty(shape, dtype=accumulate_dtype(mu.dtype), device=mu.device)
 
 
 # ---------------------------------------------------------------------------------------------
