@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The oldest supported stack, torch 2.11.0 + triton 3.6.0 (the GPU machine's), on Python 3.12
-# where one is found: a second venv (.venv-oldest), fastvae built there with its CUDA kernels
-# (torch 2.11.0's PyPI wheel is built for CUDA 13.0, like the toolkit here, so nvcc compiles
-# against its headers), and the whole suite, the Triton cubin compile and the static GPU checks
+# where one is found: a second venv (~/.cache/fastvae/venv-oldest), fastvae built there with its
+# CUDA kernels (torch 2.11.0's PyPI wheel is built for CUDA 13.0, like the toolkit here, so nvcc
+# compiles against its headers), and the whole suite, the Triton cubin compile and the static GPU checks
 # included. It builds and tests in a copy of the tree, so the default .venv's in-place
 # fastvae/_C stays built against the default torch.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${OLDEST_VENV:-$root/.venv-oldest}"
+# Outside the tree, so that CI's fresh clones on one machine share it: creating it unpacks about
+# 5 GB. The pip install below makes it the pinned stack whatever state it was left in.
+venv="${OLDEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fastvae/venv-oldest}"
 torch_pin="torch==2.11.0"
 triton_pin="triton==3.6.0"
 

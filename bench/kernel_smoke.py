@@ -72,7 +72,7 @@ def _latent(device, dtype_name: str) -> None:
     dtype = getattr(torch, dtype_name)
     mu = torch.randn(3, 1001, device=device, dtype=dtype, requires_grad=True)
     logvar = (0.1 * torch.randn(3, 1001, device=device, dtype=dtype)).requires_grad_()
-    for reduction in ("sum", "batchmean", "mean", "none"):
+    for reduction in ("sum", "batchmean", "mean", "none", "per_sample"):
         kl = ops.kl_divergence(mu, logvar, reduction=reduction, backend="triton")
         _close(kl, reference.kl_divergence(mu, logvar, reduction=reduction), dtype_name, f"kl {reduction}")
         z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=5, backend="triton")
