@@ -5,6 +5,7 @@
 #pragma once
 
 #include "../cpu_vec.h"
+#include "../cpu_vec_log.h"
 #include "../fastvae_math.h"
 
 namespace fastvae::cpu {
