@@ -681,7 +681,7 @@ def float32_sweep(lowest_exponent):
 
 def test_bce_log_within_an_ulp_of_float64():
     # The AVX2 build's fast log (csrc/cpu_vec_log.h) in every binade of [0, 1], subnormals included,
-    # against float64 log clamped at -100 as torch's: within 1 ulp of float32 (0.73 measured; the C
+    # against float64 log clamped at -100 as torch's: within 1 ulp of float32 (0.61 measured; the C
     # library's and Sleef's, in the baseline build, within 0.52). 0 gives -inf before the clamp.
     edges = torch.tensor([0.0, 2.0**-149, 1e-45, 3e-44, 4e-44, 2.0**-126 - 2.0**-149, 2.0**-126, 1e-30,
                           1.0 - 2.0**-24, 1.0])
