@@ -1,12 +1,12 @@
-// Natural logs of float32 lanes for the AVX2 build's BCE loops, several times faster than
-// Sleef's (Vectorized<float>::log, ::log1p), which bound those loops. Each is an exponent and
-// mantissa split and Cephes' logf polynomial on log(1 + f), |f| < sqrt(2) - 1, in adds and
-// multiplies only (no FMA, see avx2_target.h). tests/test_vae_loss.py measures their error against
-// float64 math over every binade BCE reaches and states the bound in ulps.
+// Natural logs of float32 lanes for the AVX2 build's BCE loops, in place of Sleef's
+// (Vectorized<float>::log, ::log1p), which bound those loops. Each is an exponent and mantissa
+// split and Cephes' logf polynomial on log(1 + f), |f| < sqrt(2) - 1, in adds and multiplies only
+// (no FMA, see avx2_target.h). tests/test_vae_loss.py measures their error against float64 math
+// over every binade BCE reaches and states the bound in ulps.
 //
 // They replace bce_log_ and log1p_exp_neg_ of fastvae_math.h for Vectorized<float> in the AVX2
-// build only. The baseline build, the scalar tails, float64 and the CUDA kernels keep the C
-// library's (or CUDA's) logs.
+// build only. Its float64 lanes keep Sleef's logs; the baseline build, the scalar tails and the
+// CUDA kernels keep the C library's (or CUDA's).
 #pragma once
 
 #include "cpu_vec.h"
@@ -23,7 +23,9 @@ inline namespace CPU_CAPABILITY {
 // adds no rounding of its own for any exponent k of a float. The polynomial is evaluated by
 // Estrin's scheme rather than Horner's: the loops are bound by this dependency chain's latency.
 C10_ALWAYS_INLINE __m256 log1p_reduced(__m256 f, __m256 k) {
-  const auto linear = [f](float c0, float c1) { return _mm256_add_ps(_mm256_set1_ps(c0), _mm256_mul_ps(_mm256_set1_ps(c1), f)); };
+  const auto linear = [f](float c0, float c1) {
+    return _mm256_add_ps(_mm256_set1_ps(c0), _mm256_mul_ps(_mm256_set1_ps(c1), f));
+  };
   const __m256 f2 = _mm256_mul_ps(f, f);
   const __m256 f4 = _mm256_mul_ps(f2, f2);
   const __m256 p01 = linear(3.3333331174e-1f, -2.4999993993e-1f);
@@ -74,7 +76,8 @@ inline at::vec::Vectorized<float> fast_log(const at::vec::Vectorized<float>& v) 
 inline at::vec::Vectorized<float> fast_log1p_unit(const at::vec::Vectorized<float>& v) {
   const __m256 e = v;
   const __m256 high = _mm256_cmp_ps(e, _mm256_set1_ps(0.41421356f), _CMP_GT_OQ);
-  const __m256 f = _mm256_blendv_ps(e, _mm256_mul_ps(_mm256_sub_ps(e, _mm256_set1_ps(1.0f)), _mm256_set1_ps(0.5f)), high);
+  const __m256 half_e_less_1 = _mm256_mul_ps(_mm256_sub_ps(e, _mm256_set1_ps(1.0f)), _mm256_set1_ps(0.5f));
+  const __m256 f = _mm256_blendv_ps(e, half_e_less_1, high);
   return log1p_reduced(f, _mm256_and_ps(high, _mm256_set1_ps(1.0f)));
 }
 
