@@ -83,6 +83,17 @@ inline V sign_(const V& v) { return v.gt(V(0)) - v.lt(V(0)); }  // 1 or 0 per co
 constexpr double kBceLogFloor = -100.0;
 constexpr double kBceGradEpsilon = 1e-12;
 
+// The logs of the BCE terms: log(v), and log1p(exp(-a)) for a >= 0. Apart from log_ and log1p_ so
+// that the AVX2 CPU loops can specialize them for float lanes (cpu_vec_log.h) and no other caller.
+template <typename T>
+FASTVAE_HD T bce_log_(T v) {
+  return log_(v);
+}
+template <typename T>
+FASTVAE_HD T log1p_exp_neg_(T a) {
+  return log1p_(exp_(T(0) - a));
+}
+
 template <Recon kRecon, typename T>
 FASTVAE_HD T recon_term(T x_hat, T x) {
   if constexpr (kRecon == Recon::Mse) {
@@ -92,11 +103,11 @@ FASTVAE_HD T recon_term(T x_hat, T x) {
     return abs_(x_hat - x);
   } else if constexpr (kRecon == Recon::Bce) {
     const T floor(kBceLogFloor);
-    return T(0) - (x * clamp_min_(log_(x_hat), floor) + (T(1) - x) * clamp_min_(log_(T(1) - x_hat), floor));
+    return T(0) - (x * clamp_min_(bce_log_(x_hat), floor) + (T(1) - x) * clamp_min_(bce_log_(T(1) - x_hat), floor));
   } else {
     // torch's (1 - x) l - log_sigmoid(l), with log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)):
     // no exp of a large positive number, so huge logits of either sign stay finite.
-    return (T(1) - x) * x_hat + clamp_min_(T(0) - x_hat, T(0)) + log1p_(exp_(T(0) - abs_(x_hat)));
+    return (T(1) - x) * x_hat + clamp_min_(T(0) - x_hat, T(0)) + log1p_exp_neg_(abs_(x_hat));
   }
 }
 
