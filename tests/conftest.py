@@ -28,3 +28,13 @@ TRITON_DEVICES = [
     )
 ] + CUDA_DEVICES
 
+
+
+def skip_unless_backend_runs(backend: str, op: str, device: str) -> None:
+    """Skips the case, naming why, where ``backend`` cannot run ``op`` on ``device`` here: Triton
+    on CPU tensors without its interpreter (any GPU host), the C++ backend's sampling on CUDA."""
+    from fastvae import ops
+
+    reason = ops.unavailable_reason(backend, op, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run {op} on {device} here: {reason}")

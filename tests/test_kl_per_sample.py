@@ -7,13 +7,14 @@ under Triton's interpreter on CPU tensors when there is no GPU (tests/conftest.p
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, skip_unless_backend_runs
 
 import philox
 from fastvae import ops, reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-FUSED = [b for b in ("cpp", "triton") if ops.unavailable_reason(b, "kl_divergence", torch.device("cpu")) is None]
+# Each case skips, saying why, where its backend cannot run on its device (skip_unless_backend_runs).
+FUSED = ["cpp", "triton"]
 BACKENDS = ["reference", *FUSED]
 # Empty batch; one sample; one element per sample; per-sample sizes not a multiple of Triton's
 # 1024-element tile; samples straddling the C++ kernel's 4096-element chunks, and several samples
@@ -65,8 +66,7 @@ def assert_close(actual, expected, tol):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_kl_divergence_per_sample_matches_reference_and_float64(device, backend, dtype, shape):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, dtype, shape)
     kl = ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend)
     assert kl.shape == (shape[0],) and kl.dtype == acc_dtype(dtype) and kl.device == mu.device
@@ -80,8 +80,7 @@ def test_kl_divergence_per_sample_matches_reference_and_float64(device, backend,
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_reparameterize_kl_per_sample_is_both_ops_in_one(device, backend, dtype, shape):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, dtype, shape)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction="per_sample", seed=77, backend=backend)
     # The same noise and the same per-sample sums as the separate ops, to the bit.
@@ -93,8 +92,7 @@ def test_reparameterize_kl_per_sample_is_both_ops_in_one(device, backend, dtype,
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
 def test_empty_samples_total_zero(device, backend):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, torch.float32, (4, 0))
     kl = ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend)
     assert torch.equal(kl.cpu(), torch.zeros(4))
@@ -105,8 +103,7 @@ def test_empty_samples_total_zero(device, backend):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 def test_non_contiguous_inputs_match_contiguous_copies(device, backend, dtype):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     base_mu, base_logvar = sample_inputs(device, dtype, (24, 70))
     for view in (lambda t: t.t(), lambda t: t[:, ::3], lambda t: t.view(24, 7, 10).permute(1, 0, 2)):
         mu, logvar = view(base_mu), view(base_logvar)
@@ -120,8 +117,7 @@ def test_non_contiguous_inputs_match_contiguous_copies(device, backend, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
 def test_channels_last_latents(device, backend):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = (t.to(memory_format=torch.channels_last) for t in sample_inputs(device, torch.float32, (3, 5, 7, 9)))
     assert not mu.is_contiguous()
     z, kl = ops.reparameterize_kl(mu, logvar, reduction="per_sample", seed=4, backend=backend)
@@ -150,8 +146,7 @@ def grads(outputs, inputs, grad_outputs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
 def test_kl_divergence_per_sample_gradients_match_reference(device, backend, dtype, shape):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, dtype, shape, requires_grad=True)
     kl = ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend)
     # A different weight per sample, so each element must take its own sample's.
@@ -167,8 +162,7 @@ def test_kl_divergence_per_sample_gradients_match_reference(device, backend, dty
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reparameterize_kl_per_sample_gradients_match_float64(device, backend, dtype):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     shape = (3, 1000)
     mu, logvar = sample_inputs(device, dtype, shape, requires_grad=True)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction="per_sample", seed=99, backend=backend)
@@ -188,8 +182,7 @@ def test_reparameterize_kl_per_sample_gradients_match_float64(device, backend, d
 @pytest.mark.parametrize("backend", FUSED)
 def test_gradient_of_a_later_sum(device, backend):
     # kl.sum()'s backward hands the op an expanded (stride 0) gradient.
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, torch.float32, (4, 3, 5, 5), requires_grad=True)
     actual = grads(ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend).sum(), (mu, logvar), None)
     expected = grads(reference.kl_divergence(mu, logvar, reduction="sum"), (mu, logvar), None)
@@ -201,7 +194,8 @@ def test_gradient_of_a_later_sum(device, backend):
 # Determinism
 
 
-@pytest.mark.skipif("cpp" not in FUSED, reason="fastvae._C is not loaded")
+@pytest.mark.skipif(ops.unavailable_reason("cpp", "kl_divergence", torch.device("cpu")) is not None,
+                    reason="fastvae._C is not loaded")
 @pytest.mark.parametrize("shape", [(3, 20000), (5000, 7), (2, 4, 64, 64)], ids=str)
 def test_cpp_per_sample_has_the_same_bits_at_any_thread_count(shape):
     mu, logvar = sample_inputs("cpu", torch.float32, shape, requires_grad=True)
@@ -222,8 +216,7 @@ def test_cpp_per_sample_has_the_same_bits_at_any_thread_count(shape):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
 def test_repeated_calls_give_the_same_bits(device, backend):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, torch.float32, (6, 3000))
     first = ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend)
     for _ in range(3):
@@ -260,14 +253,14 @@ def opcheck_cases(backend, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED)
 def test_opcheck(device, backend):
-    if device == "cuda" and backend == "cpp":
-        pytest.skip("the C++ backend samples on CPU only")
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     for op, args in opcheck_cases(backend, device):
         torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_compile_fullgraph_matches_eager(backend):
+    skip_unless_backend_runs(backend, "reparameterize_kl", "cpu")
     torch._dynamo.reset()
 
     def step(mu, logvar):
@@ -292,6 +285,7 @@ def test_compile_fullgraph_matches_eager(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(8,), ()], ids=str)
 def test_per_sample_needs_two_dims(backend, shape):
+    skip_unless_backend_runs(backend, "reparameterize_kl", "cpu")
     mu = torch.zeros(shape)
     match = rf"reduction 'per_sample' .* needs at least 2 dims, but mu has shape \({', '.join(map(str, shape))}\)"
     with pytest.raises(ValueError, match=match):
@@ -300,7 +294,8 @@ def test_per_sample_needs_two_dims(backend, shape):
         ops.reparameterize_kl(mu, mu, reduction="per_sample", seed=0, backend=backend)
 
 
-@pytest.mark.skipif("cpp" not in FUSED, reason="fastvae._C is not loaded")
+@pytest.mark.skipif(ops.unavailable_reason("cpp", "kl_divergence", torch.device("cpu")) is not None,
+                    reason="fastvae._C is not loaded")
 def test_cpp_operator_checks_its_own_inputs():
     mu = torch.zeros(8)
     with pytest.raises(RuntimeError, match=r"needs at least 2 dims, but mu has shape \[8\]"):

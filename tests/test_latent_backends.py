@@ -15,7 +15,7 @@ by (libm or Sleef against numpy: 4e-6 + 2e-6 * |eps|), scaled by its weight.
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, skip_unless_backend_runs
 
 import philox
 from fastvae import ops
@@ -30,12 +30,6 @@ SEED = 2024
 # allows a whole ulp: Triton's interpreter truncates float32 -> bfloat16 where GPUs round.
 RTOL = {torch.float16: 6e-4, torch.bfloat16: 8e-3, torch.float32: 2e-6, torch.float64: 1e-12}
 EPS_ATOL, EPS_RTOL = 4e-6, 2e-6
-
-
-def skip_unless_available(backend, device):
-    reason = ops.unavailable_reason(backend, "reparameterize_kl", torch.device(device))
-    if reason is not None:
-        pytest.skip(reason)
 
 
 def latents(device, dtype, logvars):
@@ -96,7 +90,7 @@ def assert_exact_to_rounding(name, actual, expected, magnitude, eps_error, logva
 # float16 z overflows at logvar 20 (std * eps > 65504): numpy warns under Triton's interpreter.
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_latent_gradients_are_exact_at_any_logvar(backend, device, dtype, which):
-    skip_unless_available(backend, device)
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = latents(device, dtype, LOGVARS)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=SEED, backend=backend)
     grad_z, grad_kl = upstream(dtype, kl, which)
@@ -116,7 +110,7 @@ def test_latent_gradients_are_exact_at_any_logvar(backend, device, dtype, which)
 def test_grad_mu_is_exact_at_extreme_logvar(backend, device, dtype):
     # At logvar 40 std * eps swamps mu in z (float32 lost mu entirely: grad_mu 0 for 0.5), and at
     # 1000 std is inf (z - std * eps was NaN). grad_mu = grad_z + grad_kl * mu needs neither.
-    skip_unless_available(backend, device)
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     extremes = (40.0, 1000.0) * 4
     mu, logvar = latents(device, dtype, extremes)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=SEED, backend=backend)
@@ -150,7 +144,7 @@ def run_op(backend, mu, logvar):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))
 @pytest.mark.parametrize(("shape", "memory_format"), LAYOUTS)
 def test_outputs_keep_the_channels_last_format(backend, device, dtype, shape, memory_format):
-    skip_unless_available(backend, device)
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     generator = torch.Generator().manual_seed(4)
     mu, logvar = (torch.randn(shape, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
     laid_out = [t.to(memory_format=memory_format).requires_grad_() for t in (mu, logvar)]
@@ -169,7 +163,7 @@ def test_outputs_keep_the_channels_last_format(backend, device, dtype, shape, me
 def test_other_layouts_give_contiguous_outputs(backend, device):
     # Only a dense channels-last tensor has a format to keep: a channels-last slice, a transposed
     # matrix and one channel (both formats at once) give contiguous outputs of the same values.
-    skip_unless_available(backend, device)
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     base = torch.randn(8, 6, 5, 4, generator=torch.Generator().manual_seed(5)).to(device)
     for view in (base.to(memory_format=torch.channels_last)[:, :4], base[0, 0].t(), base[:, :1]):
         z, kl = ops.reparameterize_kl(view, view, reduction="none", seed=SEED, backend=backend)
@@ -183,7 +177,7 @@ def test_other_layouts_give_contiguous_outputs(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fake_kernels_give_the_channels_last_strides(backend, device):
     # opcheck compares the fake kernels' strides with the real ones', forward and backward.
-    skip_unless_available(backend, device)
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
     mu, logvar = (torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
                   for _ in range(2))
     seed = torch.tensor(SEED)
