@@ -272,7 +272,7 @@ def spills_in(binary: str, arch: int = ARCH) -> dict[str, int]:
 
 def triton_variants() -> list[TritonVariant]:
     """Each distinct launch (int32 seeds and offsets) compiled for sm_90 with aligned tensors and
-    an element count divisible by 16, as for a 128x128 latent."""
+    an element count (and a per-sample size) divisible by 16, as for a 128x128 latent."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import triton_launches
 
@@ -285,7 +285,9 @@ def triton_variants() -> list[TritonVariant]:
             continue
         kernel, args, _ = launch
         logvar = dict(zip(kernel.arg_names, args))["logvar_ptr"]  # both kernels read it, in the latent dtype
-        divisible = [a for a, t in signature if t.startswith("*")] + ["n_elements"]
+        divisible = [a for a, t in signature if t.startswith("*")] + [
+            a for a in ("n_elements", "sample_size") if types.get(a, "").startswith("i")
+        ]
         chosen.append((variant, logvar.dtype.itemsize, dict(options)["num_warps"]))
         jobs.append((variant, divisible))
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
