@@ -47,9 +47,9 @@ def check_pair(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
 
 
-def check_reduction(reduction: object, allowed: tuple[str, ...]) -> None:
+def check_reduction(reduction: object, allowed: tuple[str, ...], name: str = "reduction") -> None:
     if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
 
 
 def check_batched(name: str, t: torch.Tensor, reduction: str) -> None:
@@ -126,9 +126,8 @@ def check_vae_loss(
     check_pair("mu", mu, "logvar", logvar)
     if recon not in RECONS:
         raise ValueError(f"recon must be one of {', '.join(map(repr, RECONS))}, got {recon!r}")
-    for name, value in (("recon_reduction", recon_reduction), ("kl_reduction", kl_reduction)):
-        if value not in LOSS_REDUCTIONS:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, LOSS_REDUCTIONS))}, got {value!r}")
+    check_reduction(recon_reduction, LOSS_REDUCTIONS, "recon_reduction")
+    check_reduction(kl_reduction, LOSS_REDUCTIONS, "kl_reduction")
     if x.dim() == 0 or mu.dim() == 0:
         raise ValueError(
             f"x and mu need a batch dimension, got x of shape {shape_str(x)} and mu of shape {shape_str(mu)}"
