@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from fastvae._checks import accumulate_dtype, latent_memory_format
+from fastvae._checks import accumulate_dtype
+from fastvae.backends._latent_outputs import empty_kl, empty_latent_like
 from fastvae._extension import extension_error
 from fastvae._seed import seed_tensor
 
@@ -104,10 +105,6 @@ def _empty(shape, dtype, like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _latent_like(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(like.shape, dtype=dtype, device=like.device, memory_format=latent_memory_format(like))
-
-
 def _latent_grads(mu, logvar):
     return _empty(mu.shape, mu.dtype, mu), _empty(logvar.shape, logvar.dtype, logvar)
 
@@ -131,22 +128,14 @@ def _vae_loss_backward_inplace_fake(grad_loss, grad_recon, grad_kl, image_grad, 
 
 
 def _reparameterize_kl_fake(mu, logvar, seed, reduction, compute_z, compute_kl, save_noise):
-    z = _latent_like(mu, mu.dtype) if compute_z else _empty((0,), mu.dtype, mu)
-    acc = accumulate_dtype(mu.dtype)
-    if not compute_kl:
-        kl = _empty((0,), acc, mu)
-    elif reduction == "none":
-        kl = _latent_like(mu, acc)
-    elif reduction == "per_sample":
-        kl = _empty((mu.shape[0],), acc, mu)
-    else:
-        kl = _empty((), acc, mu)
+    z = empty_latent_like(mu) if compute_z else _empty((0,), mu.dtype, mu)
+    kl = empty_kl(mu, reduction) if compute_kl else _empty((0,), accumulate_dtype(mu.dtype), mu)
     noise = _empty(mu.shape if compute_z and save_noise else (0,), torch.float32, mu)
     return z, kl, noise
 
 
 def _reparameterize_kl_backward_fake(grad_z, grad_kl, noise, mu, logvar, reduction):
-    return _latent_like(mu, mu.dtype), _latent_like(logvar, logvar.dtype)
+    return empty_latent_like(mu), empty_latent_like(logvar)
 
 
 if extension_error is None:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from fastvae._checks import accumulate_dtype, latent_memory_format
+from fastvae.backends._latent_outputs import empty_kl, empty_latent_like
 from fastvae._seed import seed_tensor
 
 OPS = frozenset({"reparameterize", "kl_divergence", "reparameterize_kl"})
@@ -50,18 +50,6 @@ def unavailable_reason(device: torch.device, op: Optional[str] = None) -> Option
             "set TRITON_INTERPRET=1 before importing triton"
         )
     return f"Triton kernels run on CUDA tensors, not {device.type}"
-
-
-def _latent_like(mu: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    # The kernels write channels-last outputs for channels-last inputs, else contiguous ones.
-    return torch.empty(mu.shape, dtype=dtype or mu.dtype, device=mu.device, memory_format=latent_memory_format(mu))
-
-
-def _kl_like(mu: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return _latent_like(mu, accumulate_dtype(mu.dtype))
-    shape = (mu.shape[0],) if reduction == "per_sample" else ()
-    return torch.empty(shape, dtype=accumulate_dtype(mu.dtype), device=mu.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,22 +101,22 @@ _reparameterize_kl_backward = torch.library.custom_op(
 
 @_reparameterize.register_fake
 def _(mu, logvar, seed):
-    return _latent_like(mu)
+    return empty_latent_like(mu)
 
 
 @_kl_divergence.register_fake
 def _(mu, logvar, reduction):
-    return _kl_like(mu, reduction)
+    return empty_kl(mu, reduction)
 
 
 @_reparameterize_kl.register_fake
 def _(mu, logvar, seed, reduction):
-    return _latent_like(mu), _kl_like(mu, reduction)
+    return empty_latent_like(mu), empty_kl(mu, reduction)
 
 
 @_reparameterize_kl_backward.register_fake
 def _(grad_z, grad_kl, mu, logvar, seed, reduction):
-    return _latent_like(logvar), _latent_like(logvar)
+    return empty_latent_like(logvar), empty_latent_like(logvar)
 
 
 # ---------------------------------------------------------------------------------------------
