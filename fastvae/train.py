@@ -503,6 +503,9 @@ def run(args: argparse.Namespace) -> int:
             if resource is not None:
                 resource.close()
         if distributed:
+            # DDP's reducer holds the process group. Left to be freed with this frame, after the
+            # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
+            net = None
             dist.destroy_process_group()
 
 
