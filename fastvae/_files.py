@@ -24,4 +24,17 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
     return path
+
+
+def _sync_folder(folder: Path) -> None:
+    # The rename survives a power cut only once the folder's entry is on disk too. Only POSIX
+    # lets a folder be opened for that.
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

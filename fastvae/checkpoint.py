@@ -21,6 +21,8 @@ from fastvae._files import write_atomically
 from fastvae.model import VAE
 
 REQUIRED_KEYS = ("model", "config", "step")
+# What `fastvae train --resume` needs beyond the model: a file holding only the weights can still be sampled.
+TRAINING_KEYS = ("optimizer", "scaler", "rng")
 
 
 class CheckpointError(ValueError):
@@ -32,7 +34,9 @@ def save(payload: dict, path: str | Path) -> None:
     write_atomically(path, lambda f: torch.save(payload, f))
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumable: bool = False) -> dict:
+    """The checkpoint at ``path``; CheckpointError, in one line, for anything else. ``resumable``
+    also requires the training state that --resume restores."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -47,6 +51,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a fastvae checkpoint (it needs {', '.join(REQUIRED_KEYS)})")
+    if isinstance(checkpoint["step"], bool) or not isinstance(checkpoint["step"], int) or checkpoint["step"] < 0:
+        raise CheckpointError(f"{path}: not a fastvae checkpoint (its step is {checkpoint['step']!r})")
+    missing = [key for key in TRAINING_KEYS if key not in checkpoint] if resumable else []
+    if missing:
+        raise CheckpointError(
+            f"{path} holds a model but not the training state to resume from (no {', '.join(missing)})"
+        )
     return checkpoint
 
 

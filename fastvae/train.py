@@ -45,6 +45,12 @@ CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 DEFAULT_STEPS = 400
+# What a resumed run must share with the checkpoint's: the data, its order and the objective.
+# The length (--steps, --epochs), the logging, the device, the backend and --amp may change.
+SAME_RUN_OPTIONS = (
+    "data", "train_size", "eval_size", "batch_size", "seed", "lr", "beta", "beta_schedule", "beta_period",
+    "free_bits", "reduction", "recon_reduction", "kl_reduction",
+)
 # A latent dimension is active when its posterior mean varies over the data more than this
 # (Burda et al., 2016); the count falling towards 0 is posterior collapse.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -102,6 +108,10 @@ def resolve_device(name: str | None) -> torch.device:
         raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) here, "
+                          f"cuda:0 to cuda:{count - 1}")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name}: only cpu and cuda are supported")
     return device
@@ -332,7 +342,6 @@ def run(args: argparse.Namespace) -> int:
         )
         batches = data.EpochBatches(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
         total_steps = args.steps or (args.epochs or 0) * batches.per_epoch or DEFAULT_STEPS
-        beta_period = args.beta_period or max(1, total_steps // 4)
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
         # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
         eval_loader = DataLoader(
@@ -353,11 +362,12 @@ def run(args: argparse.Namespace) -> int:
         scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
         # ---- resume ---------------------------------------------------------------------------
-        step = 0
+        step, saved_args = 0, {}
         if args.resume and ckpt_path.exists():
-            ckpt = checkpoint.load(ckpt_path)
+            ckpt = checkpoint.load(ckpt_path, resumable=True)
             checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
-            check_same_run(ckpt.get("args", {}), args, ckpt_path)
+            saved_args = ckpt.get("args", {})
+            check_same_run(saved_args, args, ckpt_path)
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             if ckpt["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
@@ -367,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.resume and master:
             print(f"no checkpoint in {out}; starting from scratch")
         batches.start = step  # the data order depends on (seed, epoch) only, so the step fixes the position
+        # The default period follows the run's length, which a resume may extend: it keeps the first one's.
+        beta_period = args.beta_period or saved_args.get("beta_period") or max(1, total_steps // 4)
         loader = DataLoader(
             train_set,
             batch_sampler=batches,
@@ -447,13 +459,16 @@ def run(args: argparse.Namespace) -> int:
             if distributed:
                 dist.all_reduce(values)
                 values /= world_size
-            first = step - len(history) + 1
-            for i, (l, r, k) in enumerate(values.tolist()):
-                if not all(map(math.isfinite, (l, r, k))):
-                    raise DivergedError(f"loss is {l} at step {first + i}; stopped ({_kept(ckpt_path)})")
-            if master:
-                for i, ((l, r, k), b) in enumerate(zip(values.tolist(), betas)):
+            first, rows = step - len(history) + 1, values.tolist()
+            diverged = next((i for i, row in enumerate(rows) if not all(map(math.isfinite, row))), None)
+            if master:  # the steps before a non-finite one are logged, so the history shows how it got there
+                for i, ((l, r, k), b) in enumerate(zip(rows[:diverged], betas)):
                     _log(metrics, writer, {"step": first + i, "loss": l, "recon": r, "kl": k, "beta": b})
+            if diverged is not None:
+                raise DivergedError(
+                    f"loss is {rows[diverged][0]} at step {first + diverged}; stopped ({_kept(ckpt_path)})"
+                )
+            if master:
                 images_per_s = (step - last_check[0]) * args.batch_size / (time.perf_counter() - last_check[1])
                 progress.update(step - progress.n)
                 progress.set_postfix(
@@ -464,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
             if evaluating:
                 # A finite loss does not make finite weights: the step's update can overflow them
                 # (a huge --beta). DDP keeps every rank's weights equal, so all ranks stop here.
-                broken = non_finite_state(model)
+                broken = non_finite_state(model, optimizer)
                 if broken:
                     raise DivergedError(
                         f"{broken[0]} is not finite after step {step}; stopped ({_kept(ckpt_path)})"
@@ -477,6 +492,8 @@ def run(args: argparse.Namespace) -> int:
                         f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
                     )
                 grids = write_grids(model, grid_images, out, step, args.seed)
+                if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
+                    writer.flush()
                 checkpoint.save(
                     {
                         "model": model.state_dict(),
@@ -485,7 +502,10 @@ def run(args: argparse.Namespace) -> int:
                         "step": step,
                         "config": model.config,
                         "rng": checkpoint.rng_state(),
-                        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                        "args": {
+                            **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                            "beta_period": beta_period,
+                        },
                     },
                     ckpt_path,
                 )
@@ -531,21 +551,29 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 
 def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
-    """Refuse to resume with another --batch-size or --seed: the data order and the noise follow them."""
-    differences = [
-        f"--{key.replace('_', '-')} {saved[key]} there but {getattr(args, key)} here"
-        for key in ("batch_size", "seed")
-        if key in saved and saved[key] != getattr(args, key)
-    ]
+    """Refuse to resume with other data or another objective: the checkpoint's optimizer state,
+    data order and noise follow them. --beta-period, left out, takes the saved one."""
+    differences = []
+    for key in SAME_RUN_OPTIONS:
+        there, here = saved.get(key), getattr(args, key)
+        if key not in saved or (key == "beta_period" and here is None):
+            continue
+        if key == "data" and there is not None and here is not None:
+            there, here = (str(Path(p).resolve()) for p in (there, here))
+        if there != here:
+            differences.append(f"--{key.replace('_', '-')} {there} there but {here} here")
     if differences:
         raise ConfigError(f"{path} is from another run: {'; '.join(differences)} (resume with the same options)")
 
 
-def non_finite_state(model: nn.Module) -> list[str]:
-    """The names of the parameters and buffers that hold a NaN or an infinity."""
-    return [
-        name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())
-    ]
+def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of the parameters, buffers and optimizer state (Adam's moments can overflow while
+    the weights stay finite) that hold a NaN or an infinity."""
+    tensors = dict(model.state_dict())
+    names = {param: name for name, param in model.named_parameters()}
+    for param, state in optimizer.state.items():
+        tensors.update({f"Adam's {key} of {names[param]}": t for key, t in state.items() if torch.is_tensor(t)})
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())]
 
 
 def _kept(ckpt_path: Path) -> str:
@@ -563,6 +591,8 @@ def _open_metrics(path: Path, step: int):
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line torn by the kill; only the last one can be
                 break
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                continue  # not a record of ours (added by hand): dropped
             if record["step"] <= step:
                 kept.append(line)
     write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))

@@ -240,11 +240,16 @@ def _compute_dtype(dtype: torch.dtype):
 
 def _divisor(reduction: str, shape: torch.Size, numel: int) -> int:
     """The reduced KL is the sum divided by this: 1, the batch size or the element count."""
+    if reduction == "sum":
+        return 1
     if reduction == "batchmean":
         return shape[0]
     if reduction == "mean":
         return numel
-    return 1
+    # The custom ops reach here without fastvae.ops' checks: an unknown reduction must not pass as "sum".
+    raise ValueError(
+        f"reduction must be 'sum', 'batchmean', 'mean', 'per_sample', 'none' or None, got {reduction!r}"
+    )
 
 
 # The host side of a launch is plain integer arithmetic on cached values: at small sizes it costs
@@ -311,14 +316,6 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _empty_reduction(reduction: str, shape: torch.Size, dtype: torch.dtype, device) -> torch.Tensor:
-    # torch's convention for empty inputs: the sum is 0, and 0 / 0 (mean, batchmean of a zero
-    # batch) is nan.
-    divisor = _divisor(reduction, shape, 0)
-    value = 0.0 if divisor else float("nan")
-    return torch.full((), value, dtype=dtype, device=device)
-
-
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -329,12 +326,13 @@ def reparameterize_kl_forward(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is."""
     device, shape, numel = mu.device, mu.shape, mu.numel()
-    acc_dtype = accumulate_dtype(mu.dtype)
-    memory_format, channels_last, channels, spatial = _layout(mu)
-    z = torch.empty(shape, dtype=mu.dtype, device=device, memory_format=memory_format) if write_z else None
     # The host tests these bools, not kl_mode: comparing tl.constexprs costs microseconds.
     per_sample = reduction == "per_sample"
     reduced = reduction is not None and reduction != "none" and not per_sample
+    divisor = _divisor(reduction, shape, numel) if reduced else 1
+    acc_dtype = accumulate_dtype(mu.dtype)
+    memory_format, channels_last, channels, spatial = _layout(mu)
+    z = torch.empty(shape, dtype=mu.dtype, device=device, memory_format=memory_format) if write_z else None
     if reduction is None:
         kl_mode, kl = KL_NONE, None
     elif reduction == "none":
@@ -346,7 +344,9 @@ def reparameterize_kl_forward(
         kl_mode, kl = KL_REDUCED, torch.empty((), dtype=acc_dtype, device=device)
     if numel == 0:
         if reduced:
-            kl = _empty_reduction(reduction, shape, acc_dtype, device)
+            # torch's convention for empty inputs: the sum is 0, and 0 / 0 (mean, batchmean of a
+            # zero batch) is nan.
+            kl = torch.full((), 0.0 if divisor else float("nan"), dtype=acc_dtype, device=device)
         elif per_sample:
             kl.zero_()  # samples of no elements total 0, as torch's sum over empty dims
         return z, kl
@@ -371,7 +371,7 @@ def reparameterize_kl_forward(
             seed,
             numel,
             numel // shape[0] if per_sample else 1,
-            _divisor(reduction, shape, numel) if reduced else 1,
+            divisor,
             channels,
             spatial,
             WRITE_Z=write_z,
@@ -401,6 +401,9 @@ def reparameterize_kl_backward(
     is. ``reduction`` is the forward's, and says how ``grad_kl`` is shaped.
     """
     device, shape, numel = logvar.device, logvar.shape, logvar.numel()
+    per_sample = grad_kl is not None and reduction == "per_sample"
+    reduced = grad_kl is not None and reduction != "none" and not per_sample
+    divisor = _divisor(reduction, shape, numel) if reduced else 1
     memory_format, channels_last, channels, spatial = _layout(logvar)
     grad_mu = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
     grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
@@ -410,8 +413,6 @@ def reparameterize_kl_backward(
     def laid_out(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=memory_format)
 
-    per_sample = grad_kl is not None and reduction == "per_sample"
-    reduced = grad_kl is not None and reduction != "none" and not per_sample
     if grad_kl is None:
         grad_kl_mode = KL_NONE
     elif reduced:
@@ -433,7 +434,7 @@ def reparameterize_kl_backward(
             seed if seed is not None else 0,
             numel,
             numel // shape[0] if per_sample else 1,
-            _divisor(reduction, shape, numel) if reduced else 1,
+            divisor,
             channels,
             spatial,
             HAS_GRAD_Z=grad_z is not None,

@@ -2,6 +2,7 @@
 timed-out step, and its dry run works here (CI also runs the whole dry run: `.ci/run`)."""
 
 import os
+import re
 import sys
 import time
 
@@ -54,3 +55,34 @@ def test_dry_run_writes_a_summary(tmp_path):
     assert "| racecheck | dry run: needs a GPU, command printed |" in summary
     assert code == 0
     assert (tmp_path / "gpu-check.log").is_file()
+
+
+def test_the_gpu_machine_quirks_are_handled():
+    steps = {s.name: s for s in gpu_check.steps(cores=16)}
+    # No venv there: pip must be let into a Python marked externally managed.
+    assert steps["build"].env["PIP_BREAK_SYSTEM_PACKAGES"] == "1"
+    # A pooled allocation hides an out-of-bounds access from memcheck.
+    assert steps["memcheck"].env["PYTORCH_NO_CUDA_MEMORY_CACHING"] == "1"
+    tests = steps["tests"].command
+    assert "--continue-on-collection-errors" in tests
+    ignored = [tests[i + 1] for i, arg in enumerate(tests) if arg == "--ignore"]
+    assert sorted(ignored) == sorted(gpu_check.CPU_ONLY_TESTS)
+    for path in ignored:
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+        with open(os.path.join(ROOT, path)) as f:
+            text = f.read()
+        # The suite's GPU cases come from conftest's device lists, or ask for CUDA themselves.
+        assert not re.search(r"^from conftest import .*DEVICES|torch\.cuda\.is_available\(\)", text, re.M), path
+
+
+def test_a_tool_off_path_is_found_in_the_toolkit(tmp_path, monkeypatch):
+    tool = tmp_path / "bin" / "compute-sanitizer"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert gpu_check.find_tool("compute-sanitizer") == str(tool)
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "elsewhere"))
+    if not os.access("/usr/local/cuda/bin/compute-sanitizer", os.X_OK):
+        assert gpu_check.find_tool("compute-sanitizer") == "compute-sanitizer"

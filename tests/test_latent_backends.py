@@ -188,3 +188,30 @@ def test_fake_kernels_give_the_channels_last_strides(backend, device):
         cases = [(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "none", True, True, True))]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.func: the README says its transforms raise on the fused backends, even for first
+# derivatives; the reference backend supports them.
+
+LATENT_OPS = {
+    "reparameterize": lambda mu, logvar, backend: ops.reparameterize(mu, logvar, seed=SEED, backend=backend).sum(),
+    "kl_divergence": lambda mu, logvar, backend: ops.kl_divergence(mu, logvar, backend=backend),
+    "reparameterize_kl": lambda mu, logvar, backend: ops.reparameterize_kl(mu, logvar, seed=SEED, backend=backend)[1],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", sorted(LATENT_OPS))
+def test_torch_func_grad_raises_on_the_fused_backends(backend, op):
+    skip_unless_backend_runs(backend, op, "cpu")
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(LATENT_OPS[op])(mu, logvar, backend)
+
+
+@pytest.mark.parametrize("op", sorted(LATENT_OPS))
+def test_torch_func_grad_of_the_reference_is_autograds(op):
+    mu, logvar = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(LATENT_OPS[op](mu.requires_grad_(), logvar, "reference"), mu)[0]
+    torch.testing.assert_close(torch.func.grad(LATENT_OPS[op])(mu.detach(), logvar, "reference"), expected)

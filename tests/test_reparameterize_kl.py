@@ -439,6 +439,19 @@ def test_bad_inputs_are_rejected():
         ops.reparameterize_kl(good, good, seed=-1, backend="triton")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_raw_ops_refuse_an_unknown_reduction(device):
+    # Called through torch.ops, without fastvae.ops' checks: "total" must not be summed as "sum".
+    mu = torch.zeros(2, 3, device=device)
+    for call in (
+        lambda: torch.ops.fastvae.triton_kl_divergence(mu, mu, "total"),
+        lambda: torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor(0), "total"),
+        lambda: torch.ops.fastvae.triton_reparameterize_kl_backward(None, mu.sum(), mu, mu, None, "total"),
+    ):
+        with pytest.raises(ValueError, match="reduction must be 'sum', 'batchmean', 'mean', 'per_sample', 'none'"):
+            call()
+
+
 def test_cpu_without_interpreter_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -114,6 +115,8 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert "loss is nan at step 7" in err[-1] and "ckpt.pt" in err[-1]
     assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 5
+    # Steps 5 and 6, checked with 7, are logged: the history ends where the loss stopped being finite.
+    assert [line["step"] for line in step_losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_beta_schedules():
@@ -260,14 +263,78 @@ def test_evaluation_and_grids_leave_the_training_noise_alone(tmp_path):
     assert step_losses(tmp_path / "often") == step_losses(tmp_path / "once")
 
 
-def test_resume_with_another_batch_size_or_seed_is_refused(tmp_path, capsys):
-    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (("--batch-size", 16), "--batch-size 8 there but 16 here"),
+        (("--seed", 3), "--seed 0 there but 3 here"),
+        # Adam's saved state would restore the old learning rate: a new one must not be ignored silently.
+        (("--lr", 1e-3), "--lr 0.003 there but 0.001 here"),
+        (("--train-size", 32), "--train-size 64 there but 32 here"),
+        (("--beta", 2), "--beta 1.0 there but 2.0 here"),
+        (("--beta-period", 3), "--beta-period 1 there but 3 here"),
+        (("--kl-reduction", "sum"), "--kl-reduction None there but sum here"),
+    ],
+)
+def test_resume_with_other_data_or_objective_is_refused(tmp_path, capsys, option, message):
+    assert train(tmp_path, "--steps", 4, "--every", 4) == 0
     capsys.readouterr()
-    assert train(tmp_path, "--steps", 4, "--resume", "--batch-size", 16) == 2
-    assert "--batch-size 8 there but 16 here" in capsys.readouterr().err
-    assert train(tmp_path, "--steps", 4, "--resume", "--seed", 3) == 2
-    assert "--seed 0 there but 3 here" in capsys.readouterr().err
-    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 2
+    assert train(tmp_path, "--steps", 8, "--resume", *option) == 2
+    err = capsys.readouterr().err
+    assert "is from another run" in err and message in err, err
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 4
+    # What may change: the length, the logging and the backend.
+    assert train(tmp_path, "--steps", 6, "--resume", "--every", 3, "--log-every", 2, "--backend", "reference") == 0
+
+
+def test_resume_keeps_the_default_beta_period_of_the_run_it_continues(tmp_path):
+    # A quarter of the first run's 8 steps: extending it to 16 must not stretch the cycle mid-run.
+    options = ("--every", 4, "--beta-schedule", "cyclical")
+    assert train(tmp_path / "parts", "--steps", 8, *options) == 0
+    assert train(tmp_path / "parts", "--steps", 16, "--resume", *options) == 0
+    assert train(tmp_path / "whole", "--steps", 16, "--beta-period", 2, *options) == 0
+    assert [line["beta"] for line in step_losses(tmp_path / "parts")] == [
+        beta_at(s, 1.0, "cyclical", 2) for s in range(16)
+    ]
+    assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "whole")
+
+
+def test_resume_from_a_model_only_checkpoint_is_one_line(tmp_path, capsys):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    saved = checkpoint.load(tmp_path / "ckpt.pt")
+    torch.save({key: saved[key] for key in ("model", "config", "step")}, tmp_path / "ckpt.pt")
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 4, "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("holds a model but not the training state to resume from (no optimizer, scaler, rng)")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_lines_that_are_not_records_are_dropped_on_resume(tmp_path):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('[1, 2]\n{"note": "added by hand"}\n{"step": "two"}\n')
+    assert train(tmp_path, "--steps", 3, "--resume") == 0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(record.get("step"), int) for record in records)
+    assert [record["step"] for record in records if "loss" in record] == [1, 2, 3]
+
+
+def test_an_overflowed_optimizer_state_is_never_checkpointed(tmp_path, capsys):
+    # The gradients' squares overflow Adam's second moment to inf: the update is then 0, the weights
+    # and losses stay finite, and training would go on frozen.
+    assert train(tmp_path, "--steps", 3, "--every", 1, "--beta", 1e22) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "Adam's exp_avg_sq of" in err and "is not finite after step 1; stopped (no checkpoint yet)" in err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_cuda_device_index_past_the_last_gpu_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train_module.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(train_module.ConfigError, match=r"--device cuda:7: there are 2 CUDA device\(s\) here"):
+        train_module.resolve_device("cuda:7")
 
 
 def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
@@ -288,6 +355,15 @@ def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
     assert "Traceback" not in result.stderr
     assert (tmp_path / "metrics.jsonl").read_bytes() == history
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
+    # fsync of the file makes its bytes durable, fsync of the folder the rename.
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
+    checkpoint.save({"step": 1}, tmp_path / "ckpt.pt")
+    assert synced == [False, True]
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):

@@ -237,6 +237,13 @@ def test_double_backward_is_refused_not_silently_wrong(device):
     torch.autograd.grad(loss, inputs)
 
 
+def test_torch_func_grad_raises_on_the_cpp_backend():
+    # The README's promise: torch.func transforms need the reference backend, even for a first derivative.
+    x_hat, x, mu, logvar = sample_inputs("cpu", False)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda m: ops.vae_loss(x_hat, x, m, logvar, backend="cpp")[0])(mu)
+
+
 def test_raw_op_without_image_gradient_refuses_to_backpropagate_to_the_image():
     inputs = sample_inputs("cpu", True)
     loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "mse", "sum", "sum", False)[0]
