@@ -16,10 +16,10 @@ network (it creates no venv and downloads nothing), in order of importance:
 7. train      `fastvae train` on CUDA with fp16 autocast and its GradScaler, a few dozen steps
 8. racecheck, 9. synccheck   compute-sanitizer's other tools over the same smoke run
 
-Each step has its own timeout, the whole run a budget (--budget, default 500 s, inside the
-device tool's 10 minutes a command); a step that fails or times out does not stop the next,
-and steps left when the budget is spent are reported as not run. Everything goes to one folder (--out, else $OUT, else
-gpu-check-out/): gpu-check.log (every step's output), summary.md, and the benchmark's JSON and
+Each step has its own timeout, the whole run a budget (--budget, default 450 s: inside 8
+minutes with the grace a timed-out step gets); a step that fails or times out does not stop the
+next, and steps left when the budget is spent are reported as not run. Everything goes to one
+folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output), summary.md, and the benchmark's JSON and
 plot: four files, as few as the device tool fetches back.
 
 --dry-run rehearses it on a machine without a GPU (CI does): every step that needs no GPU runs
@@ -114,7 +114,7 @@ def steps(cores: int) -> list[Step]:
         Step(
             "tests",
             [PY, "-m", "pytest", *pytest_args, "-rfEsx", "--durations", "20", *pytest_workers, *cpu_only, "tests"],
-            200,
+            180,
             {},
             [PY, "-m", "pytest", *pytest_args, "--collect-only", *cpu_only, "tests"],
         ),
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-check-out"))
     parser.add_argument("--dry-run", action="store_true", help="rehearse without a GPU (see the docstring)")
-    parser.add_argument("--budget", type=float, default=500, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together")
     parser.add_argument("--only", nargs="*", help="run only these steps (by name)")
     parser.add_argument("--report-env", action="store_true", help="print versions, GPU and tools, and exit")
     args = parser.parse_args(argv)
