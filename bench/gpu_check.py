@@ -19,8 +19,9 @@ network (it creates no venv and downloads nothing), in order of importance:
 Each step has its own timeout, the whole run a budget (--budget, default 450 s: inside 8
 minutes with the grace a timed-out step gets); a step that fails or times out does not stop the
 next, and steps left when the budget is spent are reported as not run. Everything goes to one
-folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output), summary.md, and the benchmark's JSON and
-plot: four files, as few as the device tool fetches back.
+folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output),
+summary.md, and the benchmark's JSON and plot: four files, as few as the device tool fetches
+back.
 
 --dry-run rehearses it on a machine without a GPU (CI does): every step that needs no GPU runs
 for real (the build's plan, the suite's collection, the smoke run on CPU, the host-overhead
