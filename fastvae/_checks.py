@@ -140,16 +140,23 @@ def check_vae_loss(
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
 
 
+def _laid_out_in(t: torch.Tensor, order: tuple[int, ...]) -> bool:
+    """Whether ``t``'s strides do not increase along ``order`` (dims of size 1 skipped): its
+    elements lie in that order, densely or not."""
+    strides = [t.stride(d) for d in order if t.shape[d] != 1]
+    return all(a >= b for a, b in zip(strides, strides[1:]))
+
+
 def latent_memory_format(t: torch.Tensor) -> torch.memory_format:
     """The memory format of the latent-shaped outputs (z, an elementwise KL, the gradients).
 
-    A dense channels-last (3d) input gives channels-last (3d) outputs; anything else, contiguous
-    ones (a tensor that is both, as with one channel, counts as contiguous).
+    An input laid out channels-last (3d), densely or as a view (diffusers' ``torch.chunk`` of
+    channels-last moments), gives channels-last (3d) outputs, as torch's elementwise ops do;
+    anything else, contiguous ones (a tensor laid out both ways, as with one channel, counts as
+    contiguous). The C++ backend has the same rule.
     """
-    if t.is_contiguous():
-        return torch.contiguous_format
-    for memory_format, dim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if t.dim() == dim and t.is_contiguous(memory_format=memory_format):
+    for memory_format, order in ((torch.channels_last, (0, 2, 3, 1)), (torch.channels_last_3d, (0, 2, 3, 4, 1))):
+        if t.dim() == len(order) and not _laid_out_in(t, tuple(range(t.dim()))) and _laid_out_in(t, order):
             return memory_format
     return torch.contiguous_format
 

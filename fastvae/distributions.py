@@ -93,19 +93,25 @@ class DiagonalGaussian:
         ``generator`` as in diffusers: None (the seed comes from torch's default generator, so
         ``torch.manual_seed`` makes runs reproducible, and ``torch.compile`` traces the draw), a
         ``torch.Generator``, or a list of one generator per sample (each seeds its own row).
-        A deterministic distribution returns a copy of ``mean`` and leaves ``generator`` alone.
+        Each call advances ``generator`` by one draw (per generator in a list), deterministic
+        distributions too, since diffusers' draws its noise either way: the generator's later
+        draws do not depend on ``deterministic`` (they differ from diffusers', whose draw is
+        ``mean.numel()`` normals). A deterministic distribution returns a copy of ``mean``.
         """
         batch = self.mean.shape[0]
         if isinstance(generator, (list, tuple)) and len(generator) == 1:
             generator = generator[0]
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch}; pass one per sample")
+        if isinstance(generator, (list, tuple)):
+            seeds = [philox_seed(g) for g in generator]
+            if self.deterministic:
+                return self.mean.clone()
+            rows = zip(self.mean.split(1), self.logvar.split(1), seeds)
+            return torch.cat([self._reparameterize(mean, logvar, seed) for mean, logvar, seed in rows])
+        seed = None if generator is None else philox_seed(generator)
         if self.deterministic:
             return self.mean.clone()
-        if isinstance(generator, (list, tuple)):
-            rows = zip(self.mean.split(1), self.logvar.split(1), generator)
-            return torch.cat([self._reparameterize(mean, logvar, philox_seed(g)) for mean, logvar, g in rows])
-        seed = None if generator is None else philox_seed(generator)
         return self._reparameterize(self.mean, self.logvar, seed)
 
     def _reparameterize(self, mean: torch.Tensor, logvar: torch.Tensor, seed: int | None) -> torch.Tensor:

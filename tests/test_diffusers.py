@@ -90,6 +90,8 @@ def test_patched_posterior_equals_diffusers(channels_last):
     assert ours.deterministic is theirs.deterministic is False
     # Sums in float32 in a different order.
     z = theirs.sample(torch.Generator().manual_seed(0))
+    # z in diffusers' layout: channels-last for a channels-last model, though the mean is a view.
+    assert ours.sample(torch.Generator().manual_seed(0)).stride() == z.stride()
     torch.testing.assert_close(ours.kl(), theirs.kl(), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ours.kl(other), theirs.kl(other), atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ours.nll(z), theirs.nll(z), atol=1e-3, rtol=1e-5)

@@ -160,12 +160,30 @@ def test_outputs_keep_the_channels_last_format(backend, device, dtype, shape, me
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_chunk_of_channels_last_moments_gives_channels_last_outputs(backend, device):
+    # diffusers' posterior: torch.chunk(moments, 2, dim=1) of a channels-last model's moments, a
+    # view that is not dense. torch's elementwise ops (the reference) give channels-last results.
+    skip_unless_backend_runs(backend, "reparameterize_kl", device)
+    moments = torch.randn(8, 8, 5, 4, generator=torch.Generator().manual_seed(5)).to(device)
+    mu, logvar = torch.chunk(moments.to(memory_format=torch.channels_last), 2, dim=1)
+    assert not mu.is_contiguous(memory_format=torch.channels_last)
+    z, kl = ops.reparameterize_kl(mu, logvar, reduction="none", seed=SEED, backend=backend)
+    z_copy, kl_copy = ops.reparameterize_kl(mu.contiguous(), logvar.contiguous(), reduction="none",
+                                            seed=SEED, backend=backend)
+    ref_z, ref_kl = ops.reparameterize_kl(mu, logvar, reduction="none", seed=SEED, backend="reference")
+    for a, copy, ref in ((z, z_copy, ref_z), (kl, kl_copy, ref_kl)):
+        assert a.stride() == ref.stride() and a.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a, copy)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 def test_other_layouts_give_contiguous_outputs(backend, device):
-    # Only a dense channels-last tensor has a format to keep: a channels-last slice, a transposed
-    # matrix and one channel (both formats at once) give contiguous outputs of the same values.
+    # A slice of a contiguous tensor, a transposed matrix and one channel of a channels-last
+    # tensor (both formats at once) give contiguous outputs of the same values.
     skip_unless_backend_runs(backend, "reparameterize_kl", device)
     base = torch.randn(8, 6, 5, 4, generator=torch.Generator().manual_seed(5)).to(device)
-    for view in (base.to(memory_format=torch.channels_last)[:, :4], base[0, 0].t(), base[:, :1]):
+    for view in (base[:, :4], base[0, 0].t(), base.to(memory_format=torch.channels_last)[:, :1]):
         z, kl = ops.reparameterize_kl(view, view, reduction="none", seed=SEED, backend=backend)
         copy = view.contiguous()
         z_copy, kl_copy = ops.reparameterize_kl(copy, copy, reduction="none", seed=SEED, backend=backend)
@@ -178,16 +196,18 @@ def test_other_layouts_give_contiguous_outputs(backend, device):
 def test_fake_kernels_give_the_channels_last_strides(backend, device):
     # opcheck compares the fake kernels' strides with the real ones', forward and backward.
     skip_unless_backend_runs(backend, "reparameterize_kl", device)
-    mu, logvar = (torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last).requires_grad_()
-                  for _ in range(2))
+    dense = [torch.randn(2, 4, 3, 5, device=device).to(memory_format=torch.channels_last) for _ in range(2)]
+    chunked = torch.chunk(torch.randn(2, 8, 3, 5, device=device).to(memory_format=torch.channels_last), 2, dim=1)
     seed = torch.tensor(SEED)
-    if backend == "triton":
-        cases = [(torch.ops.fastvae.triton_reparameterize_kl.default, (mu, logvar, seed, "none")),
-                 (torch.ops.fastvae.triton_reparameterize.default, (mu, logvar, seed))]
-    else:
-        cases = [(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "none", True, True, True))]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
+    for mu, logvar in (dense, chunked):
+        mu, logvar = mu.detach().requires_grad_(), logvar.detach().requires_grad_()
+        if backend == "triton":
+            cases = [(torch.ops.fastvae.triton_reparameterize_kl.default, (mu, logvar, seed, "none")),
+                     (torch.ops.fastvae.triton_reparameterize.default, (mu, logvar, seed))]
+        else:
+            cases = [(torch.ops.fastvae.reparameterize_kl.default, (mu, logvar, seed, "none", True, True, True))]
+        for op, args in cases:
+            torch.library.opcheck(op, args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 // fastvae::reparameterize_kl and its backward on CPU. Sampling on CUDA is the Triton backend's
 // job; this kernel draws the same Philox stream (fastvae_math.h) so a seed gives the same z.
 #include <algorithm>
+#include <initializer_list>
+#include <limits>
 #include <optional>
 #include <vector>
 
@@ -37,13 +39,29 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "Triton backend's), got ", name, " on ", t.device());
 }
 
-// fastvae._checks.latent_memory_format: a dense channels-last (3d) input gives outputs in its
-// format. The loops run in row-major order on contiguous copies (the noise counter is the
-// row-major index), and the outputs are laid out at the end: a copy each, on CPU only.
+// Whether t's strides do not increase along `order` (dims of size 1 skipped): its elements lie in
+// that order, densely or not.
+bool laid_out_in(const at::Tensor& t, std::initializer_list<int64_t> order) {
+  int64_t previous = std::numeric_limits<int64_t>::max();
+  for (const int64_t d : order) {
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) > previous) return false;
+    previous = t.stride(d);
+  }
+  return true;
+}
+
+// fastvae._checks.latent_memory_format: an input laid out channels-last (3d), densely or as a
+// view (diffusers' torch.chunk of channels-last moments), gives outputs in that format. The loops
+// run in row-major order on contiguous copies (the noise counter is the row-major index), and the
+// outputs are laid out at the end: a copy each, on CPU only.
 at::MemoryFormat latent_memory_format(const at::Tensor& t) {
-  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  if (t.dim() == 4 && !laid_out_in(t, {0, 1, 2, 3}) && laid_out_in(t, {0, 2, 3, 1})) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (t.dim() == 5 && !laid_out_in(t, {0, 1, 2, 3, 4}) && laid_out_in(t, {0, 2, 3, 4, 1})) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
   return at::MemoryFormat::Contiguous;
 }
 
