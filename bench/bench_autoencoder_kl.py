@@ -2,14 +2,17 @@
 
 Two cases, in the same table and results file as the other benches (bench/conftest.py):
 
-* ``autoencoder_kl_step``: one AdamW step (encode, sample, decode, L1 + kl_weight * KL mean,
-  backward, step) of diffusers' own model (``eager``) and of the patched one (``fused``).
-  On a GPU, Stable Diffusion's VAE config at 256x256, batch 8; on a CPU a small one at 64x64.
-* ``autoencoder_kl_posterior``: the posterior alone, from the encoder's moments: build it, draw
-  z, take the KL mean; forward and backward of ``z.sum() + kl_weight * kl``. diffusers'
-  ``DiagonalGaussianDistribution`` eager (``eager``) and compiled (``compile``), fastvae's
-  ``DiagonalGaussian`` eager (``fused``) and compiled (``fused+compile``). Moments (B, 8, H, W):
-  SD's latents of batch B at 8H x 8W.
+* ``autoencoder_kl_step``: one AdamW step (encode, sample, decode, L1 mean + kl_weight * KL
+  mean, backward, step) of diffusers' own model with its recipe's loss (``eager``), and of the
+  patched one with fastvae's fused loss (``fused``). On a GPU, Stable Diffusion's VAE config at
+  256x256, batch 8; on a CPU a small one at 64x64.
+* ``autoencoder_kl_posterior``: the posterior and the loss, from the encoder's moments and a
+  decoded image (not decoded from z here: the decoder is the step's): build the posterior, draw
+  z, take the loss; forward and backward of ``z.sum() + loss``. diffusers'
+  ``DiagonalGaussianDistribution`` with ``F.l1_loss`` eager (``eager``) and compiled
+  (``compile``), fastvae's ``DiagonalGaussian`` with ``vae_loss`` eager (``fused``) and compiled
+  (``fused+compile``). Moments (B, 8, H, W): SD's latents of batch B at 8H x 8W, images
+  (B, 3, 8H, 8W).
 
 The training step is not compiled here: inductor takes many minutes on the whole model on a CPU.
 """
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvae import benchmark as fb
+from fastvae import ops
 from fastvae.distributions import DiagonalGaussian
 from fastvae.integrations.diffusers import patch
 
@@ -46,9 +50,22 @@ def _model(config: dict, image_size: int) -> AutoencoderKL:
     )
 
 
+def diffusers_loss(x_hat, x, posterior) -> torch.Tensor:
+    """The recipe of diffusers' trainers: L1 over pixels plus kl_weight times the per-sample KL's mean."""
+    return F.l1_loss(x_hat, x) + KL_WEIGHT * posterior.kl().mean()
+
+
+def fused_loss(x_hat, x, posterior) -> torch.Tensor:
+    """The same loss in one pass of fastvae's kernels."""
+    return ops.vae_loss(
+        x_hat, x, posterior.mean, posterior.logvar, beta=KL_WEIGHT, recon="l1",
+        recon_reduction="mean", kl_reduction="batchmean",
+    )[0]
+
+
 def _step_cases(device: torch.device, label: str, config: dict, batch: int, image_size: int) -> list[fb.Case]:
     cases = []
-    for method, patched in (("eager", False), ("fused", True)):
+    for method, patched, loss_fn in (("eager", False, diffusers_loss), ("fused", True, fused_loss)):
         state: list = []
 
         def setup(patched=patched, state=state):
@@ -62,10 +79,10 @@ def _step_cases(device: torch.device, label: str, config: dict, batch: int, imag
                 state.extend([vae, torch.optim.AdamW(vae.parameters(), lr=1e-4), x])
             return tuple(state)
 
-        def step(vae, optimizer, x):
+        def step(vae, optimizer, x, loss_fn=loss_fn):
             posterior = vae.encode(x).latent_dist
             x_hat = vae.decode(posterior.sample()).sample
-            loss = F.l1_loss(x_hat, x) + KL_WEIGHT * posterior.kl().mean()
+            loss = loss_fn(x_hat, x, posterior)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -75,40 +92,43 @@ def _step_cases(device: torch.device, label: str, config: dict, batch: int, imag
     return cases
 
 
-def _posterior(distribution: type):
-    def forward(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _posterior(distribution: type, loss_fn):
+    def forward(moments: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = distribution(moments)
-        return posterior.sample(), posterior.kl().mean()
+        return posterior.sample(), loss_fn(x_hat, x, posterior)
 
     return forward
 
 
 def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -> list[fb.Case]:
     methods = {
-        "eager": _posterior(DiagonalGaussianDistribution),
-        "compile": fb._compiled(_posterior(DiagonalGaussianDistribution)),
-        "fused": _posterior(DiagonalGaussian),
-        "fused+compile": fb._compiled(_posterior(DiagonalGaussian)),
+        "eager": _posterior(DiagonalGaussianDistribution, diffusers_loss),
+        "compile": fb._compiled(_posterior(DiagonalGaussianDistribution, diffusers_loss)),
+        "fused": _posterior(DiagonalGaussian, fused_loss),
+        "fused+compile": fb._compiled(_posterior(DiagonalGaussian, fused_loss)),
     }
     cases = []
     for b, h, w in shapes:
-        n = b * 4 * h * w
+        n, pixels = b * 4 * h * w, b * 3 * 8 * h * 8 * w
 
         def make(b=b, h=h, w=w):
             moments = torch.randn(b, 8, h, w, device=device)
             moments[:, 4:].mul_(0.1)
-            return (moments.requires_grad_(),)
+            x = torch.rand(b, 3, 8 * h, 8 * w, device=device) * 2 - 1
+            x_hat = (x + 0.1 * torch.randn_like(x)).requires_grad_()
+            return moments.requires_grad_(), x_hat, x
 
         def scalar(out):
-            z, kl = out
-            return z.sum() + KL_WEIGHT * kl
+            z, loss = out
+            return z.sum() + loss
 
-        # The floor, in float32: the forward reads the moments (two values a latent) and writes
-        # z; the backward reads the moments and writes their gradient.
-        moved = {"fwd": 3 * n * 4, "bwd": 4 * n * 4, "fwd+bwd": 7 * n * 4}
+        # The floor, in float32: the forward reads the moments (two values a latent), x_hat and x,
+        # and writes z; the backward reads the moments and writes their gradient and x_hat's.
+        forward, backward = 3 * n + 2 * pixels, 4 * n + pixels
+        moved = {"fwd": forward * 4, "bwd": backward * 4, "fwd+bwd": (forward + backward) * 4}
         for method, fn in methods.items():
             for pass_, (setup, target) in fb._passes(fn, make, scalar).items():
-                size = f"{b}x8x{h}x{w}"
+                size = f"{b}x8x{h}x{w} + {b}x3x{8 * h}x{8 * w}"
                 cases.append(fb.Case("autoencoder_kl_posterior", method, pass_, size, n, moved[pass_], setup, target))
     return cases
 
