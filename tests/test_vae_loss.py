@@ -303,7 +303,9 @@ def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_
         torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean", "mean")
 
 
-@pytest.mark.parametrize("recon, recon_reduction", [("mse", "batchmean"), ("bce_logits", "mean")])
+@pytest.mark.parametrize(
+    "recon, recon_reduction", [("mse", "batchmean"), ("l1", "sum"), ("bce", "mean"), ("bce_logits", "mean")]
+)
 def test_torch_compile_fullgraph(recon, recon_reduction):
     def loss_fn(x_hat, x, mu, logvar):
         loss, recon_value, kl = ops.vae_loss(
@@ -425,14 +427,15 @@ def test_edge_sizes(device, image, latent, reduction, recon):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(device, dtype):
-    big = sample_inputs(device, False, dtype, image=(4, 3, 9, 8), latent=(4, 12))
+@pytest.mark.parametrize("recon", RECONS)
+def test_non_contiguous_inputs(device, dtype, recon):
+    big = sample_inputs(device, False, dtype, image=(4, 3, 9, 8), latent=(4, 12), recon=recon)
     # A transpose, a strided slice, and views whose data starts off a 16-byte boundary.
     views = (big[0].transpose(2, 3), big[1].transpose(2, 3), big[2][:, 1:], big[3][:, :-1])
     leaves = [v.detach().requires_grad_(True) for v in views]
-    outputs = ops.vae_loss(*leaves, beta=1.5, reduction="mean", backend="cpp")
+    outputs = ops.vae_loss(*leaves, beta=1.5, reduction="mean", recon=recon, backend="cpp")
     contiguous = [v.detach().contiguous().requires_grad_(True) for v in views]
-    expected = ops.vae_loss(*contiguous, beta=1.5, reduction="mean", backend="cpp")
+    expected = ops.vae_loss(*contiguous, beta=1.5, reduction="mean", recon=recon, backend="cpp")
     for o, e in zip(outputs, expected):
         assert torch.equal(o, e)
     for g, e in zip(torch.autograd.grad(outputs[0], leaves), torch.autograd.grad(expected[0], contiguous)):
@@ -442,7 +445,9 @@ def test_non_contiguous_inputs(device, dtype):
     assert all(t.is_contiguous() and t.storage_offset() == 1 for t in shifted)
     # The same bits as aligned copies: the CUDA grid and each thread's elements do not depend on
     # the loads' width.
-    for o, e in zip(ops.vae_loss(*shifted, backend="cpp"), ops.vae_loss(*(t.clone() for t in big), backend="cpp")):
+    aligned = [t.clone() for t in big]
+    expected = ops.vae_loss(*aligned, recon=recon, backend="cpp")
+    for o, e in zip(ops.vae_loss(*shifted, recon=recon, backend="cpp"), expected):
         assert torch.equal(o, e)
 
 
@@ -518,9 +523,10 @@ def test_raw_backward_op_rejects_bad_incoming_gradients():
                                             True, True)
 
 
-def test_backward_is_one_operator_call():
-    inputs = sample_inputs("cpu", True)
-    loss, recon, kl = ops.vae_loss(*inputs, backend="cpp")
+@pytest.mark.parametrize("recon", RECONS)
+def test_backward_is_one_operator_call(recon):
+    inputs = sample_inputs("cpu", True, recon=recon)
+    loss, _, _ = ops.vae_loss(*inputs, recon=recon, backend="cpp")
 
     class Record(TorchDispatchMode):
         def __init__(self):
