@@ -68,13 +68,21 @@ class Step:
 
 
 def find_tool(name: str) -> str:
-    """``name``'s path: on PATH, else in the toolkit's bin (compute-sanitizer often is not on PATH).
-    The bare name when it is nowhere, so the step fails saying so."""
-    folders = [os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    candidates = [shutil.which(name)] + [
-        os.path.join(folder, sub, name) for folder in folders if folder for sub in ("bin", "compute-sanitizer")
-    ]
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), name)
+    """``name``'s path: on PATH, else in the toolkit the build uses (setup.find_cuda_home;
+    compute-sanitizer is often not on PATH). The bare name when it is nowhere, so the step fails
+    saying so."""
+    found = shutil.which(name)
+    if found:
+        return found
+    sys.path.insert(0, ROOT)
+    try:
+        import setup
+
+        cuda_home = setup.find_cuda_home()
+    finally:
+        sys.path.remove(ROOT)
+    candidates = [os.path.join(cuda_home, sub, name) for sub in ("bin", "compute-sanitizer")] if cuda_home else []
+    return next((c for c in candidates if os.access(c, os.X_OK)), name)
 
 
 def _sanitizer(tool: str, timeout_s: int) -> Step:
