@@ -104,14 +104,14 @@ class DiagonalGaussian:
         if isinstance(generator, (list, tuple)) and len(generator) != batch:
             raise ValueError(f"got a list of {len(generator)} generators for a batch of {batch}; pass one per sample")
         if isinstance(generator, (list, tuple)):
-            seeds = [philox_seed(g) for g in generator]
-            if self.deterministic:
-                return self.mean.clone()
-            rows = zip(self.mean.split(1), self.logvar.split(1), seeds)
-            return torch.cat([self._reparameterize(mean, logvar, seed) for mean, logvar, seed in rows])
-        seed = None if generator is None else philox_seed(generator)
+            seed = [philox_seed(g) for g in generator]
+        else:
+            seed = None if generator is None else philox_seed(generator)
         if self.deterministic:
             return self.mean.clone()
+        if isinstance(seed, list):
+            rows = zip(self.mean.split(1), self.logvar.split(1), seed)
+            return torch.cat([self._reparameterize(mean, logvar, row_seed) for mean, logvar, row_seed in rows])
         return self._reparameterize(self.mean, self.logvar, seed)
 
     def _reparameterize(self, mean: torch.Tensor, logvar: torch.Tensor, seed: int | None) -> torch.Tensor:

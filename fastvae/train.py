@@ -108,8 +108,8 @@ def resolve_device(name: str | None) -> torch.device:
         raise ConfigError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
         raise ConfigError(f"--device {name}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) here, "
                           f"cuda:0 to cuda:{count - 1}")
     if device.type not in ("cpu", "cuda"):
