@@ -23,11 +23,13 @@
 namespace fastvae::cpu {
 
 #if FASTVAE_AVX2_BUILD
-// Follows torch's choice (ATEN_CPU_CAPABILITY=default turns the AVX2 loops off too).
+// Follows torch's choice (ATEN_CPU_CAPABILITY=default turns the AVX2 loops off too), and asks the
+// CPU itself as well, since ATEN_CPU_CAPABILITY=avx2 forces torch's choice on any CPU.
 inline bool use_avx2() {
   static const bool enabled = [] {
     const std::string capability = at::get_cpu_capability();
-    return capability == "AVX2" || capability == "AVX512";
+    return (capability == "AVX2" || capability == "AVX512") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return enabled;
 }

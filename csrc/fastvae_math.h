@@ -83,15 +83,45 @@ inline V sign_(const V& v) { return v.gt(V(0)) - v.lt(V(0)); }  // 1 or 0 per co
 constexpr double kBceLogFloor = -100.0;
 constexpr double kBceGradEpsilon = 1e-12;
 
-// The logs of the BCE terms: log(v), and log1p(exp(-a)) for a >= 0. Apart from log_ and log1p_ so
-// that the AVX2 CPU loops can specialize them for float lanes (cpu_vec_log.h) and no other caller.
+// The logs and the exp of the BCE terms: log(v) clamped as torch's, exp(v) for v <= 0, and
+// log1p(e) for e in [0, 1]. Apart from log_, exp_ and log1p_ so that the AVX2 CPU loops can
+// specialize them for float lanes (cpu_vec_math.h) and no other caller.
 template <typename T>
-FASTVAE_HD T bce_log_(T v) {
-  return log_(v);
+FASTVAE_HD T bce_clamped_log_(T v) {
+  return clamp_min_(log_(v), T(kBceLogFloor));
 }
 template <typename T>
-FASTVAE_HD T log1p_exp_neg_(T a) {
-  return log1p_(exp_(T(0) - a));
+FASTVAE_HD T bce_exp_(T v) {
+  return exp_(v);
+}
+template <typename T>
+FASTVAE_HD T bce_log1p_(T e) {
+  return log1p_(e);
+}
+
+// a where v >= 0, else b (b at a NaN v).
+FASTVAE_HD float where_nonnegative_(float v, float a, float b) { return v >= 0.0f ? a : b; }
+FASTVAE_HD double where_nonnegative_(double v, double a, double b) { return v >= 0.0 ? a : b; }
+#if !defined(__CUDACC__)
+template <typename V>
+inline V where_nonnegative_(const V& v, const V& a, const V& b) { return V::blendv(b, a, v >= V(0)); }
+#endif
+
+// A logit's term and gradient are both taken from e = exp(-|l|), in (0, 1]: no exp of a large
+// positive number, so huge logits of either sign stay finite, and one exp serves both.
+template <typename T>
+FASTVAE_HD T logit_exp_(T l) {
+  return bce_exp_(T(0) - abs_(l));
+}
+// torch's (1 - x) l - log_sigmoid(l), with log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)).
+template <typename T>
+FASTVAE_HD T logit_term_(T l, T x, T e) {
+  return (T(1) - x) * l + clamp_min_(T(0) - l, T(0)) + bce_log1p_(e);
+}
+// weight (sigmoid(l) - x), with sigmoid(l) = 1 / (1 + e) for l >= 0 and e / (1 + e) below.
+template <typename T>
+FASTVAE_HD T logit_grad_(T l, T x, T e, T weight) {
+  return (where_nonnegative_(l, T(1), e) / (T(1) + e) - x) * weight;
 }
 
 template <Recon kRecon, typename T>
@@ -102,12 +132,9 @@ FASTVAE_HD T recon_term(T x_hat, T x) {
   } else if constexpr (kRecon == Recon::L1) {
     return abs_(x_hat - x);
   } else if constexpr (kRecon == Recon::Bce) {
-    const T floor(kBceLogFloor);
-    return T(0) - (x * clamp_min_(bce_log_(x_hat), floor) + (T(1) - x) * clamp_min_(bce_log_(T(1) - x_hat), floor));
+    return T(0) - (x * bce_clamped_log_(x_hat) + (T(1) - x) * bce_clamped_log_(T(1) - x_hat));
   } else {
-    // torch's (1 - x) l - log_sigmoid(l), with log_sigmoid(l) = min(l, 0) - log1p(exp(-|l|)):
-    // no exp of a large positive number, so huge logits of either sign stay finite.
-    return (T(1) - x) * x_hat + clamp_min_(T(0) - x_hat, T(0)) + log1p_exp_neg_(abs_(x_hat));
+    return logit_term_(x_hat, x, logit_exp_(x_hat));
   }
 }
 
@@ -121,8 +148,23 @@ FASTVAE_HD T recon_grad(T x_hat, T x, T weight) {
   } else if constexpr (kRecon == Recon::Bce) {
     return (x_hat - x) / clamp_min_((T(1) - x_hat) * x_hat, T(kBceGradEpsilon)) * weight;
   } else {
-    // sigmoid(l) - x; exp(-l) overflowing to inf gives sigmoid 0, as it should.
-    return (T(1) / (T(1) + exp_(T(0) - x_hat)) - x) * weight;
+    return logit_grad_(x_hat, x, logit_exp_(x_hat), weight);
+  }
+}
+
+template <typename T>
+struct TermAndGrad {
+  T term, grad;
+};
+
+// recon_term and recon_grad together, computing once what both need (a logit's exp).
+template <Recon kRecon, typename T>
+FASTVAE_HD TermAndGrad<T> recon_term_and_grad(T x_hat, T x, T weight) {
+  if constexpr (kRecon == Recon::BceLogits) {
+    const T e = logit_exp_(x_hat);
+    return {logit_term_(x_hat, x, e), logit_grad_(x_hat, x, e, weight)};
+  } else {
+    return {recon_term<kRecon>(x_hat, x), recon_grad<kRecon>(x_hat, x, weight)};
   }
 }
 

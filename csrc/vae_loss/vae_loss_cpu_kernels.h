@@ -5,7 +5,7 @@
 #pragma once
 
 #include "../cpu_vec.h"
-#include "../cpu_vec_log.h"
+#include "../cpu_vec_math.h"
 #include "../fastvae_math.h"
 
 namespace fastvae::cpu {
@@ -27,7 +27,7 @@ inline namespace CPU_CAPABILITY {
 // Vectorized has 256 bits in both builds (an array, or an AVX2 register), so the lanes and their
 // order are the same; the sums have the same bits where the term is adds and multiplies only
 // (Mse, L1), and differ otherwise by the ulps of the C library's log and exp against, in the AVX2
-// build, Sleef's exp and the fast logs of cpu_vec_log.h (float32 lanes) or Sleef's (float64).
+// build, Sleef's exp and the fast logs of cpu_vec_math.h (float32 lanes) or Sleef's (float64).
 template <Recon kRecon, bool kWriteGrad, typename scalar_t>
 acc_t<scalar_t> recon_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> grad_weight,
                           scalar_t* image_grad, int64_t begin, int64_t end) {
@@ -39,18 +39,28 @@ acc_t<scalar_t> recon_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar
   for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
     const Vec a0 = load_widened(x_hat + i), b0 = load_widened(x + i);
     const Vec a1 = load_widened(x_hat + i + Vec::size()), b1 = load_widened(x + i + Vec::size());
-    acc0 = acc0 + recon_term<kRecon>(a0, b0);
-    acc1 = acc1 + recon_term<kRecon>(a1, b1);
     if constexpr (kWriteGrad) {
-      store_narrowed(image_grad + i, recon_grad<kRecon>(a0, b0, w));
-      store_narrowed(image_grad + i + Vec::size(), recon_grad<kRecon>(a1, b1, w));
+      const TermAndGrad<Vec> r0 = recon_term_and_grad<kRecon>(a0, b0, w);
+      const TermAndGrad<Vec> r1 = recon_term_and_grad<kRecon>(a1, b1, w);
+      acc0 = acc0 + r0.term;
+      acc1 = acc1 + r1.term;
+      store_narrowed(image_grad + i, r0.grad);
+      store_narrowed(image_grad + i + Vec::size(), r1.grad);
+    } else {
+      acc0 = acc0 + recon_term<kRecon>(a0, b0);
+      acc1 = acc1 + recon_term<kRecon>(a1, b1);
     }
   }
   acc_t<scalar_t> total = lane_sum(acc0 + acc1);
   for (; i < end; ++i) {
     const acc_t<scalar_t> a = x_hat[i], b = x[i];
-    total += recon_term<kRecon>(a, b);
-    if constexpr (kWriteGrad) image_grad[i] = static_cast<scalar_t>(recon_grad<kRecon>(a, b, grad_weight));
+    if constexpr (kWriteGrad) {
+      const TermAndGrad<acc_t<scalar_t>> r = recon_term_and_grad<kRecon>(a, b, grad_weight);
+      total += r.term;
+      image_grad[i] = static_cast<scalar_t>(r.grad);
+    } else {
+      total += recon_term<kRecon>(a, b);
+    }
   }
   return total;
 }

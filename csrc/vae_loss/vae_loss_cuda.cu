@@ -128,15 +128,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<image_t, latent_t>)
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const image_acc va = static_cast<image_acc>(a.v[j]), vb = static_cast<image_acc>(b.v[j]);
-      recon += recon_term<kRecon>(va, vb);
-      g.v[j] = static_cast<image_t>(recon_grad<kRecon>(va, vb, grad_weight));
+      const TermAndGrad<image_acc> r = recon_term_and_grad<kRecon>(va, vb, grad_weight);
+      recon += r.term;
+      g.v[j] = static_cast<image_t>(r.grad);
     }
     if (image_grad != nullptr) reinterpret_cast<P*>(image_grad)[p] = g;
   }
   for (int64_t i = n_packs * kVec + start; i < n_image; i += stride) {
     const image_acc va = static_cast<image_acc>(x_hat[i]), vb = static_cast<image_acc>(x[i]);
-    recon += recon_term<kRecon>(va, vb);
-    if (image_grad != nullptr) image_grad[i] = static_cast<image_t>(recon_grad<kRecon>(va, vb, grad_weight));
+    const TermAndGrad<image_acc> r = recon_term_and_grad<kRecon>(va, vb, grad_weight);
+    recon += r.term;
+    if (image_grad != nullptr) image_grad[i] = static_cast<image_t>(r.grad);
   }
   latent_acc kl = 0;
   for (int64_t i = start; i < n_latent; i += stride) {
