@@ -3,7 +3,7 @@
 // setuptools compiles every source with the same flags, so instead of -mavx2 -mf16c the target
 // is switched with a pragma, and the macros those flags would define are defined here, before
 // torch's vector headers (and sleef.h) choose their AVX2 code by them. FMA is on for the explicit
-// _mm256_fmadd_ps of cpu_vec_math.h's logs only: fp-contract=off forbids the compiler to fuse a
+// FMA intrinsics of cpu_vec_math.h only: fp-contract=off forbids the compiler to fuse a
 // multiply and an add of its own, so every other expression rounds exactly like the baseline build.
 // setup.py and CMakeLists.txt link the *_avx2.cpp files last, so the inline functions of torch
 // and of the standard library that they compile for AVX2 lose to the baseline copies of earlier

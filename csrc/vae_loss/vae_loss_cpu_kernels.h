@@ -27,7 +27,7 @@ inline namespace CPU_CAPABILITY {
 // Vectorized has 256 bits in both builds (an array, or an AVX2 register), so the lanes and their
 // order are the same; the sums have the same bits where the term is adds and multiplies only
 // (Mse, L1), and differ otherwise by the ulps of the C library's log and exp against, in the AVX2
-// build, Sleef's exp and the fast logs of cpu_vec_math.h (float32 lanes) or Sleef's (float64).
+// build, the fast logs and exp of cpu_vec_math.h (float32 lanes) or Sleef's (float64).
 template <Recon kRecon, bool kWriteGrad, typename scalar_t>
 acc_t<scalar_t> recon_sum(const scalar_t* x_hat, const scalar_t* x, acc_t<scalar_t> grad_weight,
                           scalar_t* image_grad, int64_t begin, int64_t end) {
