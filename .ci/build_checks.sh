@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Configures, builds and runs the C++ unit tests (CMakeLists.txt) in a throwaway build folder:
-# the CPU operator library from csrc/ and ctest's tests of the shared math and of the ops.
+# the CPU operator library from csrc/ and ctest's tests of the shared math and of the ops, then
+# runs bench_vae_loss_loops once.
 # Uses .venv's python when there is one, else PYTHON or python from PATH.
 set -euo pipefail
 
@@ -28,3 +29,5 @@ echo "build_checks: configuring and building in $build"
 cmake "${cmake_args[@]}" > "$build/configure.log" 2>&1 || { cat "$build/configure.log"; exit 1; }
 cmake --build "$build" -j2 > "$build/build.log" 2>&1 || { cat "$build/build.log"; exit 1; }
 ctest --test-dir "$build" --output-on-failure
+# The loop benchmark is built with the tests; one run keeps it working (its timings are not checked).
+"$build/bench_vae_loss_loops"
