@@ -22,8 +22,13 @@ inline namespace CPU_CAPABILITY {
 
 C10_ALWAYS_INLINE __m256 splat(float v) { return _mm256_set1_ps(v); }
 
-// k ln 2 + log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1]; ln 2 is split in two so that k ln 2
-// adds no rounding of its own for any exponent k of a float. The polynomial is evaluated by
+// ln 2 in two parts, Cephes': kLn2Hi has few enough mantissa bits that n kLn2Hi is exact for any
+// exponent n of a float, and kLn2Hi + kLn2Lo is ln 2 to float precision.
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+
+// k ln 2 + log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1], with ln 2 in its two parts so that
+// k ln 2 adds no rounding of its own. The polynomial is evaluated by
 // Estrin's scheme rather than Horner's: the loops are bound by this dependency chain's latency.
 C10_ALWAYS_INLINE __m256 log1p_reduced(__m256 f, __m256 k) {
   const __m256 f2 = _mm256_mul_ps(f, f);
@@ -37,9 +42,9 @@ C10_ALWAYS_INLINE __m256 log1p_reduced(__m256 f, __m256 k) {
   const __m256 p48 = _mm256_fmadd_ps(splat(7.0376836292e-2f), f4, p47);
   const __m256 p = _mm256_fmadd_ps(p48, f4, p03);
   // f^3 p(f) - f^2 / 2 + f, then k ln 2 in its two parts, smallest first.
-  __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, f), f2, _mm256_mul_ps(k, splat(-2.12194440e-4f)));
+  __m256 y = _mm256_fmadd_ps(_mm256_mul_ps(p, f), f2, _mm256_mul_ps(k, splat(kLn2Lo)));
   y = _mm256_fnmadd_ps(splat(0.5f), f2, y);
-  return _mm256_fmadd_ps(k, splat(0.693359375f), _mm256_add_ps(f, y));
+  return _mm256_fmadd_ps(k, splat(kLn2Hi), _mm256_add_ps(f, y));
 }
 
 // log(x) per lane for x positive, normal and finite, less exponent_offset ln 2.
@@ -82,15 +87,15 @@ inline at::vec::Vectorized<float> fast_log1p_unit(const at::vec::Vectorized<floa
 }
 
 // exp(v) per lane for v <= 0 (NaN stays NaN). Where every lane is at least -87, so that the
-// result is a normal float: v = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in two parts, as above),
+// result is a normal float: v = n ln 2 + r with |r| <= ln 2 / 2 (ln 2 in its two parts),
 // Cephes' expf polynomial for exp(r), and 2^n put straight into the exponent field. Other vectors,
 // rare in the BCE loops (a logit past 87 in magnitude), take Sleef's exp for its subnormals.
 inline at::vec::Vectorized<float> fast_exp_nonpositive(const at::vec::Vectorized<float>& v) {
   const __m256 x = v;
   if (_mm256_movemask_ps(_mm256_cmp_ps(x, splat(-87.0f), _CMP_GE_OQ)) != 0xff) return v.exp();
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, splat(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, splat(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, splat(-2.12194440e-4f), r);
+  __m256 r = _mm256_fnmadd_ps(n, splat(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, splat(kLn2Lo), r);
   __m256 p = _mm256_fmadd_ps(splat(1.9875691500e-4f), r, splat(1.3981999507e-3f));
   p = _mm256_fmadd_ps(p, r, splat(8.3334519073e-3f));
   p = _mm256_fmadd_ps(p, r, splat(4.1665795894e-2f));
