@@ -109,8 +109,14 @@ def extensions_and_cmdclass():
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*.cu"))
     # No pybind11 and only the limited C API (module.cpp), so one binary serves every CPython >= 3.10.
     # The C++ standard is left to torch.utils.cpp_extension: it passes the one its headers need.
-    cxx_flags = ["-O3", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # Hidden visibility, and on Linux a version script for what headers mark visible (torch's
+    # classes, the standard library): the module exports PyInit__C alone, so each call it makes to
+    # an inline function of those headers binds to its own copy, which no other library loaded in
+    # the process can interpose on (tests/test_build.py checks the export).
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wno-unknown-pragmas", "-Wno-psabi"]
     link_flags = []
+    if sys.platform.startswith("linux"):
+        link_flags.append(f"-Wl,--version-script={ROOT / 'csrc' / 'fastvae_C.map'}")
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
         # at::parallel_for is a `#pragma omp parallel` in torch's headers: without -fopenmp it
         # silently runs on one thread. libgomp resolves to the copy torch has already loaded.
@@ -121,7 +127,7 @@ def extensions_and_cmdclass():
         extension = CUDAExtension(
             "fastvae._C",
             cpu_sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-Xcompiler", "-fvisibility=hidden"]},
             extra_link_args=link_flags,
             py_limited_api=True,
         )

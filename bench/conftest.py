@@ -1,5 +1,8 @@
 """pytest-benchmark setup: ``pytest bench/`` runs each case once (a smoke test for CI);
-``pytest bench/ --benchmark`` times every case, prints one table and writes bench/results/.
+``pytest bench/ --benchmark`` times every case, prints one table and writes bench/results/,
+rewriting its JSON after every case so that a run stopped part way keeps what it measured.
+``--bench-scope core`` times only the sizes the project's GPU goals name, forward + backward
+(what `make gpu-check` runs in its few minutes).
 
 On a CPU the table's medians are pytest-benchmark's. On a GPU they come from CUDA events over
 many back-to-back calls per sync, or CUDA graph replays at small sizes
@@ -9,6 +12,7 @@ FASTVAE_BENCH_BUDGET_S sets the seconds of timed rounds per case (default 1).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -18,7 +22,8 @@ import torch
 from fastvae import benchmark as fb
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+# FASTVAE_BENCH_RESULTS moves them (the tests do, so as not to overwrite the committed ones).
+RESULTS = os.environ.get("FASTVAE_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 # Enough timed rounds for a stable median within about this many seconds per case.
 BUDGET_S = float(os.environ.get("FASTVAE_BENCH_BUDGET_S", "1.0"))
 _ROWS: list[fb.Row] = []
@@ -29,6 +34,11 @@ def pytest_addoption(parser):
         "--benchmark",
         action="store_true",
         help="time every case (warm-up, many rounds) and write bench/results/; without it each case runs once",
+    )
+    parser.addoption(
+        "--bench-scope",
+        choices=fb.SCOPES,
+        help="which cases: smoke (the default without --benchmark), core, or full (the default with it)",
     )
 
 
@@ -41,13 +51,14 @@ def pytest_configure(config):
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        quick = not metafunc.config.getoption("--benchmark")
-        selected = [c for c in fb.cases(DEVICE, quick=quick) if c.op == metafunc.module.OP]
+        config = metafunc.config
+        scope = config.getoption("--bench-scope") or ("full" if config.getoption("--benchmark") else "smoke")
+        selected = [c for c in fb.cases(DEVICE, scope) if c.op == metafunc.module.OP]
         metafunc.parametrize("case", selected, ids=[c.id for c in selected])
 
 
 @pytest.fixture
-def run_case(benchmark):
+def run_case(benchmark, request):
     def run(case: fb.Case) -> None:
         def setup():
             args = case.setup()
@@ -79,8 +90,30 @@ def run_case(benchmark):
                 case.bytes_moved, fb.saved_bytes(case), _peak_bytes(case), timing,
             )
         )
+        _write_results(request.config)
 
     return run
+
+
+def _results_path(env: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+    return os.path.join(RESULTS, f"{slug}.json")
+
+
+@functools.cache
+def _bandwidth() -> float:
+    return fb.copy_bandwidth(DEVICE)
+
+
+def _write_results(config) -> dict:
+    """Writes every row so far to bench/results/<device>.json (a new file, then renamed over the
+    old one, so a run killed mid-write leaves the previous complete file); returns the run's env."""
+    env = fb.environment(DEVICE, "pytest " + " ".join(config.invocation_params.args))
+    path = _results_path(env)
+    os.makedirs(RESULTS, exist_ok=True)
+    fb.write_results(path + ".tmp", sorted(_ROWS, key=fb.row_order), _bandwidth(), env)
+    os.replace(path + ".tmp", path)
+    return env
 
 
 def _peak_bytes(case: fb.Case) -> int | None:
@@ -96,13 +129,9 @@ def _peak_bytes(case: fb.Case) -> int | None:
 def pytest_terminal_summary(terminalreporter, config):
     if not _ROWS:
         return
-    rows = sorted(_ROWS, key=fb.row_order)
-    bandwidth = fb.copy_bandwidth(DEVICE)
-    env = fb.environment(DEVICE, "pytest " + " ".join(config.invocation_params.args))
+    env = _write_results(config)
     terminalreporter.write_sep("=", f"fastvae benchmarks on {env['device']}")
-    terminalreporter.write_line(fb.format_table(rows, bandwidth))
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    os.makedirs(RESULTS, exist_ok=True)
-    fb.write_results(os.path.join(RESULTS, f"{slug}.json"), rows, bandwidth, env)
-    fb.plot(os.path.join(RESULTS, f"{slug}.png"), rows, env["device"])
-    terminalreporter.write_line(f"results written to bench/results/{slug}.json and .png")
+    terminalreporter.write_line(fb.format_table(sorted(_ROWS, key=fb.row_order), _bandwidth()))
+    path = _results_path(env)
+    fb.plot(path[: -len(".json")] + ".png", sorted(_ROWS, key=fb.row_order), env["device"])
+    terminalreporter.write_line(f"results written to {os.path.relpath(path)} and .png")

@@ -1,38 +1,49 @@
-"""`make gpu-check`: everything a first GPU session must verify, in one run of a few minutes.
+"""`make gpu-check`: everything a GPU session must verify, in one run of under 8 minutes.
 
 On a CUDA machine with torch, triton, pytest and pytest-benchmark already installed and no
-network (it creates no venv and downloads nothing), in order of importance:
+network (it creates no venv and downloads nothing). The short steps run first, so that a run
+cut short still has them, and the two long ones last:
 
 1. env        nvidia-smi, the versions, the toolkit
-2. build      fastvae._C for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), with all cores, offline
-3. tests      the suite on CUDA (Triton kernels and the CUDA loss for real, the CPU-vs-GPU
+2. build      fastvae._C for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), with all cores, offline,
+              verbose: the log keeps every compile and link command
+3. probe      bench/exception_probe.py --facts: does an error raised inside fastvae._C reach
+              Python (each case in its own process; gdb's native backtrace of any that crash),
+              with the compilers, torch's build configuration and C++ ABI flag, ldd and the ELF
+              notes of the extension, and the C++ runtimes the process mapped
+4. host       bench/host_overhead.py: the host time of a fused call, kernels stubbed out
+5. profile    bench/profile_ops.py: each fused op and its eager version, host time, wall time,
+              kernel time and launches per call, and torch.profiler's view of the host side
+6. train      `fastvae train` on CUDA with fp16 autocast and its GradScaler, a few dozen steps
+7. memcheck   compute-sanitizer over bench/kernel_smoke.py: every kernel, once, small, with
+              torch's caching allocator off (a pooled block hides an out-of-bounds access)
+8. racecheck, 9. synccheck   compute-sanitizer's other tools over the same smoke run
+10. tests     the suite on CUDA (Triton kernels and the CUDA loss for real, the CPU-vs-GPU
               sampling comparison, the in-place backward, >2^31 elements where memory allows),
               less the files that never touch a GPU, which CI runs in full (CPU_ONLY_TESTS)
-4. memcheck   compute-sanitizer over bench/kernel_smoke.py: every kernel, once, small, with
-              torch's caching allocator off (a pooled block hides an out-of-bounds access)
-5. bench      pytest bench/ --benchmark: CUDA events over back-to-back calls, CUDA graphs at
-              small sizes; bench/results/<gpu>.json and .png
-6. host       bench/host_overhead.py
-7. train      `fastvae train` on CUDA with fp16 autocast and its GradScaler, a few dozen steps
-8. racecheck, 9. synccheck   compute-sanitizer's other tools over the same smoke run
+11. bench     pytest bench/ --benchmark --bench-scope core: the sizes the project's GPU goals
+              name, forward + backward, CUDA events over back-to-back calls, CUDA graphs at
+              small sizes; bench/results/<gpu>.json rewritten after every case, so a step cut
+              short keeps what it measured
 
-Each step has its own timeout, the whole run a budget (--budget, default 450 s: inside 8
+Each step has its own timeout, the whole run a budget (--budget, default 455 s: inside 8
 minutes with the grace a timed-out step gets); a step that fails or times out does not stop the
 next, and steps left when the budget is spent are reported as not run. Everything goes to one
 folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output),
-summary.md, and the benchmark's JSON and plot: four files, as few as the device tool fetches
-back.
+summary.md (each step's status and one-line result, and the benchmark table), and the
+benchmark's JSON and plot: four files, as few as the device tool fetches back.
 
 --dry-run rehearses it on a machine without a GPU (CI does): every step that needs no GPU runs
-for real (the build's plan, the suite's collection, the smoke run on CPU, the host-overhead
-script), and the others print the command they would run. So the first GPU run does not die on
-a typo.
+for real (the build's plan, the probe, the suite's collection, the smoke run on CPU, the
+host-overhead script, a tiny training run, the benchmark's collection), and the others print
+the command they would run. So a GPU run does not die on a typo.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shlex
 import shutil
@@ -47,6 +58,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 # Seconds a timed-out step gets, after SIGINT, to write what it has before it is killed.
 INTERRUPT_GRACE_S = 20
+# Seconds for all steps together: with a last step's grace, within the 8 minutes a GPU run has.
+BUDGET_S = 455
 # Test files that run no GPU code (training and the CLI on CPU, the data, the static checks of
 # the cubins, this script): CI runs them in full, and on the GPU they would take the time the
 # GPU tests need.
@@ -105,38 +118,29 @@ def steps(cores: int) -> list[Step]:
         "TORCH_CUDA_ARCH_LIST": "9.0", "FASTVAE_FORCE_CUDA": "1", "MAX_JOBS": str(cores),
         "PIP_BREAK_SYSTEM_PACKAGES": "1",
     }
-    pytest_workers = ["-n", str(min(8, cores))] if _has_module("xdist") else []
+    # Triton compiles each test's kernels on the host: more workers than 8 shorten the suite on a
+    # 16-core machine, the GPU being idle most of the time.
+    pytest_workers = ["-n", str(min(12, cores))] if _has_module("xdist") else []
     # A test file whose import fails (a missing optional module) must not stop the others.
     pytest_args = ["-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
     cpu_only = [arg for path in CPU_ONLY_TESTS for arg in ("--ignore", path)]
+    bench = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark", "--bench-scope", "core"]
     train = [PY, "-m", "fastvae", "train", "--every", "1000", "--out", TRAIN_OUT, "--overwrite"]
     return [
         Step("env", [PY, "bench/gpu_check.py", "--report-env"], 60, {}, [PY, "bench/gpu_check.py", "--report-env"]),
         Step(
             "build",
-            [PY, "-m", "pip", "install", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."],
+            [PY, "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."],
             240,
             build_env,
             # The plan only: the toolkit is found and the arch list is what the GPU build uses.
             [PY, "-c", "import setup; print(setup._cuda_plan())"],
         ),
-        Step(
-            "tests",
-            [PY, "-m", "pytest", *pytest_args, "-rfEsx", "--durations", "20", *pytest_workers, *cpu_only, "tests"],
-            180,
-            {},
-            [PY, "-m", "pytest", *pytest_args, "--collect-only", *cpu_only, "tests"],
-        ),
-        _sanitizer("memcheck", 90),
-        Step(
-            "bench",
-            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark"],
-            200,
-            {"FASTVAE_BENCH_BUDGET_S": "0.3"},
-            [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark", "--collect-only"],
-        ),
+        Step("probe", [PY, "bench/exception_probe.py", "--facts"], 90, {}, [PY, "bench/exception_probe.py", "--facts"]),
         Step("host", [PY, "bench/host_overhead.py", "--rounds", "2000"], 60, {},
              [PY, "bench/host_overhead.py", "--rounds", "20"]),
+        Step("profile", [PY, "bench/profile_ops.py", "--calls", "200"], 60, {},
+             [PY, "bench/profile_ops.py", "--calls", "3", "--top", "3"]),
         Step(
             "train",
             train + ["--device", "cuda", "--amp", "fp16", "--steps", "40", "--batch-size", "128",
@@ -147,8 +151,17 @@ def steps(cores: int) -> list[Step]:
             train + ["--device", "cpu", "--amp", "bf16", "--steps", "2", "--image-size", "16", "--hidden-dims", "8,16",
                      "--train-size", "64", "--eval-size", "16", "--batch-size", "8"],
         ),
-        _sanitizer("racecheck", 60),
-        _sanitizer("synccheck", 45),
+        _sanitizer("memcheck", 60),
+        _sanitizer("racecheck", 50),
+        _sanitizer("synccheck", 40),
+        Step(
+            "tests",
+            [PY, "-m", "pytest", *pytest_args, "-rfEsx", "--durations", "20", *pytest_workers, *cpu_only, "tests"],
+            180,
+            {},
+            [PY, "-m", "pytest", *pytest_args, "--collect-only", *cpu_only, "tests"],
+        ),
+        Step("bench", bench, 150, {"FASTVAE_BENCH_BUDGET_S": "0.3"}, bench + ["--collect-only"]),
     ]
 
 
@@ -185,10 +198,19 @@ def _has_module(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def _run(step: Step, command: list[str], timeout_s: float, log) -> tuple[str, float]:
+def _last_line(text: str) -> str:
+    """The step's own last word: pytest's counts, the sanitizer's error summary, the probe's
+    verdict (the last non-empty line of its output, runs of `=` and blanks trimmed)."""
+    lines = [line.strip().strip("=").strip() for line in text.splitlines()]
+    return next((line for line in reversed(lines) if line), "")
+
+
+def _run(step: Step, command: list[str], timeout_s: float, log) -> tuple[str, float, str]:
+    """(status, seconds, the output's last line) of one step, its output appended to ``log``."""
     env = {**os.environ, **step.env}
     log.write(f"\n===== {step.name}: {shlex.join(command)}  (timeout {timeout_s:.0f} s)\n")
     log.flush()
+    output_start = log.tell()
     start = time.monotonic()
     try:
         # Its own process group, so a timeout also ends what it started (pytest-xdist workers).
@@ -211,9 +233,29 @@ def _run(step: Step, command: list[str], timeout_s: float, log) -> tuple[str, fl
                 process.wait()
             status = f"timed out after {timeout_s:.0f} s"
     elapsed = time.monotonic() - start
+    with open(log.name, errors="replace") as output:
+        output.seek(output_start)
+        last = _last_line(output.read())
     log.write(f"===== {step.name}: {status} in {elapsed:.1f} s\n")
     log.flush()
-    return status, elapsed
+    return status, elapsed, last
+
+
+def _benchmark_table(paths: list[str]) -> str:
+    """The benchmark table of the JSON the bench step wrote, as its own terminal table, or why none."""
+    found = [p for p in paths if p.endswith(".json")]
+    if not found:
+        return "No benchmark results were written."
+    try:
+        from fastvae import benchmark
+
+        with open(found[0]) as f:
+            results = json.load(f)
+        rows = sorted((benchmark.Row(**row) for row in results["rows"]), key=benchmark.row_order)
+        table = benchmark.format_table(rows, results.get("copy_bandwidth_bytes_per_s"))
+    except Exception as exc:  # the summary is still written, saying why the table is not there
+        return f"The benchmark results in {os.path.basename(found[0])} could not be read: {exc!r}"
+    return f"{results['device']}, `{results['command']}`, {len(rows)} cases:\n\n```\n{table}\n```"
 
 
 def _copy_results(out: str, since: float) -> list[str]:
@@ -229,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "gpu-check-out"))
     parser.add_argument("--dry-run", action="store_true", help="rehearse without a GPU (see the docstring)")
-    parser.add_argument("--budget", type=float, default=450, help="seconds for all steps together")
+    parser.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps together")
     parser.add_argument("--only", nargs="*", help="run only these steps (by name)")
     parser.add_argument("--report-env", action="store_true", help="print versions, GPU and tools, and exit")
     args = parser.parse_args(argv)
@@ -253,25 +295,29 @@ def main(argv: list[str] | None = None) -> int:
             left = deadline - time.monotonic()
             command = step.dry_command if args.dry_run else step.command
             if left < 10:
-                status, elapsed = "not run: the budget was spent", 0.0
+                status, elapsed, last = "not run: the budget was spent", 0.0, ""
             elif command is None:
                 log.write(f"\n===== {step.name} (needs a GPU; would run): {shlex.join(step.command)}\n")
-                status, elapsed = "dry run: needs a GPU, command printed", 0.0
+                status, elapsed, last = "dry run: needs a GPU, command printed", 0.0, ""
             else:
-                status, elapsed = _run(step, command, min(step.timeout_s, left), log)
-            rows.append((step, status, elapsed))
-            print(f"gpu-check: {step.name:10} {status} ({elapsed:.0f} s)", flush=True)
+                status, elapsed, last = _run(step, command, min(step.timeout_s, left), log)
+            rows.append((step, status, elapsed, last))
+            print(f"gpu-check: {step.name:10} {status} ({elapsed:.0f} s) {last}", flush=True)
     copied = [] if args.dry_run else _copy_results(args.out, started)
-    failed = [step.name for step, status, _ in rows if not (status == "ok" or status.startswith("dry run"))]
+    failed = [step.name for step, status, _, _ in rows if not (status == "ok" or status.startswith("dry run"))]
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"# gpu-check{' --dry-run' if args.dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n")
-        f.write("| step | status | seconds | command |\n| --- | --- | ---: | --- |\n")
-        for step, status, elapsed in rows:
+        f.write("| step | status | seconds | result | command |\n| --- | --- | ---: | --- | --- |\n")
+        for step, status, elapsed, last in rows:
             command = step.dry_command if args.dry_run and step.dry_command else step.command
             env = " ".join(f"{k}={v}" for k, v in step.env.items())
-            f.write(f"| {step.name} | {status} | {elapsed:.0f} | `{(env + ' ' if env else '') + shlex.join(command)}` |\n")
-        f.write(f"\nTotal {sum(e for _, _, e in rows):.0f} s. Failed: {', '.join(failed) or 'none'}. "
+            result = last.replace("|", "\\|")
+            f.write(f"| {step.name} | {status} | {elapsed:.0f} | {result} | "
+                    f"`{(env + ' ' if env else '') + shlex.join(command)}` |\n")
+        f.write(f"\nTotal {sum(row[2] for row in rows):.0f} s. Failed: {', '.join(failed) or 'none'}. "
                 f"Results copied: {', '.join(copied) or 'none'}. Full output: gpu-check.log.\n")
+        if any(step.name == "bench" for step, *_ in rows) and not args.dry_run:
+            f.write("\n## Benchmarks\n\n" + _benchmark_table([os.path.join(args.out, c) for c in copied]) + "\n")
     print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps ok'}; see {args.out}/summary.md")
     return 1 if failed else 0
 

@@ -2,8 +2,8 @@
 // The module itself is empty: the ops are reached through torch.ops.fastvae, so no pybind11.
 #include <Python.h>
 
-extern "C" {
-PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC exports it: the library is built with hidden visibility (setup.py).
+PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {
       PyModuleDef_HEAD_INIT,
       "_C",
@@ -12,5 +12,4 @@ PyObject* PyInit__C(void) {
       nullptr,
   };
   return PyModule_Create(&module_def);
-}
 }

@@ -1,9 +1,11 @@
 """How fastvae is built and versioned: the version's one source, the CUDA archs and their PTX, and
 what a stale extension says when it fails to load after a torch change."""
 
+import importlib
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,3 +119,32 @@ def test_import_after_a_torch_change_warns_with_the_fix():
     assert "built against torch 0.0.0+stale" in out.stdout
     assert f"torch {torch.__version__} is installed" in out.stdout
     assert "pip install -e . --no-build-isolation" in out.stdout
+
+
+_needs_extension = pytest.mark.skipif(fastvae.extension_error is not None, reason="fastvae._C is not built here")
+
+
+@_needs_extension
+def test_errors_raised_in_the_extension_reach_python():
+    # On the H200's stack of 2026-12-04 a raw op's failed check with a shape in its message
+    # killed the process; each case runs in its own process, so a crash fails this test alone.
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import exception_probe
+    finally:
+        sys.path.pop(0)
+    outcomes = [exception_probe.run_case(case) for case in exception_probe.cases(torch.cuda.is_available())]
+    assert any(o.case.name.startswith("fastvae._C") for o in outcomes)
+    failed = [f"{o.case.name}: {o.result}" for o in outcomes if not o.ok]
+    assert not failed, "errors that did not reach Python as the expected exception:\n" + "\n".join(failed)
+
+
+@_needs_extension
+def test_the_extension_exports_its_module_init_alone():
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm (binutils) is not installed")
+    extension = importlib.import_module("fastvae._C").__file__
+    symbols = subprocess.run([nm, "-D", "--defined-only", extension], capture_output=True, text=True, check=True).stdout
+    exported = sorted(line.split()[-1] for line in symbols.splitlines() if line.strip())
+    assert exported == ["PyInit__C"], f"{extension} exports {len(exported)} symbols: {exported[:10]}"

@@ -1,8 +1,10 @@
 """bench/gpu_check.py, the first GPU session's script: its runner keeps going after a failed or
 timed-out step, and its dry run works here (CI also runs the whole dry run: `.ci/run`)."""
 
+import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -36,11 +38,16 @@ def test_a_step_that_fails_or_hangs_is_reported_and_ended(tmp_path):
 def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
     steps = gpu_check.steps(cores=16)
     names = [s.name for s in steps]
-    assert names[:3] == ["env", "build", "tests"] and len(set(names)) == len(names)
-    assert {"memcheck", "racecheck", "synccheck", "bench", "host"} <= set(names)
+    assert names[:3] == ["env", "build", "probe"] and len(set(names)) == len(names)
+    # The short steps first, the suite and the benchmarks last: a run cut short keeps the rest.
+    assert names[-2:] == ["tests", "bench"]
+    assert {"memcheck", "racecheck", "synccheck", "host", "train"} <= set(names[3:-2])
+    assert gpu_check.BUDGET_S + gpu_check.INTERRUPT_GRACE_S <= 8 * 60
     build = steps[names.index("build")]
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0" and build.env["MAX_JOBS"] == "16"
     assert "--no-index" in build.command  # no network on the GPU machine
+    assert "-v" in build.command  # the log keeps the compile and link commands
+    assert steps[names.index("bench")].command[-2:] == ["--bench-scope", "core"]
     for step in steps:
         assert 0 < step.timeout_s <= 300
         for arg in step.command + (step.dry_command or []):
@@ -48,13 +55,47 @@ def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
                 assert os.path.isfile(os.path.join(ROOT, arg)), f"{step.name}: {arg} does not exist"
 
 
-def test_dry_run_writes_a_summary(tmp_path):
-    code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "build", "racecheck"])
+def test_dry_run_writes_a_summary_with_each_steps_result(tmp_path):
+    code = gpu_check.main(["--dry-run", "--out", str(tmp_path), "--only", "build", "probe", "racecheck"])
     summary = (tmp_path / "summary.md").read_text()
     assert "| build | ok |" in summary, summary
+    # The probe runs for real on the CPU, and its verdict is the step's one-line result.
+    assert re.search(r"\| probe \| ok \| \d+ \| exception probe: (\d+) of \1 cases raised as they should \|", summary), summary
     assert "| racecheck | dry run: needs a GPU, command printed |" in summary
     assert code == 0
     assert (tmp_path / "gpu-check.log").is_file()
+
+
+def test_the_summary_carries_the_benchmark_table(tmp_path):
+    from fastvae import benchmark
+
+    rows = [benchmark.Row("vae_loss", method, "fwd+bwd", "256x3x64x64", 3 << 16, median, 4 << 20)
+            for method, median in (("eager", 4e-4), ("fused", 1e-4))]
+    path = tmp_path / "nvidia-h200.json"
+    benchmark.write_results(str(path), rows, 4.25e12, {"device": "NVIDIA H200", "command": "pytest bench"})
+    table = gpu_check._benchmark_table([str(path)])
+    assert table.startswith("NVIDIA H200, `pytest bench`, 2 cases")
+    assert re.search(r"vae_loss .* fused .* 100\.0 us +4\.00x", table), table
+    assert gpu_check._benchmark_table([]) == "No benchmark results were written."
+
+
+def test_a_benchmark_run_killed_part_way_keeps_the_cases_it_timed(tmp_path):
+    results = tmp_path / "results"
+    env = {**os.environ, "FASTVAE_BENCH_RESULTS": str(results), "FASTVAE_BENCH_BUDGET_S": "0.02"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/bench_reparameterize_kl.py",
+               "--benchmark", "--bench-scope", "core", "-k", "eager"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(results.glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        process.kill()
+    finally:
+        process.wait()
+    written = list(results.glob("*.json"))
+    assert len(written) == 1, f"no results after {command}"
+    rows = json.loads(written[0].read_text())["rows"]
+    assert rows and all(row["op"] == "reparameterize_kl" and row["method"] == "eager" for row in rows)
 
 
 def test_the_gpu_machine_quirks_are_handled():

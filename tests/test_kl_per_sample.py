@@ -294,6 +294,7 @@ def test_per_sample_needs_two_dims(backend, shape):
         ops.reparameterize_kl(mu, mu, reduction="per_sample", seed=0, backend=backend)
 
 
+@pytest.mark.cpp_raises
 @pytest.mark.skipif(ops.unavailable_reason("cpp", "kl_divergence", torch.device("cpu")) is not None,
                     reason="fastvae._C is not loaded")
 def test_cpp_operator_checks_its_own_inputs():

@@ -227,6 +227,7 @@ def test_retained_graph_backpropagates_twice(device):
         torch.testing.assert_close(actual, e, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cpp_raises
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_is_refused_not_silently_wrong(device):
     inputs = sample_inputs(device, True)
@@ -244,6 +245,7 @@ def test_torch_func_grad_raises_on_the_cpp_backend():
         torch.func.grad(lambda m: ops.vae_loss(x_hat, x, m, logvar, backend="cpp")[0])(mu)
 
 
+@pytest.mark.cpp_raises
 def test_raw_op_without_image_gradient_refuses_to_backpropagate_to_the_image():
     inputs = sample_inputs("cpu", True)
     loss = torch.ops.fastvae.vae_loss(*inputs, 1.0, "mse", "sum", "sum", False)[0]
@@ -299,8 +301,16 @@ def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_
     torch.testing.assert_close(scaled, expected[0])
     torch.testing.assert_close(latent_grads[0], expected[2])
     torch.testing.assert_close(latent_grads[1], expected[3])
+
+
+@pytest.mark.cpp_raises
+@pytest.mark.parametrize("device", DEVICES)
+def test_in_place_backward_refuses_a_non_contiguous_image_gradient(device):
+    x_hat, x, mu, logvar = (t.detach() for t in sample_inputs(device, False))
+    grads = [torch.tensor(w, device=device) for w in (0.25, 0.0, -2.0)]
+    image_grad = (2 * (x_hat - x)).transpose(-1, -2)
     with pytest.raises(RuntimeError, match="must be contiguous"):
-        torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean", "mean")
+        torch.ops.fastvae.vae_loss_backward_(*grads, image_grad, mu, logvar, 0.7, "mean", "mean")
 
 
 @pytest.mark.parametrize(
@@ -491,6 +501,7 @@ def test_bad_inputs_raise_before_any_kernel(change, error, message):
         ops.vae_loss(args.pop("x_hat"), args.pop("x"), args.pop("mu"), args.pop("logvar"), **args, backend="cpp")
 
 
+@pytest.mark.cpp_raises
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -511,6 +522,7 @@ def test_raw_op_rejects_bad_input_with_runtime_error(change, message):
         torch.ops.fastvae.vae_loss(*args)
 
 
+@pytest.mark.cpp_raises
 def test_raw_backward_op_rejects_bad_incoming_gradients():
     _, image_grad, mu, logvar = sample_inputs("cpu", False)
     one = torch.tensor(1.0)
