@@ -142,7 +142,8 @@ def test_an_out_that_cannot_be_written_is_one_line(trained, capsys):
     # Found only when the grid is written: after the work, but still one line.
     assert main(["sample", "--checkpoint", str(trained), "--out", "/sys/kernel/fastvae.png", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastvae sample: error: /sys/kernel/fastvae.png.tmp: ") and err.count("\n") == 1
+    assert err.startswith("fastvae sample: error: /sys/kernel/fastvae.png.") and err.count("\n") == 1
+    assert ".tmp: " in err
 
 
 @pytest.mark.parametrize("suffix, file_format", [(".png", "PNG"), (".jpg", "JPEG"), (".JPEG", "JPEG"), (".webp", "WEBP")])

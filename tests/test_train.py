@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import checkpoint, ops
+from fastvae import _files, checkpoint, ops
 from fastvae import train as train_module
 from fastvae.cli import main
 from fastvae.images import save_grid
@@ -355,6 +355,19 @@ def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
     assert "Traceback" not in result.stderr
     assert (tmp_path / "metrics.jsonl").read_bytes() == history
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    # As two runs, or two `fastvae sample`, writing the same grid at once.
+    target = tmp_path / "grid.png"
+
+    def interrupted_by_another_writer(f):
+        _files.write_atomically(target, lambda g: g.write(b"the other's"))
+        f.write(b"this one's")
+
+    _files.write_atomically(target, interrupted_by_another_writer)
+    assert target.read_bytes() == b"this one's"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
 def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
