@@ -91,6 +91,13 @@ def number_at_least(kind: type, low: float, *, strict: bool = False, below: tupl
     return parse
 
 
+def _folder(text: str) -> str:
+    # Path("") is the current folder: a run would scatter its files among whatever is there.
+    if not text:
+        raise argparse.ArgumentTypeError('expected a folder, got ""; name one, such as runs/vae (or . for this one)')
+    return text
+
+
 positive_int = number_at_least(int, 1)
 non_negative_int = number_at_least(int, 0)
 non_negative_float = number_at_least(float, 0)
@@ -170,7 +177,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     group.add_argument("--seed", type=seed_int, default=0,
                        help="seeds the model, the data and the noise (default: 0)")
-    group.add_argument("--out", default="runs/vae", help="folder for checkpoint, metrics and grids (default: runs/vae)")
+    group.add_argument("--out", type=_folder, default="runs/vae",
+                       help="folder for checkpoint, metrics and grids (default: runs/vae)")
     start = group.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
     start.add_argument("--overwrite", action="store_true",

@@ -93,6 +93,7 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", *TINY, "--out", "{tmp}/ckpt_folder", "--resume"], "ckpt.pt is not a file"),
         (["train", *TINY, "--out", "{tmp}/metrics_folder"], "metrics.jsonl is not a file"),
         (["train", *TINY, "--out", "{ckpt_dir}"], "holds a run (ckpt.pt, metrics.jsonl): pass --resume"),
+        (["train", *TINY, "--out", ""], 'expected a folder, got ""'),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path, capsys):
