@@ -608,7 +608,10 @@ def _open_metrics(path: Path, step: int):
 
 
 def _log(metrics, writer, record: dict) -> None:
-    metrics.write(json.dumps(record) + "\n")
+    # NaN and Infinity are not JSON, and strict readers refuse them: each is null, named with its value.
+    non_finite = {key: str(v) for key, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    line = {**record, **dict.fromkeys(non_finite), "non_finite": non_finite} if non_finite else record
+    metrics.write(json.dumps(line, allow_nan=False) + "\n")
     if writer is not None:
         for key, value in record.items():
             if key != "step":

@@ -32,10 +32,19 @@ def train(out, *options):
     return main(["train", *TINY, "--out", str(out), *map(str, options)])
 
 
+def records(out):
+    """metrics.jsonl's records, parsed as strictly as a JSON reader other than Python's would."""
+
+    def not_json(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=not_json) for line in lines]
+
+
 def step_losses(out):
     """The per-step records of metrics.jsonl (not the evaluations)."""
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if "loss" in line]
+    return [record for record in records(out) if "loss" in record]
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
@@ -254,6 +263,10 @@ def test_a_nan_held_out_loss_is_never_checkpointed(tmp_path, monkeypatch, capsys
     assert train(tmp_path, "--steps", 2, "--every", 2) == 1
     assert "held-out loss is nan at step 2" in capsys.readouterr().err
     assert not (tmp_path / "ckpt.pt").exists()
+    # Logged as valid JSON all the same, saying which value was not finite.
+    evaluation = records(tmp_path)[-1]
+    assert evaluation["eval_loss"] is None and evaluation["non_finite"] == {"eval_loss": "nan"}
+    assert math.isfinite(evaluation["eval_recon"]) and "non_finite" not in records(tmp_path)[0]
 
 
 def test_evaluation_and_grids_leave_the_training_noise_alone(tmp_path):
