@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
 from fastvae._checks import LOSS_REDUCTIONS, RECONS
-from fastvae._files import write_atomically
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 
@@ -590,20 +589,37 @@ def _kept(ckpt_path: Path) -> str:
 
 def _open_metrics(path: Path, step: int):
     """metrics.jsonl for appending, without the lines that an interrupted run logged after its last
-    checkpoint at ``step`` (a fresh run, step 0, starts it empty). It is rewritten through a
-    temporary file, so that a kill meanwhile leaves the whole history."""
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
+    checkpoint at ``step`` (a fresh run, step 0, starts it empty).
+
+    One pass, line by line, finds where the records the checkpoint covers end, and the file is cut
+    there in place: memory stays constant however long the history, and one truncate leaves, if
+    killed, the whole history or the kept part. Lines that are not records of ours (JSON added by
+    hand) after the last kept record are cut with the rest. A line that is not JSON is tolerated
+    past the last kept record only, where a kill mid-write leaves a torn one; before it, it is
+    damage that a resumed run would build on, and ConfigError names its line.
+    """
+    with open(path, "a+b") as f:
+        f.seek(0)
+        end, broken = 0, None  # the byte offset after the last kept record; the first line not JSON
+        for number, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill; only the last one can be
-                break
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # not JSON, or not UTF-8
+                broken = broken or number
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                continue  # not a record of ours (added by hand): dropped
-            if record["step"] <= step:
-                kept.append(line)
-    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+                continue
+            if record["step"] > step:
+                break
+            if broken is not None:
+                raise ConfigError(
+                    f"{path} line {broken} is not a JSON record, but records up to the checkpoint's step {step} "
+                    "follow it; mend or delete that line, then resume again"
+                )
+            end = f.tell()
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
     return open(path, "a", buffering=1)
 
 
