@@ -3,8 +3,8 @@
 Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
 command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
 Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an --out that
-cannot be written) end in one line on stderr and exit status 2; a diverged run ends in one line
-and exit status 1.
+cannot be written, one that another run holds) end in one line on stderr and exit status 2; a
+diverged run ends in one line and exit status 1.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
 from fastvae._checks import LOSS_REDUCTIONS, RECONS
+from fastvae._files import HeldError, hold
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 
@@ -42,6 +44,8 @@ except ImportError:
 
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
+# Held by the run (rank 0 under torchrun) for its whole life; left in place after it, unlocked.
+LOCK_NAME = ".fastvae.lock"
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 DEFAULT_STEPS = 400
 # What a resumed run must share with the checkpoint's: the data, its order and the objective.
@@ -336,13 +340,15 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT_NAME
-    prepare_out(out, resume=args.resume, overwrite=args.overwrite)  # on every rank, so all of them stop
+    # Checked on every rank, so that all of them stop; held by rank 0, the only one that writes
+    # there. A refused rank 0 leaves the others waiting for it below, until torchrun stops them.
+    lock = prepare_out(out, resume=args.resume, overwrite=args.overwrite, lock=master)
     torch.manual_seed(args.seed)
 
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     metrics = writer = progress = None
     try:
+        if distributed:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # ---- data -----------------------------------------------------------------------------
         train_set, eval_set = data.train_eval_split(
             args.data, args.image_size, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size
@@ -526,35 +532,55 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     finally:
-        for resource in (progress, metrics, writer):
+        for resource in (progress, metrics, writer, lock):
             if resource is not None:
                 resource.close()
-        if distributed:
+        if distributed and dist.is_initialized():
             # DDP's reducer holds the process group. Left to be freed with this frame, after the
             # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
             net = None
             dist.destroy_process_group()
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make the --out folder, or raise ConfigError saying why the run cannot write there: before
-    anything is trained, and before a run already there is touched without --resume or --overwrite."""
+def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
+    """Make the --out folder and, with ``lock``, hold it for the run (until the returned file is
+    closed, or the process dies), or raise ConfigError saying why the run cannot write there:
+    before anything is trained, and before a run already there is touched without --resume or
+    --overwrite, or while another process holds it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    for name in (CHECKPOINT_NAME, METRICS_NAME):
-        if (out / name).exists() and not (out / name).is_file():
-            raise ConfigError(f"{out / name} is not a file; move it out of the way")
-    previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
-    if previous and not (resume or overwrite):
-        raise ConfigError(
-            f"--out {out} already holds a run ({', '.join(previous)}): "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    held = None
+    if lock:
+        try:
+            held = hold(out / LOCK_NAME)
+        except HeldError as exc:
+            raise ConfigError(
+                f"--out {out} is in use by another run ({exc}, which holds {out / LOCK_NAME}); "
+                "wait for it to end or stop it"
+            ) from None
+        if held is None:
+            print(f"warning: cannot lock --out {out} on this platform (no fcntl); "
+                  "start no other run on it until this one ends", file=sys.stderr)
+    try:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            if (out / name).exists() and not (out / name).is_file():
+                raise ConfigError(f"{out / name} is not a file; move it out of the way")
+        previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
+        if previous and not (resume or overwrite):
+            raise ConfigError(
+                f"--out {out} already holds a run ({', '.join(previous)}): "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
+    except ConfigError:
+        if held is not None:
+            held.close()
+        raise
+    return held
 
 
 def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:

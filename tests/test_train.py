@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -47,6 +48,19 @@ def step_losses(out):
     return [record for record in records(out) if "loss" in record]
 
 
+def start_run(out):
+    """A run of many steps in a process of its own."""
+    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(out), "--steps", "99999", "--every", "5"]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for(process, condition):
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_loss_falls_and_outputs_are_written(tmp_path):
     assert train(tmp_path, "--steps", 60, "--every", 30) == 0
     losses = [line["loss"] for line in step_losses(tmp_path)]
@@ -88,13 +102,9 @@ def test_resume_gives_the_same_run_bit_for_bit(tmp_path):
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(killed), "--steps", "99999", "--every", "5"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_run(killed)
     try:
-        deadline = time.monotonic() + 120
-        while not ((killed / "ckpt.pt").exists() and checkpoint.load(killed / "ckpt.pt")["step"] >= 10):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for(process, lambda: (killed / "ckpt.pt").exists() and checkpoint.load(killed / "ckpt.pt")["step"] >= 10)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -105,6 +115,33 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert train(killed, "--steps", saved + 5, "--every", 5, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", saved + 5, "--every", 5) == 0
     assert step_losses(killed) == step_losses(tmp_path / "whole")
+
+
+def test_a_folder_in_use_is_refused_until_its_holder_dies(tmp_path, capsys):
+    lock = tmp_path / ".fastvae.lock"
+    process = start_run(tmp_path)
+    try:
+        wait_for(process, lambda: lock.exists() and lock.read_text())
+        for options in ((), ("--resume",), ("--overwrite",)):
+            assert train(tmp_path, "--steps", 2, *options) == 2, options
+            assert capsys.readouterr().err == (
+                f"fastvae train: error: --out {tmp_path} is in use by another run (pid {process.pid} on "
+                f"{socket.gethostname()}, which holds {lock}); wait for it to end or stop it\n"
+            )
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # The lock died with its holder: nothing stale is left to refuse the next run.
+    assert train(tmp_path, "--steps", 2, "--resume") == 0
+    assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def test_without_fcntl_a_run_says_that_it_cannot_hold_its_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_files, "fcntl", None)  # as on Windows
+    assert train(tmp_path, "--steps", 1) == 0
+    assert capsys.readouterr().err.startswith(f"warning: cannot lock --out {tmp_path} on this platform (no fcntl); ")
+    assert not (tmp_path / ".fastvae.lock").exists()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
