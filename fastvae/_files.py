@@ -4,6 +4,7 @@ holding a folder so that a second process cannot write into it meanwhile."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -13,6 +14,10 @@ try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
+
+# What write_atomically appends to a name for its temporary: unique per process and call, so two
+# writers of one file (two runs, two `fastvae sample`) never write into each other's temporary.
+TEMPORARY_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
 
 
 class HeldError(RuntimeError):

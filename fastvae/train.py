@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
 from fastvae._checks import LOSS_REDUCTIONS, RECONS
-from fastvae._files import HeldError, hold
+from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 
@@ -46,6 +47,13 @@ CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
 # Held by the run (rank 0 under torchrun) for its whole life; left in place after it, unlocked.
 LOCK_NAME = ".fastvae.lock"
+# Every file a run writes into --out, by name (and the temporaries a kill mid-write leaves):
+# what --overwrite deletes, so that nothing else in the folder is ever touched.
+RUN_FILES = re.compile(
+    rf"({re.escape(CHECKPOINT_NAME)}|{re.escape(METRICS_NAME)}|"
+    r"(reconstructions|samples|interpolations)_\d{6,}\.png|events\.out\.tfevents\..+)"
+    rf"({TEMPORARY_SUFFIX.pattern})?"
+)
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 DEFAULT_STEPS = 400
 # What a resumed run must share with the checkpoint's: the data, its order and the objective.
@@ -185,7 +193,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     start = group.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
     start.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an --out that holds a run, deleting its checkpoint and metrics")
+                       help="start afresh in an --out that holds a run, deleting the files it wrote there")
     group.add_argument("--every", type=positive_int, default=100,
                        help="steps between evaluations, PNG grids and checkpoints (default: 100)")
     group.add_argument("--log-every", type=positive_int, default=10,
@@ -411,8 +419,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
         if master:
-            if args.overwrite:  # so that a later --resume cannot continue the old run
-                ckpt_path.unlink(missing_ok=True)
+            if args.overwrite:  # before training, so that a later --resume cannot continue the old run
+                remove_run(out)
             metrics = _open_metrics(out / METRICS_NAME, step)
             writer = SummaryWriter(str(out)) if SummaryWriter is not None else None
             params = sum(p.numel() for p in model.parameters())
@@ -581,6 +589,13 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
             held.close()
         raise
     return held
+
+
+def remove_run(out: Path) -> None:
+    """Delete the files that a run wrote into ``out`` (RUN_FILES), and nothing else."""
+    for path in out.iterdir():
+        if RUN_FILES.fullmatch(path.name) and path.is_file():
+            path.unlink()
 
 
 def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:

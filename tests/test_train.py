@@ -418,6 +418,19 @@ def test_a_damaged_line_before_the_checkpoint_is_refused_on_resume(tmp_path, cap
     assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 4
 
 
+def test_overwrite_deletes_what_the_old_run_wrote_and_nothing_else(tmp_path):
+    assert train(tmp_path, "--steps", 4, "--every", 2) == 0
+    # Left by a kill during a write, and the user's own files, one named much like ours.
+    (tmp_path / "ckpt.pt.12345.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "samples_best.png").write_bytes(b"keep me")
+    assert train(tmp_path, "--steps", 3, "--every", 3, "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".fastvae.lock", "ckpt.pt", "interpolations_000003.png", "metrics.jsonl", "notes.txt",
+        "reconstructions_000003.png", "samples_000003.png", "samples_best.png",
+    ]
+
+
 def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     # As two runs, or two `fastvae sample`, writing the same grid at once.
     target = tmp_path / "grid.png"
