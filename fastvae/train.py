@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -73,6 +74,15 @@ class ConfigError(ValueError):
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
+    the status of a process the signal killed, so that a scheduler sees what it expects."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _hidden_dims(text: str) -> tuple[int, ...]:
@@ -354,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     metrics = writer = progress = None
+    terminated: list[int] = []  # SIGTERM's number, once it comes
+    sigterm_handler = None
     try:
         if distributed:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -436,6 +448,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
         # ---- the loop -------------------------------------------------------------------------
+        # Schedulers send SIGTERM some time before they kill: the run stops after its step with
+        # a checkpoint. (SIGINT, Ctrl-C, stops it at once, from the last checkpoint.)
+        sigterm_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
         model.train()
         history: list[torch.Tensor] = []  # (loss, recon, kl) of each step since the last check
         betas: list[float] = []
@@ -472,7 +487,8 @@ def run(args: argparse.Namespace) -> int:
             betas.append(beta)
 
             evaluating = step % args.every == 0 or step == total_steps
-            if step % args.log_every and not evaluating:
+            # Under DDP the ranks check together, so SIGTERM waits for the next check there.
+            if step % args.log_every and not evaluating and (distributed or not terminated):
                 continue
             # Losses reach the host only here, not every step, so the GPU is not synced each step.
             # A checkpoint is written only after this check, so it never holds a diverged model.
@@ -489,6 +505,12 @@ def run(args: argparse.Namespace) -> int:
                 raise DivergedError(
                     f"loss is {rows[diverged][0]} at step {first + diverged}; stopped ({_kept(ckpt_path)})"
                 )
+            stopping = bool(terminated)
+            if distributed:  # torchrun sends SIGTERM to every rank, but not at one instant
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag)
+            stopping = stopping and step < total_steps  # on the last step, the run ends as usual
             if master:
                 images_per_s = (step - last_check[0]) * args.batch_size / (time.perf_counter() - last_check[1])
                 progress.update(step - progress.n)
@@ -497,7 +519,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             history.clear()
             betas.clear()
-            if evaluating:
+            if evaluating or stopping:
                 # A finite loss does not make finite weights: the step's update can overflow them
                 # (a huge --beta). DDP keeps every rank's weights equal, so all ranks stop here.
                 broken = non_finite_state(model, optimizer)
@@ -513,6 +535,7 @@ def run(args: argparse.Namespace) -> int:
                         f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
                     )
                 grids = write_grids(model, grid_images, out, step, args.seed)
+            if (evaluating or stopping) and master:
                 if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
                     writer.flush()
                 checkpoint.save(
@@ -530,6 +553,9 @@ def run(args: argparse.Namespace) -> int:
                     },
                     ckpt_path,
                 )
+            if stopping:
+                message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
+                raise Stopped(message, signal.SIGTERM)
             last_check = (step, time.perf_counter())  # evaluation time is not training speed
         progress.close()
         if master:
@@ -540,6 +566,8 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     finally:
+        if sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
         for resource in (progress, metrics, writer, lock):
             if resource is not None:
                 resource.close()

@@ -48,10 +48,10 @@ def step_losses(out):
     return [record for record in records(out) if "loss" in record]
 
 
-def start_run(out):
-    """A run of many steps in a process of its own."""
+def start_run(out, stderr=subprocess.DEVNULL):
+    """A run of many steps in a process of its own, to be stopped by a signal."""
     command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(out), "--steps", "99999", "--every", "5"]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def wait_for(process, condition):
@@ -59,6 +59,14 @@ def wait_for(process, condition):
     while not condition():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def same_run(out, expected):
+    """Assert that the run in ``out`` ended with the metrics and weights of the one in ``expected``."""
+    assert (Path(out) / "metrics.jsonl").read_text() == (Path(expected) / "metrics.jsonl").read_text()
+    weights = checkpoint.load(Path(out) / "ckpt.pt")["model"]
+    for name, tensor in checkpoint.load(Path(expected) / "ckpt.pt")["model"].items():
+        assert torch.equal(tensor, weights[name]), name
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
@@ -93,11 +101,7 @@ def test_resume_gives_the_same_run_bit_for_bit(tmp_path):
     assert train(tmp_path / "whole", "--steps", 15, *options) == 0
     assert train(tmp_path / "parts", "--steps", 10, *options) == 0
     assert train(tmp_path / "parts", "--steps", 15, "--resume", *options) == 0
-    assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "whole")
-    whole = checkpoint.load(tmp_path / "whole" / "ckpt.pt")
-    parts = checkpoint.load(tmp_path / "parts" / "ckpt.pt")
-    for name, tensor in whole["model"].items():
-        assert torch.equal(tensor, parts["model"][name]), name
+    same_run(tmp_path / "parts", tmp_path / "whole")
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -115,6 +119,29 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert train(killed, "--steps", saved + 5, "--every", 5, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", saved + 5, "--every", 5) == 0
     assert step_losses(killed) == step_losses(tmp_path / "whole")
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    stopped, log = tmp_path / "stopped", tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        # With --every 5, a checkpoint at a step that is not a multiple of 5 is SIGTERM's.
+        process = start_run(stopped, stderr)
+        try:
+            wait_for(process, lambda: (stopped / "metrics.jsonl").exists() and len(step_losses(stopped)) >= 12)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+    assert process.returncode == 143
+    saved = checkpoint.load(stopped / "ckpt.pt")["step"]
+    # Every step to the checkpoint is logged (--log-every 10 would leave up to 9 unlogged).
+    assert step_losses(stopped)[-1]["step"] == saved
+    last_line = log.read_text().strip().splitlines()[-1]  # after tqdm's bar
+    assert last_line == (
+        f"fastvae train: stopped by SIGTERM after step {saved}, saved in {stopped / 'ckpt.pt'}; continue with --resume"
+    )
+    assert train(stopped, "--steps", saved + 7, "--every", 5, "--resume") == 0
+    assert train(tmp_path / "whole", "--steps", saved + 7, "--every", 5) == 0
+    same_run(stopped, tmp_path / "whole")
 
 
 def test_a_folder_in_use_is_refused_until_its_holder_dies(tmp_path, capsys):
@@ -191,10 +218,15 @@ def test_free_bits_kl_floors_each_dimension(reduction, factor):
     assert unfloored.item() == pytest.approx(kl_divergence(mu, logvar, reduction=reduction).item(), rel=1e-9)
 
 
-def train_on_two_processes(out, *options):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def two_processes(out, *options):
+    """The command and environment of a run under torchrun with 2 processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastvae", "train", *TINY, "--out", str(out), *map(str, options)]
+    return command, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_on_two_processes(out, *options):
+    command, env = two_processes(out, *options)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -220,6 +252,25 @@ def test_two_processes_give_the_losses_of_one_and_resume_exactly(tmp_path):
     train_on_two_processes(tmp_path / "parts", "--steps", 3, *options)
     train_on_two_processes(tmp_path / "parts", "--steps", 6, "--resume", *options)
     assert step_losses(tmp_path / "parts") == two
+
+
+def test_sigterm_stops_every_rank_after_one_step_with_one_checkpoint(tmp_path):
+    # torchrun passes SIGTERM on to each rank; they need not get it within the same step.
+    command, env = two_processes(tmp_path, "--steps", 99999, "--every", 1000, "--log-every", 2)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for(process, lambda: (tmp_path / "metrics.jsonl").exists() and len(step_losses(tmp_path)) >= 2)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    saved = checkpoint.load(tmp_path / "ckpt.pt")["step"]
+    assert [record["step"] for record in step_losses(tmp_path)] == list(range(1, saved + 1))
+    said = [line for line in (tmp_path / "stderr").read_text().splitlines() if "stopped by SIGTERM" in line]
+    assert said == [f"fastvae train: stopped by SIGTERM after step {saved}, saved in {tmp_path / 'ckpt.pt'}; "
+                    "continue with --resume"] * 2
+    train_on_two_processes(tmp_path, "--steps", saved + 2, "--every", 1000, "--log-every", 2, "--resume")
+    assert [record["step"] for record in step_losses(tmp_path)] == list(range(1, saved + 3))
 
 
 def test_two_processes_scale_each_term_by_its_own_reduction(tmp_path):
