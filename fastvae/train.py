@@ -329,6 +329,13 @@ def write_grids(model: VAE, images: torch.Tensor, out: Path, step: int, seed: in
     ]
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # A scheduler may signal the whole process group (Slurm's scancel does). A DataLoader worker
+    # that died of it would end the run with an error before its checkpoint; the run stops its
+    # workers itself, after the checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run(args: argparse.Namespace) -> int:
     # ---- config -------------------------------------------------------------------------------
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # set by torchrun
@@ -378,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
         # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
         eval_loader = DataLoader(
-            eval_set, batch_size=args.batch_size, num_workers=args.workers,
+            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=_ignore_sigterm,
             generator=torch.Generator().manual_seed(args.seed),
         )
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
@@ -416,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
             train_set,
             batch_sampler=batches,
             num_workers=args.workers,
+            worker_init_fn=_ignore_sigterm,
             pin_memory=device.type == "cuda",
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),

@@ -48,10 +48,11 @@ def step_losses(out):
     return [record for record in records(out) if "loss" in record]
 
 
-def start_run(out, stderr=subprocess.DEVNULL):
-    """A run of many steps in a process of its own, to be stopped by a signal."""
-    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(out), "--steps", "99999", "--every", "5"]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+def start_run(out, *options, stderr=subprocess.DEVNULL):
+    """A run of many steps in a process group of its own, to be stopped by a signal."""
+    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(out), "--steps", "99999", "--every", "5",
+               *map(str, options)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
 
 
 def wait_for(process, condition):
@@ -125,11 +126,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exac
     stopped, log = tmp_path / "stopped", tmp_path / "stderr"
     with open(log, "w") as stderr:
         # With --every 5, a checkpoint at a step that is not a multiple of 5 is SIGTERM's.
-        process = start_run(stopped, stderr)
+        process = start_run(stopped, "--workers", 1, stderr=stderr)
         try:
             wait_for(process, lambda: (stopped / "metrics.jsonl").exists() and len(step_losses(stopped)) >= 12)
-        finally:
-            process.send_signal(signal.SIGTERM)
+        finally:  # to the process group, as Slurm's scancel does: the DataLoader worker gets it too
+            os.killpg(process.pid, signal.SIGTERM)
             process.wait(timeout=60)
     assert process.returncode == 143
     saved = checkpoint.load(stopped / "ckpt.pt")["step"]
