@@ -1,10 +1,27 @@
-"""Writing a file so that a reader, or a run resumed after a kill, never sees half of it."""
+"""Writing a file so that a reader, or a run resumed after a kill, never sees half of it, and
+holding a folder so that a second process cannot write into it meanwhile."""
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
+import socket
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+# What write_atomically appends to a name for its temporary: unique per process and call, so two
+# writers of one file (two runs, two `fastvae sample`) never write into each other's temporary.
+TEMPORARY_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+class HeldError(RuntimeError):
+    """Another process holds the lock; the message names it (pid and host)."""
 
 
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -14,9 +31,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     temporary file after an error.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -26,6 +43,35 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
         raise
     _sync_folder(path.parent)
     return path
+
+
+def hold(path: str | Path) -> BinaryIO | None:
+    """Lock the file ``path`` (made if missing) for as long as the returned file stays open, and
+    write this process's pid and host into it; None where there is no fcntl (Windows).
+
+    The lock is flock's: the OS drops it when the process dies, kill -9 included, so a file left
+    behind is never a stale lock. Raises HeldError, naming the holder, when another process holds it.
+    """
+    if fcntl is None:
+        return None
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+b")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        # Empty only in the instant between the holder's lock and its write.
+        holder = f.read().decode(errors="replace").strip() or "another process"
+        f.close()
+        raise HeldError(holder) from None
+    except BaseException:
+        f.close()
+        raise
+    # Written over the last holder's words in place and then cut: the file is never empty once
+    # written, so a process refused meanwhile can always name the holder.
+    f.seek(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+    f.truncate()
+    f.flush()
+    return f
 
 
 def _sync_folder(folder: Path) -> None:

@@ -3,8 +3,9 @@
 Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
 command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
 Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an --out that
-cannot be written) end in one line on stderr and exit status 2; a diverged run ends in one line
-and exit status 1.
+cannot be written, one that another run holds) end in one line on stderr and exit status 2; a
+diverged run ends in one line and exit status 1; a run stopped by SIGTERM, after its checkpoint,
+in one line and exit status 143 (128 + 15, as if the signal had killed it).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fastvae.checkpoint import CheckpointError
     from fastvae.data import DataError
-    from fastvae.train import ConfigError, DivergedError
+    from fastvae.train import ConfigError, DivergedError, Stopped
 
     try:
         return run(args)
@@ -163,6 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergedError as exc:
         print(f"fastvae {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except Stopped as exc:
+        print(f"fastvae {args.command}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted", file=sys.stderr)
         return 130

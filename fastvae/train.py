@@ -17,6 +17,9 @@ import argparse
 import json
 import math
 import os
+import re
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from fastvae import checkpoint, data, ops
 from fastvae._checks import LOSS_REDUCTIONS, RECONS
-from fastvae._files import write_atomically
+from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 
@@ -43,6 +46,15 @@ except ImportError:
 
 CHECKPOINT_NAME = "ckpt.pt"
 METRICS_NAME = "metrics.jsonl"
+# Held by the run (rank 0 under torchrun) for its whole life; left in place after it, unlocked.
+LOCK_NAME = ".fastvae.lock"
+# Every file a run writes into --out, by name (and the temporaries a kill mid-write leaves):
+# what --overwrite deletes, so that nothing else in the folder is ever touched.
+RUN_FILES = re.compile(
+    rf"({re.escape(CHECKPOINT_NAME)}|{re.escape(METRICS_NAME)}|"
+    r"(reconstructions|samples|interpolations)_\d{6,}\.png|events\.out\.tfevents\..+)"
+    rf"({TEMPORARY_SUFFIX.pattern})?"
+)
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 DEFAULT_STEPS = 400
 # What a resumed run must share with the checkpoint's: the data, its order and the objective.
@@ -62,6 +74,15 @@ class ConfigError(ValueError):
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
+    the status of a process the signal killed, so that a scheduler sees what it expects."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def _hidden_dims(text: str) -> tuple[int, ...]:
@@ -89,6 +110,13 @@ def number_at_least(kind: type, low: float, *, strict: bool = False, below: tupl
         return value
 
     return parse
+
+
+def _folder(text: str) -> str:
+    # Path("") is the current folder: a run would scatter its files among whatever is there.
+    if not text:
+        raise argparse.ArgumentTypeError('expected a folder, got ""; name one, such as runs/vae (or . for this one)')
+    return text
 
 
 positive_int = number_at_least(int, 1)
@@ -170,11 +198,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     group.add_argument("--seed", type=seed_int, default=0,
                        help="seeds the model, the data and the noise (default: 0)")
-    group.add_argument("--out", default="runs/vae", help="folder for checkpoint, metrics and grids (default: runs/vae)")
+    group.add_argument("--out", type=_folder, default="runs/vae",
+                       help="folder for checkpoint, metrics and grids (default: runs/vae)")
     start = group.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help=f"continue from --out/{CHECKPOINT_NAME} if there is one")
     start.add_argument("--overwrite", action="store_true",
-                       help="start afresh in an --out that holds a run, deleting its checkpoint and metrics")
+                       help="start afresh in an --out that holds a run, deleting the files it wrote there")
     group.add_argument("--every", type=positive_int, default=100,
                        help="steps between evaluations, PNG grids and checkpoints (default: 100)")
     group.add_argument("--log-every", type=positive_int, default=10,
@@ -300,6 +329,13 @@ def write_grids(model: VAE, images: torch.Tensor, out: Path, step: int, seed: in
     ]
 
 
+def _ignore_sigterm(worker_id: int) -> None:
+    # A scheduler may signal the whole process group (Slurm's scancel does). A DataLoader worker
+    # that died of it would end the run with an error before its checkpoint; the run stops its
+    # workers itself, after the checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def run(args: argparse.Namespace) -> int:
     # ---- config -------------------------------------------------------------------------------
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1  # set by torchrun
@@ -329,13 +365,17 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT_NAME
-    prepare_out(out, resume=args.resume, overwrite=args.overwrite)  # on every rank, so all of them stop
+    # Checked on every rank, so that all of them stop; held by rank 0, the only one that writes
+    # there. A refused rank 0 leaves the others waiting for it below, until torchrun stops them.
+    lock = prepare_out(out, resume=args.resume, overwrite=args.overwrite, lock=master)
     torch.manual_seed(args.seed)
 
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     metrics = writer = progress = None
+    terminated: list[int] = []  # SIGTERM's number, once it comes
+    sigterm_handler = None
     try:
+        if distributed:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         # ---- data -----------------------------------------------------------------------------
         train_set, eval_set = data.train_eval_split(
             args.data, args.image_size, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size
@@ -345,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
         # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
         eval_loader = DataLoader(
-            eval_set, batch_size=args.batch_size, num_workers=args.workers,
+            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=_ignore_sigterm,
             generator=torch.Generator().manual_seed(args.seed),
         )
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
@@ -383,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
             train_set,
             batch_sampler=batches,
             num_workers=args.workers,
+            worker_init_fn=_ignore_sigterm,
             pin_memory=device.type == "cuda",
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),
@@ -398,8 +439,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
         if master:
-            if args.overwrite:  # so that a later --resume cannot continue the old run
-                ckpt_path.unlink(missing_ok=True)
+            if args.overwrite:  # before training, so that a later --resume cannot continue the old run
+                remove_run(out)
             metrics = _open_metrics(out / METRICS_NAME, step)
             writer = SummaryWriter(str(out)) if SummaryWriter is not None else None
             params = sum(p.numel() for p in model.parameters())
@@ -415,6 +456,9 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
         # ---- the loop -------------------------------------------------------------------------
+        # Schedulers send SIGTERM some time before they kill: the run stops after its step with
+        # a checkpoint. (SIGINT, Ctrl-C, stops it at once, from the last checkpoint.)
+        sigterm_handler = signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))
         model.train()
         history: list[torch.Tensor] = []  # (loss, recon, kl) of each step since the last check
         betas: list[float] = []
@@ -451,7 +495,8 @@ def run(args: argparse.Namespace) -> int:
             betas.append(beta)
 
             evaluating = step % args.every == 0 or step == total_steps
-            if step % args.log_every and not evaluating:
+            # Under DDP the ranks check together, so SIGTERM waits for the next check there.
+            if step % args.log_every and not evaluating and (distributed or not terminated):
                 continue
             # Losses reach the host only here, not every step, so the GPU is not synced each step.
             # A checkpoint is written only after this check, so it never holds a diverged model.
@@ -468,6 +513,12 @@ def run(args: argparse.Namespace) -> int:
                 raise DivergedError(
                     f"loss is {rows[diverged][0]} at step {first + diverged}; stopped ({_kept(ckpt_path)})"
                 )
+            stopping = bool(terminated)
+            if distributed:  # torchrun sends SIGTERM to every rank, but not at one instant
+                flag = torch.tensor(float(stopping), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag)
+            stopping = stopping and step < total_steps  # on the last step, the run ends as usual
             if master:
                 images_per_s = (step - last_check[0]) * args.batch_size / (time.perf_counter() - last_check[1])
                 progress.update(step - progress.n)
@@ -476,7 +527,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             history.clear()
             betas.clear()
-            if evaluating:
+            if evaluating or stopping:
                 # A finite loss does not make finite weights: the step's update can overflow them
                 # (a huge --beta). DDP keeps every rank's weights equal, so all ranks stop here.
                 broken = non_finite_state(model, optimizer)
@@ -492,6 +543,7 @@ def run(args: argparse.Namespace) -> int:
                         f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
                     )
                 grids = write_grids(model, grid_images, out, step, args.seed)
+            if (evaluating or stopping) and master:
                 if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
                     writer.flush()
                 checkpoint.save(
@@ -509,6 +561,9 @@ def run(args: argparse.Namespace) -> int:
                     },
                     ckpt_path,
                 )
+            if stopping:
+                message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
+                raise Stopped(message, signal.SIGTERM)
             last_check = (step, time.perf_counter())  # evaluation time is not training speed
         progress.close()
         if master:
@@ -519,35 +574,64 @@ def run(args: argparse.Namespace) -> int:
             )
         return 0
     finally:
-        for resource in (progress, metrics, writer):
+        if sigterm_handler is not None:
+            signal.signal(signal.SIGTERM, sigterm_handler)
+        for resource in (progress, metrics, writer, lock):
             if resource is not None:
                 resource.close()
-        if distributed:
+        if distributed and dist.is_initialized():
             # DDP's reducer holds the process group. Left to be freed with this frame, after the
             # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
             net = None
             dist.destroy_process_group()
 
 
-def prepare_out(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make the --out folder, or raise ConfigError saying why the run cannot write there: before
-    anything is trained, and before a run already there is touched without --resume or --overwrite."""
+def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
+    """Make the --out folder and, with ``lock``, hold it for the run (until the returned file is
+    closed, or the process dies), or raise ConfigError saying why the run cannot write there:
+    before anything is trained, and before a run already there is touched without --resume or
+    --overwrite, or while another process holds it."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    for name in (CHECKPOINT_NAME, METRICS_NAME):
-        if (out / name).exists() and not (out / name).is_file():
-            raise ConfigError(f"{out / name} is not a file; move it out of the way")
-    previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
-    if previous and not (resume or overwrite):
-        raise ConfigError(
-            f"--out {out} already holds a run ({', '.join(previous)}): "
-            "pass --resume to continue it or --overwrite to replace it"
-        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write there ({exc.strerror})") from None
+    held = None
+    if lock:
+        try:
+            held = hold(out / LOCK_NAME)
+        except HeldError as exc:
+            raise ConfigError(
+                f"--out {out} is in use by another run ({exc}, which holds {out / LOCK_NAME}); "
+                "wait for it to end or stop it"
+            ) from None
+        if held is None:
+            print(f"warning: cannot lock --out {out} on this platform (no fcntl); "
+                  "start no other run on it until this one ends", file=sys.stderr)
+    try:
+        for name in (CHECKPOINT_NAME, METRICS_NAME):
+            if (out / name).exists() and not (out / name).is_file():
+                raise ConfigError(f"{out / name} is not a file; move it out of the way")
+        previous = [name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
+        if previous and not (resume or overwrite):
+            raise ConfigError(
+                f"--out {out} already holds a run ({', '.join(previous)}): "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
+    except ConfigError:
+        if held is not None:
+            held.close()
+        raise
+    return held
+
+
+def remove_run(out: Path) -> None:
+    """Delete the files that a run wrote into ``out`` (RUN_FILES), and nothing else."""
+    for path in out.iterdir():
+        if RUN_FILES.fullmatch(path.name) and path.is_file():
+            path.unlink()
 
 
 def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
@@ -582,25 +666,45 @@ def _kept(ckpt_path: Path) -> str:
 
 def _open_metrics(path: Path, step: int):
     """metrics.jsonl for appending, without the lines that an interrupted run logged after its last
-    checkpoint at ``step`` (a fresh run, step 0, starts it empty). It is rewritten through a
-    temporary file, so that a kill meanwhile leaves the whole history."""
-    kept = []
-    if step > 0 and path.exists():
-        for line in path.read_text().splitlines():
+    checkpoint at ``step`` (a fresh run, step 0, starts it empty).
+
+    One pass, line by line, finds where the records the checkpoint covers end, and the file is cut
+    there in place: memory stays constant however long the history, and one truncate leaves, if
+    killed, the whole history or the kept part. Lines that are not records of ours (JSON added by
+    hand) after the last kept record are cut with the rest. A line that is not JSON is tolerated
+    past the last kept record only, where a kill mid-write leaves a torn one; before it, it is
+    damage that a resumed run would build on, and ConfigError names its line.
+    """
+    with open(path, "a+b") as f:
+        f.seek(0)
+        end, broken = 0, None  # the byte offset after the last kept record; the first line not JSON
+        for number, line in enumerate(f, 1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by the kill; only the last one can be
-                break
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # not JSON, or not UTF-8
+                broken = broken or number
+                continue
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                continue  # not a record of ours (added by hand): dropped
-            if record["step"] <= step:
-                kept.append(line)
-    write_atomically(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
+                continue
+            if record["step"] > step:
+                break
+            if broken is not None:
+                raise ConfigError(
+                    f"{path} line {broken} is not a JSON record, but records up to the checkpoint's step {step} "
+                    "follow it; mend or delete that line, then resume again"
+                )
+            end = f.tell()
+        f.truncate(end)
+        f.flush()
+        os.fsync(f.fileno())
     return open(path, "a", buffering=1)
 
 
 def _log(metrics, writer, record: dict) -> None:
-    metrics.write(json.dumps(record) + "\n")
+    # NaN and Infinity are not JSON, and strict readers refuse them: each is null, named with its value.
+    non_finite = {key: str(v) for key, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+    line = {**record, **dict.fromkeys(non_finite), "non_finite": non_finite} if non_finite else record
+    metrics.write(json.dumps(line, allow_nan=False) + "\n")
     if writer is not None:
         for key, value in record.items():
             if key != "step":

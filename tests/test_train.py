@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import checkpoint, ops
+from fastvae import _files, checkpoint, ops
 from fastvae import train as train_module
 from fastvae.cli import main
 from fastvae.images import save_grid
@@ -32,10 +33,41 @@ def train(out, *options):
     return main(["train", *TINY, "--out", str(out), *map(str, options)])
 
 
+def records(out):
+    """metrics.jsonl's records, parsed as strictly as a JSON reader other than Python's would."""
+
+    def not_json(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=not_json) for line in lines]
+
+
 def step_losses(out):
     """The per-step records of metrics.jsonl (not the evaluations)."""
-    lines = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if "loss" in line]
+    return [record for record in records(out) if "loss" in record]
+
+
+def start_run(out, *options, stderr=subprocess.DEVNULL):
+    """A run of many steps in a process group of its own, to be stopped by a signal."""
+    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(out), "--steps", "99999", "--every", "5",
+               *map(str, options)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+
+
+def wait_for(process, condition):
+    deadline = time.monotonic() + 120
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def same_run(out, expected):
+    """Assert that the run in ``out`` ended with the metrics and weights of the one in ``expected``."""
+    assert (Path(out) / "metrics.jsonl").read_text() == (Path(expected) / "metrics.jsonl").read_text()
+    weights = checkpoint.load(Path(out) / "ckpt.pt")["model"]
+    for name, tensor in checkpoint.load(Path(expected) / "ckpt.pt")["model"].items():
+        assert torch.equal(tensor, weights[name]), name
 
 
 def test_loss_falls_and_outputs_are_written(tmp_path):
@@ -70,22 +102,14 @@ def test_resume_gives_the_same_run_bit_for_bit(tmp_path):
     assert train(tmp_path / "whole", "--steps", 15, *options) == 0
     assert train(tmp_path / "parts", "--steps", 10, *options) == 0
     assert train(tmp_path / "parts", "--steps", 15, "--resume", *options) == 0
-    assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "whole")
-    whole = checkpoint.load(tmp_path / "whole" / "ckpt.pt")
-    parts = checkpoint.load(tmp_path / "parts" / "ckpt.pt")
-    for name, tensor in whole["model"].items():
-        assert torch.equal(tensor, parts["model"][name]), name
+    same_run(tmp_path / "parts", tmp_path / "whole")
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", str(killed), "--steps", "99999", "--every", "5"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_run(killed)
     try:
-        deadline = time.monotonic() + 120
-        while not ((killed / "ckpt.pt").exists() and checkpoint.load(killed / "ckpt.pt")["step"] >= 10):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for(process, lambda: (killed / "ckpt.pt").exists() and checkpoint.load(killed / "ckpt.pt")["step"] >= 10)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -96,6 +120,56 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert train(killed, "--steps", saved + 5, "--every", 5, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", saved + 5, "--every", 5) == 0
     assert step_losses(killed) == step_losses(tmp_path / "whole")
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path):
+    stopped, log = tmp_path / "stopped", tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        # With --every 5, a checkpoint at a step that is not a multiple of 5 is SIGTERM's.
+        process = start_run(stopped, "--workers", 1, stderr=stderr)
+        try:
+            wait_for(process, lambda: (stopped / "metrics.jsonl").exists() and len(step_losses(stopped)) >= 12)
+        finally:  # to the process group, as Slurm's scancel does: the DataLoader worker gets it too
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+    assert process.returncode == 143
+    saved = checkpoint.load(stopped / "ckpt.pt")["step"]
+    # Every step to the checkpoint is logged (--log-every 10 would leave up to 9 unlogged).
+    assert step_losses(stopped)[-1]["step"] == saved
+    last_line = log.read_text().strip().splitlines()[-1]  # after tqdm's bar
+    assert last_line == (
+        f"fastvae train: stopped by SIGTERM after step {saved}, saved in {stopped / 'ckpt.pt'}; continue with --resume"
+    )
+    assert train(stopped, "--steps", saved + 7, "--every", 5, "--resume") == 0
+    assert train(tmp_path / "whole", "--steps", saved + 7, "--every", 5) == 0
+    same_run(stopped, tmp_path / "whole")
+
+
+def test_a_folder_in_use_is_refused_until_its_holder_dies(tmp_path, capsys):
+    lock = tmp_path / ".fastvae.lock"
+    process = start_run(tmp_path)
+    try:
+        wait_for(process, lambda: lock.exists() and lock.read_text())
+        for options in ((), ("--resume",), ("--overwrite",)):
+            assert train(tmp_path, "--steps", 2, *options) == 2, options
+            assert capsys.readouterr().err == (
+                f"fastvae train: error: --out {tmp_path} is in use by another run (pid {process.pid} on "
+                f"{socket.gethostname()}, which holds {lock}); wait for it to end or stop it\n"
+            )
+        assert process.poll() is None
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    # The lock died with its holder: nothing stale is left to refuse the next run.
+    assert train(tmp_path, "--steps", 2, "--resume") == 0
+    assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def test_without_fcntl_a_run_says_that_it_cannot_hold_its_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_files, "fcntl", None)  # as on Windows
+    assert train(tmp_path, "--steps", 1) == 0
+    assert capsys.readouterr().err.startswith(f"warning: cannot lock --out {tmp_path} on this platform (no fcntl); ")
+    assert not (tmp_path / ".fastvae.lock").exists()
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -145,10 +219,15 @@ def test_free_bits_kl_floors_each_dimension(reduction, factor):
     assert unfloored.item() == pytest.approx(kl_divergence(mu, logvar, reduction=reduction).item(), rel=1e-9)
 
 
-def train_on_two_processes(out, *options):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def two_processes(out, *options):
+    """The command and environment of a run under torchrun with 2 processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastvae", "train", *TINY, "--out", str(out), *map(str, options)]
+    return command, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def train_on_two_processes(out, *options):
+    command, env = two_processes(out, *options)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -174,6 +253,25 @@ def test_two_processes_give_the_losses_of_one_and_resume_exactly(tmp_path):
     train_on_two_processes(tmp_path / "parts", "--steps", 3, *options)
     train_on_two_processes(tmp_path / "parts", "--steps", 6, "--resume", *options)
     assert step_losses(tmp_path / "parts") == two
+
+
+def test_sigterm_stops_every_rank_after_one_step_with_one_checkpoint(tmp_path):
+    # torchrun passes SIGTERM on to each rank; they need not get it within the same step.
+    command, env = two_processes(tmp_path, "--steps", 99999, "--every", 1000, "--log-every", 2)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            wait_for(process, lambda: (tmp_path / "metrics.jsonl").exists() and len(step_losses(tmp_path)) >= 2)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    saved = checkpoint.load(tmp_path / "ckpt.pt")["step"]
+    assert [record["step"] for record in step_losses(tmp_path)] == list(range(1, saved + 1))
+    said = [line for line in (tmp_path / "stderr").read_text().splitlines() if "stopped by SIGTERM" in line]
+    assert said == [f"fastvae train: stopped by SIGTERM after step {saved}, saved in {tmp_path / 'ckpt.pt'}; "
+                    "continue with --resume"] * 2
+    train_on_two_processes(tmp_path, "--steps", saved + 2, "--every", 1000, "--log-every", 2, "--resume")
+    assert [record["step"] for record in step_losses(tmp_path)] == list(range(1, saved + 3))
 
 
 def test_two_processes_scale_each_term_by_its_own_reduction(tmp_path):
@@ -254,6 +352,10 @@ def test_a_nan_held_out_loss_is_never_checkpointed(tmp_path, monkeypatch, capsys
     assert train(tmp_path, "--steps", 2, "--every", 2) == 1
     assert "held-out loss is nan at step 2" in capsys.readouterr().err
     assert not (tmp_path / "ckpt.pt").exists()
+    # Logged as valid JSON all the same, saying which value was not finite.
+    evaluation = records(tmp_path)[-1]
+    assert evaluation["eval_loss"] is None and evaluation["non_finite"] == {"eval_loss": "nan"}
+    assert math.isfinite(evaluation["eval_recon"]) and "non_finite" not in records(tmp_path)[0]
 
 
 def test_evaluation_and_grids_leave_the_training_noise_alone(tmp_path):
@@ -337,24 +439,61 @@ def test_a_cuda_device_index_past_the_last_gpu_is_a_config_error(monkeypatch):
         train_module.resolve_device("cuda:7")
 
 
-def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
+def test_resume_cuts_the_metrics_back_in_place(tmp_path):
     assert train(tmp_path, "--steps", 4, "--every", 4) == 0
     with open(tmp_path / "metrics.jsonl", "a") as f:  # a long history before the checkpoint
         f.writelines(json.dumps({"step": 1, "pad": "x" * 100}) + "\n" for _ in range(2000))
-    history = (tmp_path / "metrics.jsonl").read_bytes()
-    # The rewrite on --resume fails halfway, as on a full disk: the file size limit stops it.
-    limit = len(history) // 2
-    code = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
-        "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
+    kept = (tmp_path / "metrics.jsonl").read_bytes()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # and what a killed run logged after it
+        f.write('{"step": 5, "loss": 1.0}\n{"step": 6, "loss": 1.0}\n')
+    inode = (tmp_path / "metrics.jsonl").stat().st_ino
+    assert train(tmp_path, "--steps", 5, "--every", 5, "--resume") == 0
+    # The same file, cut where the checkpoint's records end: never copied, so never held whole in
+    # memory, and a kill meanwhile cannot lose what it keeps.
+    assert (tmp_path / "metrics.jsonl").stat().st_ino == inode
+    after = (tmp_path / "metrics.jsonl").read_bytes()
+    assert after.startswith(kept) and [record["step"] for record in records(tmp_path)[-2:]] == [5, 5]
+
+
+def test_a_damaged_line_before_the_checkpoint_is_refused_on_resume(tmp_path, capsys):
+    assert train(tmp_path, "--steps", 4, "--every", 4) == 0
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"step": 2, "lo\x00\x00\n'  # as a disk might leave it
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 6, "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"fastvae train: error: {tmp_path / 'metrics.jsonl'} line 2 is not a JSON record, but records up to the "
+        "checkpoint's step 4 follow it; mend or delete that line, then resume again\n"
     )
-    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(tmp_path), "--steps", "8", "--resume"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "File too large" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    assert (tmp_path / "metrics.jsonl").read_bytes() == history
-    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(lines)
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 4
+
+
+def test_overwrite_deletes_what_the_old_run_wrote_and_nothing_else(tmp_path):
+    assert train(tmp_path, "--steps", 4, "--every", 2) == 0
+    # Left by a kill during a write, and the user's own files, one named much like ours.
+    (tmp_path / "ckpt.pt.12345.0123abcd.tmp").write_bytes(b"half a checkpoint")
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "samples_best.png").write_bytes(b"keep me")
+    assert train(tmp_path, "--steps", 3, "--every", 3, "--overwrite") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".fastvae.lock", "ckpt.pt", "interpolations_000003.png", "metrics.jsonl", "notes.txt",
+        "reconstructions_000003.png", "samples_000003.png", "samples_best.png",
+    ]
+
+
+def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
+    # As two runs, or two `fastvae sample`, writing the same grid at once.
+    target = tmp_path / "grid.png"
+
+    def interrupted_by_another_writer(f):
+        _files.write_atomically(target, lambda g: g.write(b"the other's"))
+        f.write(b"this one's")
+
+    _files.write_atomically(target, interrupted_by_another_writer)
+    assert target.read_bytes() == b"this one's"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
 def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
