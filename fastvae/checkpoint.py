@@ -30,8 +30,21 @@ class CheckpointError(ValueError):
 
 
 def save(payload: dict, path: str | Path) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
-    write_atomically(path, lambda f: torch.save(payload, f))
+    """Write atomically: a crash mid-write leaves the previous checkpoint in place. A write that
+    fails (a full disk) raises the OSError that stopped it."""
+
+    def write(f) -> None:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as exc:
+            # torch's zip writer still closes the archive after the file's write failed, and its
+            # own position check then fails ("unexpected pos"), hiding the OSError behind it.
+            if isinstance(exc.__context__, OSError):
+                cause = exc.__context__
+                raise OSError(cause.errno, cause.strerror, str(path)) from None
+            raise
+
+    write_atomically(path, write)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumable: bool = False) -> dict:

@@ -375,3 +375,24 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "grid.png"]
 
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_the_last_good_one(tmp_path):
+    # Wide enough that the checkpoint (about 1.5 MB) is far larger than the grids and the metrics.
+    wide = ["--hidden-dims", "8,256", "--every", "2"]
+    assert train(tmp_path, "--steps", 2, *wide) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    # The next checkpoint's write fails halfway, as on a full disk: the file size limit stops it.
+    limit = len(good) // 2
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+        "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", code, "train", *TINY, *wide, "--out", str(tmp_path), "--steps", "4", "--resume"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"fastvae train: error: {tmp_path / 'ckpt.pt'}: File too large"
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
