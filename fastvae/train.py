@@ -368,11 +368,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
             saved_args = ckpt.get("args", {})
             check_same_run(saved_args, args, ckpt_path)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
-                scaler.load_state_dict(ckpt["scaler"])
-            checkpoint.set_rng_state(ckpt["rng"])
+            checkpoint.restore(ckpt, ckpt_path, model, optimizer, scaler)
             step = ckpt["step"]
         elif args.resume and master:
             print(f"no checkpoint in {out}; starting from scratch")

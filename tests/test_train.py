@@ -396,3 +396,39 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_the_last_good_one(t
     assert result.stderr.strip().splitlines()[-1] == f"fastvae train: error: {tmp_path / 'ckpt.pt'}: File too large"
     assert (tmp_path / "ckpt.pt").read_bytes() == good
     assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def _drop(mapping, key):
+    del mapping[key]
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda c: c["model"].__setitem__("fc_mu.weight", torch.zeros(3)),
+         "its model cannot be restored (Error(s) in loading state_dict for VAE:"),
+        (lambda c: _drop(c["model"], "fc_mu.bias"), "its model cannot be restored (Error(s) in loading state_dict"),
+        (lambda c: c.__setitem__("optimizer", {"state": {}, "param_groups": []}),
+         "its optimizer state cannot be restored (loaded state dict has a different number of parameter groups)"),
+        (lambda c: c["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+         "its optimizer state cannot be restored (exp_avg of parameter 0 has shape (3,) but the parameter has (8, 3, 4, 4))"),
+        (lambda c: c.__setitem__("optimizer", [1, 2]), "its optimizer state cannot be restored ("),
+        (lambda c: c.__setitem__("rng", {"torch": torch.zeros(3)}), "its RNG state cannot be restored ("),
+        (lambda c: c.__setitem__("rng", {}), "its RNG state cannot be restored (no 'torch' in it)"),
+        (lambda c: c.__setitem__("rng", "seed 0"), "its RNG state cannot be restored ("),
+        (lambda c: c.__setitem__("args", ["--lr", "3e-3"]), "not a fastvae checkpoint (its args should be a dict, got list)"),
+        (lambda c: c.__setitem__("config", None), "not a fastvae checkpoint (its config should be a dict, got NoneType)"),
+    ],
+)
+def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, spoil, message):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    saved = checkpoint.load(tmp_path / "ckpt.pt")
+    spoil(saved)
+    torch.save(saved, tmp_path / "ckpt.pt")
+    spoiled = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 4, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fastvae train: error: {tmp_path / 'ckpt.pt'}"), err
+    assert message in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == spoiled
