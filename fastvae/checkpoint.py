@@ -12,6 +12,7 @@ A checkpoint is a plain dict of tensors and Python values, so it loads with
 
 from __future__ import annotations
 
+import inspect
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,12 +83,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumabl
 
 
 def check_config(checkpoint_config: dict, config: dict, path: str | Path) -> None:
-    """Raise CheckpointError naming each architecture setting where the two configs differ."""
-    differences = [
-        f"{key}={checkpoint_config.get(key)!r} there but {config.get(key)!r} here"
-        for key in sorted(set(checkpoint_config) | set(config))
-        if checkpoint_config.get(key) != config.get(key)
-    ]
+    """Raise CheckpointError naming each architecture setting where the two configs differ. A
+    setting a config leaves out is VAE's default (``recon``, absent for "mse" and from checkpoints
+    written before it existed)."""
+    defaults = {name: p.default for name, p in inspect.signature(VAE).parameters.items()}
+
+    def value(of: dict, key: str) -> tuple[object, str]:
+        return (of[key], repr(of[key])) if key in of else (defaults.get(key), f"{defaults.get(key)!r} (the default)")
+
+    differences = []
+    for key in sorted(set(checkpoint_config) | set(config)):
+        (there, there_text), (here, here_text) = value(checkpoint_config, key), value(config, key)
+        if there != here:
+            differences.append(f"{key}={there_text} there but {here_text} here")
     if differences:
         raise CheckpointError(f"{path} holds a model of another architecture: {'; '.join(differences)}")
 

@@ -161,6 +161,14 @@ def test_resume_with_another_architecture_is_a_one_line_error(trained, capsys):
     assert "another architecture: latent_dim=4 there but 8 here" in err
 
 
+def test_resume_with_another_recon_names_the_one_the_checkpoint_trained_with(trained, capsys):
+    # An "mse" checkpoint has no recon in its config: it was trained with the default.
+    argv = ["train", *TINY, "--recon", "l1", "--out", str(trained.parent), "--resume", "--steps", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("another architecture: recon='mse' (the default) there but 'l1' here")
+
+
 def test_unreadable_image_in_a_worker_is_one_line(folder):
     (folder / "3.png").write_bytes(b"\x89PNG truncated")
     loader = DataLoader(ImageFolder(folder, 16), batch_size=4, num_workers=1)
