@@ -7,6 +7,7 @@ sees exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -176,6 +177,16 @@ class ImageFolder(Dataset):
         )
         if not self.files:
             raise DataError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    def fingerprint(self) -> dict:
+        """What the folder holds, cheaply: the number of images and a digest of each one's path
+        (relative to the root, so the folder may move), size and modification time. An image added,
+        removed, rewritten or touched changes it; a copy that keeps the times (cp -p, rsync -a) does not."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"images": len(self.files), "digest": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self.files)

@@ -133,6 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-size", type=positive_int, default=512,
                        help="held-out images; of --data, at most this many and a tenth of the folder (default: 512)")
     group.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    group.add_argument("--allow-changed-data", action="store_true",
+                       help="with --resume: go on although images of --data were added, removed or changed "
+                            "since the checkpoint (refused by default)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
@@ -340,6 +343,8 @@ def run(args: argparse.Namespace) -> int:
         train_set, eval_set = data.train_eval_split(
             args.data, args.image_size, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size
         )
+        # The shapes are fixed by the options the resume check compares; a folder can change under the same name.
+        data_record = data.ImageFolder(args.data, args.image_size).fingerprint() if args.data else None
         batches = data.EpochBatches(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
         total_steps = args.steps or (args.epochs or 0) * batches.per_epoch or DEFAULT_STEPS
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
@@ -368,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
             checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
             saved_args = ckpt.get("args", {})
             check_same_run(saved_args, args, ckpt_path)
+            if args.data is not None and not args.allow_changed_data:
+                check_same_data(ckpt, data_record, args.data, ckpt_path, say=master)
             checkpoint.restore(ckpt, ckpt_path, model, optimizer, scaler)
             step = ckpt["step"]
         elif args.resume and master:
@@ -498,6 +505,7 @@ def run(args: argparse.Namespace) -> int:
                         "step": step,
                         "config": model.config,
                         "rng": checkpoint.rng_state(),
+                        "data": data_record,
                         "args": {
                             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
                             "beta_period": beta_period,
@@ -560,6 +568,27 @@ def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
             differences.append(f"--{key.replace('_', '-')} {there} there but {here} here")
     if differences:
         raise ConfigError(f"{path} is from another run: {'; '.join(differences)} (resume with the same options)")
+
+
+def check_same_data(ckpt: dict, current: dict, folder: str, path: Path, *, say: bool) -> None:
+    """Refuse to resume on a --data folder whose fingerprint is not the one the checkpoint trained
+    on. A checkpoint older than the record is let through, saying so when ``say``."""
+    if "data" not in ckpt:
+        if say:
+            print(f"{path} does not record the images it trained on (an older fastvae wrote it): "
+                  f"--data {folder} is not checked against it")
+        return
+    if ckpt["data"] == current:
+        return
+    then = ckpt["data"].get("images") if isinstance(ckpt["data"], dict) else None
+    if then is not None and then != current["images"]:
+        change = f"it held {then} images then and {current['images']} now"
+    else:
+        change = f"images were added, removed, rewritten or touched ({current['images']} now)"
+    raise ConfigError(
+        f"{path} trained on other images: since then, in --data {folder}, {change}; "
+        "pass --allow-changed-data to resume on them anyway"
+    )
 
 
 def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -432,3 +432,48 @@ def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, spoil,
     assert len(err.splitlines()) == 1 and err.startswith(f"fastvae train: error: {tmp_path / 'ckpt.pt'}"), err
     assert message in err, err
     assert (tmp_path / "ckpt.pt").read_bytes() == spoiled
+
+
+def _image_folder(folder, indices):
+    folder.mkdir(exist_ok=True)
+    for i in indices:
+        Image.fromarray(np.full((20, 20, 3), 4 * i, np.uint8)).save(folder / f"{i:02d}.png")
+
+
+def test_resume_on_a_changed_image_folder_is_refused_unless_allowed(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "run"
+    _image_folder(images, range(40))  # 36 to train on, 4 held out
+    assert train(out, "--data", images, "--steps", 2, "--every", 2) == 0
+    saved = (out / "ckpt.pt").read_bytes()
+    _image_folder(images, range(40, 60))  # 56 and 4
+    capsys.readouterr()
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"fastvae train: error: {out / 'ckpt.pt'} trained on other images: since then, in --data {images}, "
+        "it held 40 images then and 60 now; pass --allow-changed-data to resume on them anyway"
+    )
+    assert (out / "ckpt.pt").read_bytes() == saved
+    # As many images, one of them rewritten.
+    for i in range(40, 60):
+        (images / f"{i:02d}.png").unlink()
+    os.utime(images / "07.png", ns=(0, 0))
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 2
+    assert "images were added, removed, rewritten or touched (40 now)" in capsys.readouterr().err
+    assert train(out, "--data", images, "--steps", 4, "--resume", "--allow-changed-data") == 0
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4
+    # The new checkpoint records the folder as it is now: a plain resume goes on.
+    assert train(out, "--data", images, "--steps", 6, "--resume") == 0
+
+
+def test_a_checkpoint_without_the_data_record_still_resumes(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "run"
+    _image_folder(images, range(20))
+    assert train(out, "--data", images, "--steps", 2, "--every", 2) == 0
+    older = checkpoint.load(out / "ckpt.pt")
+    del older["data"]  # as written before fastvae recorded the images
+    torch.save(older, out / "ckpt.pt")
+    capsys.readouterr()
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 0
+    assert "does not record the images it trained on" in capsys.readouterr().out
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4
