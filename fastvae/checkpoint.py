@@ -7,7 +7,9 @@ A checkpoint is a plain dict of tensors and Python values, so it loads with
 * ``config``: :attr:`fastvae.VAE.config`, enough to rebuild the model;
 * ``step``: the number of optimizer steps taken, which also fixes the position in the data order;
 * ``rng``: torch's CPU and CUDA generator states;
-* ``args``: the training command's options, for the record.
+* ``args``: the training command's options, for the record;
+* ``data``: :meth:`fastvae.data.ImageFolder.fingerprint` of ``--data`` (None for the built-in
+  shapes, which the options fix), so that --resume can tell the folder changed.
 """
 
 from __future__ import annotations
