@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -214,6 +213,26 @@ class ShardedForward(nn.Module):
         return self.vae.decode(z[before : before + n]), mu, logvar
 
 
+class _AllReduceSum(torch.autograd.Function):
+    # Each rank's output is the sum of every rank's input, so each input's gradient is the sum of
+    # every rank's output gradient: an all-reduce both ways. (torch.distributed.nn's is deprecated,
+    # and the functional collectives that replace it have no autograd for all_reduce.)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks, differentiable."""
+    return _AllReduceSum.apply(tensor)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank, for gloo.
 
@@ -225,9 +244,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         count = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = dist_nn.all_reduce(x.sum((0, 2, 3))) / count
+        mean = all_reduce_sum(x.sum((0, 2, 3))) / count
         centred = x - mean[None, :, None, None]
-        var = dist_nn.all_reduce(centred.square().sum((0, 2, 3))) / count
+        var = all_reduce_sum(centred.square().sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             # momentum None means a cumulative average, as in BatchNorm2d
@@ -257,7 +276,7 @@ def free_bits_kl(mu, logvar, *, floor, reduction, global_batch, distributed, bac
     (Kingma et al., 2016), reduced like the reference KL; computed over the global batch."""
     per_dim = ops.kl_divergence(mu, logvar, reduction="none", backend=backend).sum(0)
     if distributed:
-        per_dim = dist_nn.all_reduce(per_dim)
+        per_dim = all_reduce_sum(per_dim)
     total = (per_dim / global_batch).clamp(min=floor).sum()
     if reduction == "sum":
         return total * global_batch
@@ -487,13 +506,16 @@ def run(args: argparse.Namespace) -> int:
                     raise DivergedError(
                         f"{broken[0]} is not finite after step {step}; stopped ({_kept(ckpt_path)})"
                     )
+            if evaluating:
+                if master:
+                    results = evaluate(model, eval_loader, device, autocast, loss_backend)
+                    _log(metrics, writer, {"step": step, **results})
+                eval_loss = torch.tensor(results["eval_loss"] if master else 0.0, dtype=torch.float64, device=device)
+                if distributed:  # only rank 0 evaluates: the others stop with it, not in their next collective
+                    dist.broadcast(eval_loss, 0)
+                if not math.isfinite(eval_loss.item()):
+                    raise DivergedError(f"held-out loss is {eval_loss.item()} at step {step}; stopped ({_kept(ckpt_path)})")
             if evaluating and master:
-                results = evaluate(model, eval_loader, device, autocast, loss_backend)
-                _log(metrics, writer, {"step": step, **results})
-                if not math.isfinite(results["eval_loss"]):
-                    raise DivergedError(
-                        f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
-                    )
                 grids = write_grids(model, grid_images, out, step, args.seed)
                 if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
                     writer.flush()
