@@ -50,6 +50,18 @@ SAME_RUN_OPTIONS = (
     "data", "train_size", "eval_size", "batch_size", "seed", "lr", "beta", "beta_schedule", "beta_period",
     "free_bits", "reduction", "recon_reduction", "kl_reduction",
 )
+# Memory a training run needs per float32 parameter: the weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+# An epoch's order of the built-in shapes: numpy's permutation (8 bytes an index), then a Python
+# list of it (8 bytes a pointer and 32 an int).
+BYTES_PER_SHAPES_INDEX = 48
+# Each evaluation goes through every held-out image, showing no progress: 2**20 of them take
+# minutes on a GPU and hours on a CPU, and more is a typo.
+MAX_EVAL_SIZE = 2**20
+# Float32 copies of each image that a grid of decoded images holds at once: the batch, its copies
+# on the way to 8-bit pixels (clamped, scaled, rounded) and the decoder's feature maps, which at
+# the default widths are as large again.
+IMAGE_COPIES = 8
 # A latent dimension is active when its posterior mean varies over the data more than this
 # (Burda et al., 2016); the count falling towards 0 is posterior collapse.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -116,6 +128,51 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def memory_bytes(device: torch.device) -> float:
+    """The memory of ``device``: the GPU's, or the machine's RAM (unbounded where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return math.inf
+
+
+def check_fits(what: str, needed: float, device: torch.device) -> None:
+    """Raise ConfigError when ``needed`` bytes exceed the memory of ``device``, before anything is
+    allocated: ``what`` names the option, its value and what it makes."""
+    available = memory_bytes(device)
+    if needed > available:
+        raise ConfigError(
+            f"{what} would take about {needed / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of memory "
+            f"on {device}"
+        )
+
+
+def check_images_fit(option: str, value: int, images: int, image_size: int, device: torch.device) -> None:
+    """``option value`` makes a grid of ``images`` decoded images of ``image_size``: refuse it if they cannot fit."""
+    check_fits(f"{option} {value}: a grid of {images} images of {image_size}x{image_size}",
+               images * 3 * image_size**2 * 4 * IMAGE_COPIES, device)
+
+
+def check_sizes_fit(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse sizes whose model, data order or evaluation cannot fit, naming the options."""
+    with torch.device("meta"):  # the parameters are counted, not allocated
+        model = VAE(3, args.image_size, args.latent_dim, args.hidden_dims)
+    params = sum(p.numel() for p in model.parameters())
+    check_fits(
+        f"--latent-dim {args.latent_dim} and --hidden-dims {','.join(map(str, args.hidden_dims))} at --image-size "
+        f"{args.image_size}: a model of {params:.3g} parameters and its training state",
+        params * TRAINING_BYTES_PER_PARAMETER, device,
+    )
+    if args.data is None:  # a folder's order is as long as the folder
+        check_fits(f"--train-size {args.train_size}: the order of an epoch of that many shapes",
+                   args.train_size * BYTES_PER_SHAPES_INDEX, torch.device("cpu"))
+    if args.eval_size > MAX_EVAL_SIZE:
+        raise ConfigError(f"--eval-size {args.eval_size}: every evaluation would go through that many held-out "
+                          f"images; at most {MAX_EVAL_SIZE} (2**20)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train the conv VAE. The defaults (built-in shapes at 64x64, hidden dims 32,64,128,256, "
@@ -130,7 +187,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-size", type=positive_int, default=20000,
                        help="shapes images to train on (default: 20000)")
     group.add_argument("--eval-size", type=positive_int, default=512,
-                       help="held-out images; of --data, at most this many and a tenth of the folder (default: 512)")
+                       help=f"held-out images, at most {MAX_EVAL_SIZE}; of --data, at most this many and a tenth "
+                            "of the folder (default: 512)")
     group.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
     group.add_argument("--allow-changed-data", action="store_true",
                        help="with --resume: go on although images of --data were added, removed or changed "
@@ -345,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
         ops.resolve_backend("reparameterize", device, args.backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_sizes_fit(args, device)
     # The loss has no Triton kernel; with --backend triton it goes to the best other backend.
     loss_backend = "auto" if args.backend == "triton" else args.backend
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
