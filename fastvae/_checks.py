@@ -147,7 +147,9 @@ def check_beta(beta: object) -> None:
     ``numbers.Real``), or a 0-dim real tensor (read as its value: no gradient reaches it)."""
     if isinstance(beta, torch.Tensor):
         if beta.dim() != 0 or beta.dtype == torch.bool or beta.is_complex():
-            raise TypeError(f"beta must be a real number or a 0-dim real tensor, got a {beta.dtype} tensor of shape {shape_str(beta)}")
+            raise TypeError(
+                f"beta must be a real number or a 0-dim real tensor, got a {beta.dtype} tensor of shape {shape_str(beta)}"
+            )
         beta = beta.item()
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a real number, got {type(beta).__name__}")

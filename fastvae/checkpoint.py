@@ -152,7 +152,8 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for key, value in optimizer.state.get(param, {}).items():
             if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
                 raise ValueError(
-                    f"{key} of parameter {index} has shape {tuple(value.shape)} but the parameter has {tuple(param.shape)}"
+                    f"{key} of parameter {index} has shape {tuple(value.shape)} "
+                    f"but the parameter has {tuple(param.shape)}"
                 )
 
 

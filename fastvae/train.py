@@ -569,11 +569,13 @@ def run(args: argparse.Namespace) -> int:
                 if master:
                     results = evaluate(model, eval_loader, device, autocast, loss_backend)
                     _log(metrics, writer, {"step": step, **results})
-                eval_loss = torch.tensor(results["eval_loss"] if master else 0.0, dtype=torch.float64, device=device)
+                eval_loss = results["eval_loss"] if master else 0.0
                 if distributed:  # only rank 0 evaluates: the others stop with it, not in their next collective
-                    dist.broadcast(eval_loss, 0)
-                if not math.isfinite(eval_loss.item()):
-                    raise DivergedError(f"held-out loss is {eval_loss.item()} at step {step}; stopped ({_kept(ckpt_path)})")
+                    verdict = torch.tensor(eval_loss, dtype=torch.float64, device=device)
+                    dist.broadcast(verdict, 0)
+                    eval_loss = verdict.item()
+                if not math.isfinite(eval_loss):
+                    raise DivergedError(f"held-out loss is {eval_loss} at step {step}; stopped ({_kept(ckpt_path)})")
             if evaluating and master:
                 grids = write_grids(model, grid_images, out, step, args.seed)
                 if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's

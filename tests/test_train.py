@@ -365,20 +365,24 @@ def test_a_cuda_device_index_past_the_last_gpu_is_a_config_error(monkeypatch):
         train_module.resolve_device("cuda:7")
 
 
-def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
-    assert train(tmp_path, "--steps", 4, "--every", 4) == 0
-    with open(tmp_path / "metrics.jsonl", "a") as f:  # a long history before the checkpoint
-        f.writelines(json.dumps({"step": 1, "pad": "x" * 100}) + "\n" for _ in range(2000))
-    history = (tmp_path / "metrics.jsonl").read_bytes()
-    # The rewrite on --resume fails halfway, as on a full disk: the file size limit stops it.
-    limit = len(history) // 2
+def train_with_file_size_limit(limit, out, *options):
+    """``fastvae train`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
         "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(tmp_path), "--steps", "8", "--resume"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(out), *map(str, options)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_an_interrupted_metrics_rewrite_keeps_the_whole_history(tmp_path):
+    assert train(tmp_path, "--steps", 4, "--every", 4) == 0
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a long history before the checkpoint
+        f.writelines(json.dumps({"step": 1, "pad": "x" * 100}) + "\n" for _ in range(2000))
+    history = (tmp_path / "metrics.jsonl").read_bytes()
+    # The rewrite on --resume fails halfway.
+    result = train_with_file_size_limit(len(history) // 2, tmp_path, "--steps", 8, "--resume")
     assert result.returncode == 2 and "File too large" in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert (tmp_path / "metrics.jsonl").read_bytes() == history
@@ -410,15 +414,8 @@ def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_the_last_good_one(t
     wide = ["--hidden-dims", "8,256", "--every", "2"]
     assert train(tmp_path, "--steps", 2, *wide) == 0
     good = (tmp_path / "ckpt.pt").read_bytes()
-    # The next checkpoint's write fails halfway, as on a full disk: the file size limit stops it.
-    limit = len(good) // 2
-    code = (
-        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
-        "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
-    )
-    command = [sys.executable, "-c", code, "train", *TINY, *wide, "--out", str(tmp_path), "--steps", "4", "--resume"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    # The next checkpoint's write fails halfway.
+    result = train_with_file_size_limit(len(good) // 2, tmp_path, *wide, "--steps", 4, "--resume")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"fastvae train: error: {tmp_path / 'ckpt.pt'}: File too large"
