@@ -6,6 +6,9 @@ with a message that names what was expected and what came.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -136,8 +139,26 @@ def check_vae_loss(
         raise ValueError(f"x has batch size {x.shape[0]} but mu has {mu.shape[0]}")
     if x.device != mu.device:
         raise ValueError(f"x is on {x.device} but mu is on {mu.device}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    check_beta(beta)
+
+
+def check_beta(beta: object) -> None:
+    """A real number that ``float(beta)`` makes finite: a Python or numpy int or float (any
+    ``numbers.Real``), or a 0-dim real tensor (read as its value: no gradient reaches it)."""
+    if isinstance(beta, torch.Tensor):
+        if beta.dim() != 0 or beta.dtype == torch.bool or beta.is_complex():
+            raise TypeError(
+                f"beta must be a real number or a 0-dim real tensor, got a {beta.dtype} tensor of shape {shape_str(beta)}"
+            )
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
+    try:
+        value = float(beta)
+    except OverflowError:
+        raise ValueError(f"beta must be finite, got a {type(beta).__name__} too large for a float") from None
+    if not math.isfinite(value):
+        raise ValueError(f"beta must be finite, got {value}")
 
 
 def _laid_out_in(t: torch.Tensor, order: tuple[int, ...]) -> bool:

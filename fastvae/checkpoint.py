@@ -7,13 +7,18 @@ A checkpoint is a plain dict of tensors and Python values, so it loads with
 * ``config``: :attr:`fastvae.VAE.config`, enough to rebuild the model;
 * ``step``: the number of optimizer steps taken, which also fixes the position in the data order;
 * ``rng``: torch's CPU and CUDA generator states;
-* ``args``: the training command's options, for the record.
+* ``args``: the training command's options, for the record;
+* ``data``: :meth:`fastvae.data.ImageFolder.fingerprint` of ``--data`` (None for the built-in
+  shapes, which the options fix), so that --resume can tell the folder changed.
 """
 
 from __future__ import annotations
 
+import inspect
 import pickle
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -30,8 +35,21 @@ class CheckpointError(ValueError):
 
 
 def save(payload: dict, path: str | Path) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
-    write_atomically(path, lambda f: torch.save(payload, f))
+    """Write atomically: a crash mid-write leaves the previous checkpoint in place. A write that
+    fails (a full disk) raises the OSError that stopped it."""
+
+    def write(f) -> None:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as exc:
+            # torch's zip writer still closes the archive after the file's write failed, and its
+            # own position check then fails ("unexpected pos"), hiding the OSError behind it.
+            if isinstance(exc.__context__, OSError):
+                cause = exc.__context__
+                raise OSError(cause.errno, cause.strerror, str(path)) from None
+            raise
+
+    write_atomically(path, write)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumable: bool = False) -> dict:
@@ -53,6 +71,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumabl
         raise CheckpointError(f"{path}: not a fastvae checkpoint (it needs {', '.join(REQUIRED_KEYS)})")
     if isinstance(checkpoint["step"], bool) or not isinstance(checkpoint["step"], int) or checkpoint["step"] < 0:
         raise CheckpointError(f"{path}: not a fastvae checkpoint (its step is {checkpoint['step']!r})")
+    for key in ("config", "args"):  # args: absent from the oldest checkpoints
+        if not isinstance(checkpoint.get(key, {}), dict):
+            raise CheckpointError(
+                f"{path}: not a fastvae checkpoint (its {key} should be a dict, got {type(checkpoint[key]).__name__})"
+            )
     missing = [key for key in TRAINING_KEYS if key not in checkpoint] if resumable else []
     if missing:
         raise CheckpointError(
@@ -62,25 +85,76 @@ def load(path: str | Path, map_location: str | torch.device = "cpu", *, resumabl
 
 
 def check_config(checkpoint_config: dict, config: dict, path: str | Path) -> None:
-    """Raise CheckpointError naming each architecture setting where the two configs differ."""
-    differences = [
-        f"{key}={checkpoint_config.get(key)!r} there but {config.get(key)!r} here"
-        for key in sorted(set(checkpoint_config) | set(config))
-        if checkpoint_config.get(key) != config.get(key)
-    ]
+    """Raise CheckpointError naming each architecture setting where the two configs differ. A
+    setting a config leaves out is VAE's default (``recon``, absent for "mse" and from checkpoints
+    written before it existed)."""
+    defaults = {name: p.default for name, p in inspect.signature(VAE).parameters.items()}
+
+    def value(of: dict, key: str) -> tuple[object, str]:
+        return (of[key], repr(of[key])) if key in of else (defaults.get(key), f"{defaults.get(key)!r} (the default)")
+
+    differences = []
+    for key in sorted(set(checkpoint_config) | set(config)):
+        (there, there_text), (here, here_text) = value(checkpoint_config, key), value(config, key)
+        if there != here:
+            differences.append(f"{key}={there_text} there but {here_text} here")
     if differences:
         raise CheckpointError(f"{path} holds a model of another architecture: {'; '.join(differences)}")
+
+
+@contextmanager
+def _unusable(path: str | Path, what: str) -> Iterator[None]:
+    """Turn an error raised by torch or the model while taking in the checkpoint's contents (a
+    tensor of the wrong shape, a missing entry) into a CheckpointError: "{path}: {what} (why)"."""
+    try:
+        yield
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: {what} (no {exc.args[0]!r} in it)") from None
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: {what} ({reason})") from None
 
 
 def load_model(path: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu") -> tuple[VAE, dict]:
     """The model saved in the checkpoint at ``path``, in eval mode, and the checkpoint itself."""
     checkpoint = load(path)
-    try:
+    with _unusable(path, "its model cannot be rebuilt"):
         model = VAE(**checkpoint["config"], backend=backend)
         model.load_state_dict(checkpoint["model"])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: its model cannot be rebuilt ({str(exc).splitlines()[0]})") from None
     return model.to(device).eval(), checkpoint
+
+
+def restore(
+    checkpoint: dict,
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> None:
+    """Load a checkpoint from :func:`load` (``resumable=True``) into the training state: the model,
+    the optimizer, the grad scaler and torch's RNGs. Contents they cannot take raise CheckpointError."""
+    with _unusable(path, "its model cannot be restored"):
+        model.load_state_dict(checkpoint["model"])
+    with _unusable(path, "its optimizer state cannot be restored"):
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _check_optimizer_state(optimizer)
+    with _unusable(path, "its grad scaler state cannot be restored"):
+        if checkpoint["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
+            scaler.load_state_dict(checkpoint["scaler"])
+    with _unusable(path, "its RNG state cannot be restored"):
+        set_rng_state(checkpoint["rng"])
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    # load_state_dict takes moments of any shape, and the first step would then fail mid-run.
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    for index, param in enumerate(params):
+        for key, value in optimizer.state.get(param, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"{key} of parameter {index} has shape {tuple(value.shape)} "
+                    f"but the parameter has {tuple(param.shape)}"
+                )
 
 
 def rng_state() -> dict:

@@ -66,10 +66,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from fastvae.checkpoint import load_model
     from fastvae.images import save_grid
-    from fastvae.train import resolve_device
+    from fastvae.train import check_images_fit, resolve_device
 
     check_image_out(args.out)
-    model, _ = load_model(args.checkpoint, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    model, _ = load_model(args.checkpoint, device=device)
+    check_images_fit("--n", args.n, args.n, model.image_size, device)
     samples = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     print(save_grid(samples, args.out, nrow=math.ceil(math.sqrt(args.n))))
     return 0
@@ -92,7 +94,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load_model
     from fastvae.data import ImageFolder, Shapes
     from fastvae.images import save_grid, side_by_side
-    from fastvae.train import resolve_device
+    from fastvae.train import check_images_fit, resolve_device
 
     check_image_out(args.out)
     device = resolve_device(args.device)
@@ -103,7 +105,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         images = Shapes(args.n, model.image_size, seed=trained.get("seed", 0), offset=trained.get("train_size", 0))
     else:
         images = ImageFolder(args.data, model.image_size)
-    x = torch.stack([images[i] for i in range(min(args.n, len(images)))]).to(device)
+    n = min(args.n, len(images))
+    check_images_fit("--n", args.n, 2 * n, model.image_size, device)  # each beside its reconstruction
+    x = torch.stack([images[i] for i in range(n)]).to(device)
     print(save_grid(side_by_side(x, model.reconstruct(x)), args.out, nrow=8))
     return 0
 

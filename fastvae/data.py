@@ -7,6 +7,7 @@ sees exactly the batches the uninterrupted one would have.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler, Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
 
 # One 4096x4096 RGB image is 200 MB in float32; larger sizes are typos that would end in a failed
 # allocation.
@@ -115,13 +117,33 @@ class Shapes(Dataset):
         return list(render_shapes(self.seed, self._stream_indices(indices), self.image_size).unbind(0))
 
 
+def _integer_bits(image: Image.Image) -> int:
+    """The bit depth of a greyscale integer image (mode I or I;16): its samples run from 0 to 2**bits - 1."""
+    if image.mode.startswith("I;16"):
+        return 16
+    if image.format == "TIFF":
+        return image.tag_v2.get(TIFF_BITS_PER_SAMPLE, (32,))[0]
+    if image.format == "PNG":  # 16 bits, the deepest PNG sample, which older Pillows open as mode I
+        return 16
+    raise ValueError(f"a {image.format} image of mode I has no bit depth to scale it by; save it with 8 or 16 bits")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        # 16-bit greyscale (PNG, TIFF): Pillow's conversion clips it at 255, which makes nearly
-        # every pixel white, so map its range 0..65535 onto 0..255 instead.
-        levels = np.asarray(image, dtype=np.float64) / 257
-        image = Image.fromarray(levels.clip(0, 255).round().astype(np.uint8))
-    return image.convert("RGB")
+    """RGB with 8 bits a channel. Pillow's own conversion clips greyscale integers (mode I, I;16)
+    and floats (mode F) at 255 and truncates them, which makes 16-bit images nearly all white
+    and float ones in [0, 1] black, so those are scaled here instead: integers by their bit depth
+    (0..2**bits - 1), floats as already in [0, 1]. Values outside the range are refused."""
+    if image.mode == "F":
+        values, top, kind = np.asarray(image, dtype=np.float64), 1.0, "a float image (mode F) in [0, 1]"
+    elif image.mode == "I" or image.mode.startswith("I;16"):
+        bits = _integer_bits(image)
+        values, top = np.asarray(image, dtype=np.float64), 2.0**bits - 1
+        kind = f"a {bits}-bit integer image (mode {image.mode}) in 0..{2**bits - 1}"
+    else:
+        return image.convert("RGB")
+    if not np.isfinite(values).all() or values.min() < 0 or values.max() > top:
+        raise ValueError(f"expected {kind}, got values from {values.min()} to {values.max()}")
+    return Image.fromarray((values * (255 / top)).round().astype(np.uint8)).convert("RGB")
 
 
 def load_image(path: Path, image_size: int) -> torch.Tensor:
@@ -155,6 +177,16 @@ class ImageFolder(Dataset):
         )
         if not self.files:
             raise DataError(f"{self.root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    def fingerprint(self) -> dict:
+        """What the folder holds, cheaply: the number of images and a digest of each one's path
+        (relative to the root, so the folder may move), size and modification time. An image added,
+        removed, rewritten or touched changes it; a copy that keeps the times (cp -p, rsync -a) does not."""
+        digest = hashlib.sha256()
+        for path in self.files:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return {"images": len(self.files), "digest": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self.files)

@@ -124,4 +124,4 @@ def vae_loss(
     acc = accumulate_dtype(x.dtype)
     recon_value = _scale(reconstruction_sum(x_hat.to(acc), x.to(acc), recon), recon_reduction, x)
     kl = kl_divergence(mu, logvar, reduction=kl_reduction).to(recon_value.dtype)
-    return recon_value + beta * kl, recon_value, kl
+    return recon_value + float(beta) * kl, recon_value, kl

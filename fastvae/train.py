@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -63,6 +62,18 @@ SAME_RUN_OPTIONS = (
     "data", "train_size", "eval_size", "batch_size", "seed", "lr", "beta", "beta_schedule", "beta_period",
     "free_bits", "reduction", "recon_reduction", "kl_reduction",
 )
+# Memory a training run needs per float32 parameter: the weight, its gradient and Adam's two moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+# An epoch's order of the built-in shapes: numpy's permutation (8 bytes an index), then a Python
+# list of it (8 bytes a pointer and 32 an int).
+BYTES_PER_SHAPES_INDEX = 48
+# Each evaluation goes through every held-out image, showing no progress: 2**20 of them take
+# minutes on a GPU and hours on a CPU, and more is a typo.
+MAX_EVAL_SIZE = 2**20
+# Float32 copies of each image that a grid of decoded images holds at once: the batch, its copies
+# on the way to 8-bit pixels (clamped, scaled, rounded) and the decoder's feature maps, which at
+# the default widths are as large again.
+IMAGE_COPIES = 8
 # A latent dimension is active when its posterior mean varies over the data more than this
 # (Burda et al., 2016); the count falling towards 0 is posterior collapse.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -145,6 +156,51 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def memory_bytes(device: torch.device) -> float:
+    """The memory of ``device``: the GPU's, or the machine's RAM (unbounded where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        return math.inf
+
+
+def check_fits(what: str, needed: float, device: torch.device) -> None:
+    """Raise ConfigError when ``needed`` bytes exceed the memory of ``device``, before anything is
+    allocated: ``what`` names the option, its value and what it makes."""
+    available = memory_bytes(device)
+    if needed > available:
+        raise ConfigError(
+            f"{what} would take about {needed / 2**30:.3g} GiB, more than the {available / 2**30:.3g} GiB of memory "
+            f"on {device}"
+        )
+
+
+def check_images_fit(option: str, value: int, images: int, image_size: int, device: torch.device) -> None:
+    """``option value`` makes a grid of ``images`` decoded images of ``image_size``: refuse it if they cannot fit."""
+    check_fits(f"{option} {value}: a grid of {images} images of {image_size}x{image_size}",
+               images * 3 * image_size**2 * 4 * IMAGE_COPIES, device)
+
+
+def check_sizes_fit(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse sizes whose model, data order or evaluation cannot fit, naming the options."""
+    with torch.device("meta"):  # the parameters are counted, not allocated
+        model = VAE(3, args.image_size, args.latent_dim, args.hidden_dims)
+    params = sum(p.numel() for p in model.parameters())
+    check_fits(
+        f"--latent-dim {args.latent_dim} and --hidden-dims {','.join(map(str, args.hidden_dims))} at --image-size "
+        f"{args.image_size}: a model of {params:.3g} parameters and its training state",
+        params * TRAINING_BYTES_PER_PARAMETER, device,
+    )
+    if args.data is None:  # a folder's order is as long as the folder
+        check_fits(f"--train-size {args.train_size}: the order of an epoch of that many shapes",
+                   args.train_size * BYTES_PER_SHAPES_INDEX, torch.device("cpu"))
+    if args.eval_size > MAX_EVAL_SIZE:
+        raise ConfigError(f"--eval-size {args.eval_size}: every evaluation would go through that many held-out "
+                          f"images; at most {MAX_EVAL_SIZE} (2**20)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Train the conv VAE. The defaults (built-in shapes at 64x64, hidden dims 32,64,128,256, "
@@ -159,8 +215,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-size", type=positive_int, default=20000,
                        help="shapes images to train on (default: 20000)")
     group.add_argument("--eval-size", type=positive_int, default=512,
-                       help="held-out images; of --data, at most this many and a tenth of the folder (default: 512)")
+                       help=f"held-out images, at most {MAX_EVAL_SIZE}; of --data, at most this many and a tenth "
+                            "of the folder (default: 512)")
     group.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    group.add_argument("--allow-changed-data", action="store_true",
+                       help="with --resume: go on although images of --data were added, removed or changed "
+                            "since the checkpoint (refused by default)")
 
     group = parser.add_argument_group("model")
     group.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
@@ -240,6 +300,26 @@ class ShardedForward(nn.Module):
         return self.vae.decode(z[before : before + n]), mu, logvar
 
 
+class _AllReduceSum(torch.autograd.Function):
+    # Each rank's output is the sum of every rank's input, so each input's gradient is the sum of
+    # every rank's output gradient: an all-reduce both ways. (torch.distributed.nn's is deprecated,
+    # and the functional collectives that replace it have no autograd for all_reduce.)
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _AllReduceSum.apply(grad)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks, differentiable."""
+    return _AllReduceSum.apply(tensor)
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank, for gloo.
 
@@ -251,9 +331,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not self.training:
             return super().forward(x)
         count = x.numel() // x.shape[1] * dist.get_world_size()
-        mean = dist_nn.all_reduce(x.sum((0, 2, 3))) / count
+        mean = all_reduce_sum(x.sum((0, 2, 3))) / count
         centred = x - mean[None, :, None, None]
-        var = dist_nn.all_reduce(centred.square().sum((0, 2, 3))) / count
+        var = all_reduce_sum(centred.square().sum((0, 2, 3))) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             # momentum None means a cumulative average, as in BatchNorm2d
@@ -283,7 +363,7 @@ def free_bits_kl(mu, logvar, *, floor, reduction, global_batch, distributed, bac
     (Kingma et al., 2016), reduced like the reference KL; computed over the global batch."""
     per_dim = ops.kl_divergence(mu, logvar, reduction="none", backend=backend).sum(0)
     if distributed:
-        per_dim = dist_nn.all_reduce(per_dim)
+        per_dim = all_reduce_sum(per_dim)
     total = (per_dim / global_batch).clamp(min=floor).sum()
     if reduction == "sum":
         return total * global_batch
@@ -359,6 +439,7 @@ def run(args: argparse.Namespace) -> int:
         ops.resolve_backend("reparameterize", device, args.backend)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_sizes_fit(args, device)
     # The loss has no Triton kernel; with --backend triton it goes to the best other backend.
     loss_backend = "auto" if args.backend == "triton" else args.backend
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -380,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
         train_set, eval_set = data.train_eval_split(
             args.data, args.image_size, seed=args.seed, train_size=args.train_size, eval_size=args.eval_size
         )
+        # The shapes are fixed by the options the resume check compares; a folder can change under the same name.
+        data_record = data.ImageFolder(args.data, args.image_size).fingerprint() if args.data else None
         batches = data.EpochBatches(len(train_set), args.batch_size, seed=args.seed, rank=rank, world_size=world_size)
         total_steps = args.steps or (args.epochs or 0) * batches.per_epoch or DEFAULT_STEPS
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
@@ -408,11 +491,9 @@ def run(args: argparse.Namespace) -> int:
             checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
             saved_args = ckpt.get("args", {})
             check_same_run(saved_args, args, ckpt_path)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["scaler"]:  # empty when saved without fp16, which a resumed run may switch on
-                scaler.load_state_dict(ckpt["scaler"])
-            checkpoint.set_rng_state(ckpt["rng"])
+            if args.data is not None and not args.allow_changed_data:
+                check_same_data(ckpt, data_record, args.data, ckpt_path, say=master)
+            checkpoint.restore(ckpt, ckpt_path, model, optimizer, scaler)
             step = ckpt["step"]
         elif args.resume and master:
             print(f"no checkpoint in {out}; starting from scratch")
@@ -535,13 +616,18 @@ def run(args: argparse.Namespace) -> int:
                     raise DivergedError(
                         f"{broken[0]} is not finite after step {step}; stopped ({_kept(ckpt_path)})"
                     )
+            if evaluating:
+                if master:
+                    results = evaluate(model, eval_loader, device, autocast, loss_backend)
+                    _log(metrics, writer, {"step": step, **results})
+                eval_loss = results["eval_loss"] if master else 0.0
+                if distributed:  # only rank 0 evaluates: the others stop with it, not in their next collective
+                    verdict = torch.tensor(eval_loss, dtype=torch.float64, device=device)
+                    dist.broadcast(verdict, 0)
+                    eval_loss = verdict.item()
+                if not math.isfinite(eval_loss):
+                    raise DivergedError(f"held-out loss is {eval_loss} at step {step}; stopped ({_kept(ckpt_path)})")
             if evaluating and master:
-                results = evaluate(model, eval_loader, device, autocast, loss_backend)
-                _log(metrics, writer, {"step": step, **results})
-                if not math.isfinite(results["eval_loss"]):
-                    raise DivergedError(
-                        f"held-out loss is {results['eval_loss']} at step {step}; stopped ({_kept(ckpt_path)})"
-                    )
                 grids = write_grids(model, grid_images, out, step, args.seed)
             if (evaluating or stopping) and master:
                 if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
@@ -554,6 +640,7 @@ def run(args: argparse.Namespace) -> int:
                         "step": step,
                         "config": model.config,
                         "rng": checkpoint.rng_state(),
+                        "data": data_record,
                         "args": {
                             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
                             "beta_period": beta_period,
@@ -648,6 +735,27 @@ def check_same_run(saved: dict, args: argparse.Namespace, path: Path) -> None:
             differences.append(f"--{key.replace('_', '-')} {there} there but {here} here")
     if differences:
         raise ConfigError(f"{path} is from another run: {'; '.join(differences)} (resume with the same options)")
+
+
+def check_same_data(ckpt: dict, current: dict, folder: str, path: Path, *, say: bool) -> None:
+    """Refuse to resume on a --data folder whose fingerprint is not the one the checkpoint trained
+    on. A checkpoint older than the record is let through, saying so when ``say``."""
+    if "data" not in ckpt:
+        if say:
+            print(f"{path} does not record the images it trained on (an older fastvae wrote it): "
+                  f"--data {folder} is not checked against it")
+        return
+    if ckpt["data"] == current:
+        return
+    then = ckpt["data"].get("images") if isinstance(ckpt["data"], dict) else None
+    if then is not None and then != current["images"]:
+        change = f"it held {then} images then and {current['images']} now"
+    else:
+        change = f"images were added, removed, rewritten or touched ({current['images']} now)"
+    raise ConfigError(
+        f"{path} trained on other images: since then, in --data {folder}, {change}; "
+        "pass --allow-changed-data to resume on them anyway"
+    )
 
 
 def non_finite_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -94,6 +94,20 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", *TINY, "--out", "{tmp}/metrics_folder"], "metrics.jsonl is not a file"),
         (["train", *TINY, "--out", "{ckpt_dir}"], "holds a run (ckpt.pt, metrics.jsonl): pass --resume"),
         (["train", *TINY, "--out", ""], 'expected a folder, got ""'),
+        # Sizes that cannot fit, refused before anything is allocated.
+        (["train", *TINY, "--latent-dim", str(10**12), "--out", "{tmp}/run"],
+         "--latent-dim 1000000000000 and --hidden-dims 8,16 at --image-size 16: a model of 7.7e+14 parameters and its "
+         "training state would take about 1.15e+07 GiB, more than the"),
+        (["train", *TINY, "--hidden-dims", f"{10**11},16", "--out", "{tmp}/run"],
+         "--hidden-dims 100000000000,16 at --image-size 16: a model of"),
+        (["train", *TINY, "--train-size", str(10**15), "--out", "{tmp}/run"],
+         "--train-size 1000000000000000: the order of an epoch of that many shapes would take about 4.47e+07 GiB"),
+        (["train", *TINY, "--eval-size", str(10**15), "--out", "{tmp}/run"],
+         "--eval-size 1000000000000000: every evaluation would go through that many held-out images; at most 1048576"),
+        (["sample", "--checkpoint", "{ckpt}", "--n", str(10**12), "--out", "{tmp}/x.png"],
+         "--n 1000000000000: a grid of 1000000000000 images of 16x16 would take about 2.29e+07 GiB, more than the"),
+        (["reconstruct", "--checkpoint", "{ckpt}", "--n", str(10**8), "--out", "{tmp}/x.png"],
+         "--n 100000000: a grid of 200000000 images of 16x16 would take about 4.58e+03 GiB"),
     ],
 )
 def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path, capsys):
@@ -161,6 +175,14 @@ def test_resume_with_another_architecture_is_a_one_line_error(trained, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "another architecture: latent_dim=4 there but 8 here" in err
+
+
+def test_resume_with_another_recon_names_the_one_the_checkpoint_trained_with(trained, capsys):
+    # An "mse" checkpoint has no recon in its config: it was trained with the default.
+    argv = ["train", *TINY, "--recon", "l1", "--out", str(trained.parent), "--resume", "--steps", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("another architecture: recon='mse' (the default) there but 'l1' here")
 
 
 def test_unreadable_image_in_a_worker_is_one_line(folder):

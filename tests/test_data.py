@@ -56,6 +56,41 @@ def test_16_bit_greyscale_images_are_scaled_by_their_range(tmp_path, suffix):
     torch.testing.assert_close(image, expected, atol=0.5 / 255 + 1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "values, mode, top",
+    [
+        (np.linspace(0, 1, 16, dtype=np.float32), "F", 1.0),  # floats are taken as already in [0, 1]
+        (np.linspace(0, 2**31 - 1, 16).astype(np.int32), "I", 2**32 - 1),  # by the TIFF's 32 bits
+    ],
+)
+def test_float_and_32_bit_images_are_scaled_by_their_range(tmp_path, values, mode, top):
+    levels = np.tile(values, (16, 1))
+    Image.fromarray(levels, mode).save(tmp_path / "ramp.tif")
+    with Image.open(tmp_path / "ramp.tif") as image:
+        assert image.mode == mode
+    expected = torch.from_numpy(levels / top).float().expand(3, 16, 16)
+    torch.testing.assert_close(ImageFolder(tmp_path, 16)[0], expected, atol=0.5 / 255 + 1e-6, rtol=0)
+
+
+def test_a_float_image_of_0_5_is_grey_not_black(tmp_path):
+    Image.fromarray(np.full((16, 16), 0.5, np.float32), "F").save(tmp_path / "grey.tif")
+    assert ImageFolder(tmp_path, 16)[0].sub(128 / 255).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize(
+    "pixels, mode, message",
+    [
+        (np.full((16, 16), 2.0, np.float32), "F", r"expected a float image \(mode F\) in \[0, 1\], got values from 2.0 to 2.0"),
+        (np.full((16, 16), np.nan, np.float32), "F", r"expected a float image \(mode F\) in \[0, 1\], got values from nan to nan"),
+        (np.full((16, 16), -5, np.int32), "I", r"expected a 32-bit integer image \(mode I\) in 0..4294967295, got values from -5.0"),
+    ],
+)
+def test_float_and_integer_images_out_of_their_range_are_refused(tmp_path, pixels, mode, message):
+    Image.fromarray(pixels, mode).save(tmp_path / "bad.tif")
+    with pytest.raises(DataError, match=f"bad.tif: cannot read image \\({message}"):
+        ImageFolder(tmp_path, 16)[0]
+
+
 def test_shapes_split_is_disjoint():
     train, held_out = train_eval_split(None, 16, seed=0, train_size=20, eval_size=6)
     assert (len(train), len(held_out)) == (20, 6)

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import socket
 import stat
@@ -219,16 +220,24 @@ def test_free_bits_kl_floors_each_dimension(reduction, factor):
     assert unfloored.item() == pytest.approx(kl_divergence(mu, logvar, reduction=reduction).item(), rel=1e-9)
 
 
-def two_processes(out, *options):
-    """The command and environment of a run under torchrun with 2 processes."""
+def two_processes(out, *options, program=("-m", "fastvae")):
+    """The command and environment of ``fastvae train`` (or a script that runs it: ``program``)
+    under torchrun with 2 processes."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "fastvae", "train", *TINY, "--out", str(out), *map(str, options)]
+               *program, "train", *TINY, "--out", str(out), *map(str, options)]
     return command, {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def train_on_two_processes(out, *options):
-    command, env = two_processes(out, *options)
+def run_on_two_processes(out, *options, program=("-m", "fastvae")):
+    command, env = two_processes(out, *options, program=program)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    # fastvae's own code warns of nothing deprecated (torch.distributed.nn's all_reduce did).
+    assert not re.search(r"fastvae[/\\]\S*\.py:\d+: FutureWarning", result.stderr), result.stderr[-3000:]
+    return result
+
+
+def train_on_two_processes(out, *options):
+    result = run_on_two_processes(out, *options)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -285,6 +294,25 @@ def test_two_processes_scale_each_term_by_its_own_reduction(tmp_path):
     for a, b in zip(one, two):
         for key in ("loss", "recon", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+
+
+def test_a_nan_held_out_loss_stops_every_process_in_one_line(tmp_path):
+    # Only rank 0 evaluates: rank 1 must stop with it, not die in its next collective.
+    script = tmp_path / "nan_held_out_loss.py"
+    script.write_text(
+        "import sys\n"
+        "from fastvae import train\n"
+        "from fastvae.cli import main\n"
+        "real_evaluate = train.evaluate\n"
+        "train.evaluate = lambda *a: {**real_evaluate(*a), 'eval_loss': float('nan')}\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = run_on_two_processes(tmp_path / "run", "--steps", 4, "--every", 2, program=(str(script),))
+    assert result.returncode == 1
+    assert "fastvae train: held-out loss is nan at step 2; stopped (no checkpoint yet)" in result.stderr
+    assert not re.search(r'File "[^"]*fastvae[/\\]', result.stderr), result.stderr[-3000:]  # no traceback of ours
+    assert "gloo" not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
 def test_training_into_a_run_without_resume_or_overwrite_is_refused(tmp_path, capsys):
@@ -496,6 +524,17 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
+def train_with_file_size_limit(limit, out, *options):
+    """``fastvae train`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
+    code = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+        "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(out), *map(str, options)]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
 def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
     # fsync of the file makes its bytes durable, fsync of the folder the rename.
     synced = []
@@ -514,3 +553,98 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         save_grid(torch.zeros(1, 3, 4, 4), tmp_path / "grid.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt", "grid.png"]
 
+
+
+def test_a_checkpoint_write_that_fails_is_one_line_and_keeps_the_last_good_one(tmp_path):
+    # Wide enough that the checkpoint (about 1.5 MB) is far larger than the grids and the metrics.
+    wide = ["--hidden-dims", "8,256", "--every", "2"]
+    assert train(tmp_path, "--steps", 2, *wide) == 0
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    # The next checkpoint's write fails halfway.
+    result = train_with_file_size_limit(len(good) // 2, tmp_path, *wide, "--steps", 4, "--resume")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"fastvae train: error: {tmp_path / 'ckpt.pt'}: File too large"
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+    assert not (tmp_path / "ckpt.pt.tmp").exists()
+
+
+def _drop(mapping, key):
+    del mapping[key]
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (lambda c: c["model"].__setitem__("fc_mu.weight", torch.zeros(3)),
+         "its model cannot be restored (Error(s) in loading state_dict for VAE:"),
+        (lambda c: _drop(c["model"], "fc_mu.bias"), "its model cannot be restored (Error(s) in loading state_dict"),
+        (lambda c: c.__setitem__("optimizer", {"state": {}, "param_groups": []}),
+         "its optimizer state cannot be restored (loaded state dict has a different number of parameter groups)"),
+        (lambda c: c["optimizer"]["state"][0].__setitem__("exp_avg", torch.zeros(3)),
+         "its optimizer state cannot be restored (exp_avg of parameter 0 has shape (3,) but the parameter has (8, 3, 4, 4))"),
+        (lambda c: c.__setitem__("optimizer", [1, 2]), "its optimizer state cannot be restored ("),
+        (lambda c: c.__setitem__("rng", {"torch": torch.zeros(3)}), "its RNG state cannot be restored ("),
+        (lambda c: c.__setitem__("rng", {}), "its RNG state cannot be restored (no 'torch' in it)"),
+        (lambda c: c.__setitem__("rng", "seed 0"), "its RNG state cannot be restored ("),
+        (lambda c: c.__setitem__("args", ["--lr", "3e-3"]), "not a fastvae checkpoint (its args should be a dict, got list)"),
+        (lambda c: c.__setitem__("config", None), "not a fastvae checkpoint (its config should be a dict, got NoneType)"),
+    ],
+)
+def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, spoil, message):
+    assert train(tmp_path, "--steps", 2, "--every", 2) == 0
+    saved = checkpoint.load(tmp_path / "ckpt.pt")
+    spoil(saved)
+    torch.save(saved, tmp_path / "ckpt.pt")
+    spoiled = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert train(tmp_path, "--steps", 4, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fastvae train: error: {tmp_path / 'ckpt.pt'}"), err
+    assert message in err, err
+    assert (tmp_path / "ckpt.pt").read_bytes() == spoiled
+
+
+def _image_folder(folder, indices):
+    folder.mkdir(exist_ok=True)
+    for i in indices:
+        Image.fromarray(np.full((20, 20, 3), 4 * i, np.uint8)).save(folder / f"{i:02d}.png")
+
+
+def test_resume_on_a_changed_image_folder_is_refused_unless_allowed(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "run"
+    _image_folder(images, range(40))  # 36 to train on, 4 held out
+    assert train(out, "--data", images, "--steps", 2, "--every", 2) == 0
+    saved = (out / "ckpt.pt").read_bytes()
+    _image_folder(images, range(40, 60))  # 56 and 4
+    capsys.readouterr()
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"fastvae train: error: {out / 'ckpt.pt'} trained on other images: since then, in --data {images}, "
+        "it held 40 images then and 60 now; pass --allow-changed-data to resume on them anyway"
+    )
+    assert (out / "ckpt.pt").read_bytes() == saved
+    # As many images, one of them rewritten.
+    for i in range(40, 60):
+        (images / f"{i:02d}.png").unlink()
+    os.utime(images / "07.png", ns=(0, 0))
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 2
+    assert "images were added, removed, rewritten or touched (40 now)" in capsys.readouterr().err
+    assert train(out, "--data", images, "--steps", 4, "--resume", "--allow-changed-data") == 0
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4
+    # The new checkpoint records the folder as it is now: a plain resume goes on.
+    assert train(out, "--data", images, "--steps", 6, "--resume") == 0
+
+
+def test_a_checkpoint_without_the_data_record_still_resumes(tmp_path, capsys):
+    images, out = tmp_path / "images", tmp_path / "run"
+    _image_folder(images, range(20))
+    assert train(out, "--data", images, "--steps", 2, "--every", 2) == 0
+    older = checkpoint.load(out / "ckpt.pt")
+    del older["data"]  # as written before fastvae recorded the images
+    torch.save(older, out / "ckpt.pt")
+    capsys.readouterr()
+    assert train(out, "--data", images, "--steps", 4, "--resume") == 0
+    assert "does not record the images it trained on" in capsys.readouterr().out
+    assert checkpoint.load(out / "ckpt.pt")["step"] == 4

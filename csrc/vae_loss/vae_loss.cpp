@@ -42,6 +42,10 @@ VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, co
   TORCH_CHECK(image_grad.device() == mu.device(), "image_grad is on ", image_grad.device(), " but mu is on ",
               mu.device());
   TORCH_CHECK(mu.dim() > 0, "mu needs a batch dimension, got shape ", mu.sizes());
+  // Empty when the forward wrote no image gradient, and then only the latents' can be asked for.
+  TORCH_CHECK(image_grad.numel() == 0 || (image_grad.dim() > 0 && image_grad.size(0) == mu.size(0)),
+              "image_grad has shape ", image_grad.sizes(), " but mu has ", mu.sizes(),
+              "; it must be the gradient of a batch of the same size (or empty)");
   const auto acc = accumulate_type(image_grad.scalar_type());
   const auto check = [&](const char* name, const at::Tensor& grad) {
     TORCH_CHECK(grad.dim() == 0, name, " must be 0-dimensional, got shape ", grad.sizes());
