@@ -7,6 +7,7 @@ rewriting its JSON after every case so that a run stopped part way keeps what it
 On a CPU the table's medians are pytest-benchmark's. On a GPU they come from CUDA events over
 many back-to-back calls per sync, or CUDA graph replays at small sizes
 (fastvae.benchmark.cuda_timing): a host clock around one synced call would time the launch.
+A training step's host and device time are also timed apart there (host_and_device_time).
 FASTVAE_BENCH_BUDGET_S sets the seconds of timed rounds per case (default 1).
 """
 
@@ -88,6 +89,7 @@ def run_case(benchmark, request):
             fb.Row(
                 case.op, case.method, case.pass_, case.size, case.numel, median,
                 case.bytes_moved, fb.saved_bytes(case), _peak_bytes(case), timing,
+                *fb.split_times(case, DEVICE, rounds),
             )
         )
         _write_results(request.config)

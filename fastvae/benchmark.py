@@ -4,7 +4,8 @@ Each case times one op (or the whole training step) one way: ``eager`` (fastvae.
 ``compile`` (torch.compile of the reference), ``fused`` (fastvae's kernels), or a memory ``floor``
 (a copy or an elementwise op over the same bytes). The table reports medians, speedups against
 eager and compile, achieved bandwidth as a fraction of the measured copy bandwidth, and the bytes
-each method keeps saved for the backward.
+each method keeps saved for the backward. The training step has its own table: images/s, and on
+a GPU the host's and the device's time per step apart.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class Row:
     peak_bytes: int | None = None
     # How median_s was timed on a GPU (CUDA events over K calls, or CUDA graph replays).
     timing: str | None = None
+    # A training step on a GPU: seconds the host takes to issue it and the device to run it.
+    host_s: float | None = None
+    device_s: float | None = None
 
 
 def _fused_backend(op: str, device: torch.device) -> str | None:
@@ -161,30 +165,50 @@ def _loss_cases(
 
 
 def _train_cases(device: torch.device, batch: int, compile_: bool) -> list[Case]:
-    """One optimizer step of fastvae.VAE at the CelebA recipe (64x64, latent 128)."""
-    variants = {"eager": ("reference", False), "fused": ("auto", False)}
-    if compile_:
-        variants |= {"compile": ("reference", True), "fused+compile": ("auto", True)}
+    """One optimizer step (forward, loss, backward, Adam) of fastvae.VAE at the CelebA recipe
+    (64x64, latent 128) on a batch already on the device: plain PyTorch (the reference backend)
+    and fastvae's ops, each eager and with the whole step under torch.compile. On a GPU the
+    compiled steps replay CUDA graphs (reduce-overhead, "-ro"), and plain PyTorch also compiles in
+    the default mode; on a CPU reduce-overhead is the default mode."""
+    variants = {"eager": ("reference", None), "fused": ("auto", None)}
+    if compile_ and device.type == "cuda":
+        variants |= {
+            "compile": ("reference", "default"),
+            "compile-ro": ("reference", "reduce-overhead"),
+            "fused+compile-ro": ("auto", "reduce-overhead"),
+        }
+    elif compile_:
+        variants |= {"compile": ("reference", "default"), "fused+compile": ("auto", "default")}
     cases = []
-    for method, (backend, compiled) in variants.items():
+    for method, (backend, mode) in variants.items():
         state: list = []
 
-        def setup(backend=backend, compiled=compiled, state=state):
+        def setup(backend=backend, mode=mode, state=state):
             # Built once per case: a new model each round would make torch.compile recompile.
             if not state:
                 torch.manual_seed(0)
                 model = VAE(backend=backend).to(device).train()
                 optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-                step_loss = _compiled(model.loss) if compiled else model.loss
-                state.extend([optimizer, step_loss, torch.rand(batch, 3, 64, 64, device=device)])
+
+                def step(x):
+                    optimizer.zero_grad(set_to_none=True)
+                    model.loss(x).loss.backward()
+                    optimizer.step()
+
+                if mode is None:
+                    state.append(step)
+                else:
+                    compiled = torch.compile(step, mode=mode, dynamic=False)
+
+                    def compiled_step(x):
+                        torch.compiler.cudagraph_mark_step_begin()  # each call is one iteration to CUDA graph trees
+                        compiled(x)
+
+                    state.append(compiled_step)
+                state.append(torch.rand(batch, 3, 64, 64, device=device))
             return tuple(state)
 
-        def step(optimizer, step_loss, x):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss(x).loss.backward()
-            optimizer.step()
-
-        cases.append(Case("train_step", method, "step", f"batch {batch} 64x64", batch, None, setup, step))
+        cases.append(Case("train_step", method, "step", f"batch {batch} 64x64", batch, None, setup, lambda step, x: step(x)))
     return cases
 
 
@@ -303,9 +327,10 @@ def cuda_timing(
 
 def _graph_timing(args: tuple, target: Callable, device: torch.device, rounds: int, warmup: int, calls: int) -> float | None:
     """Median seconds per replay of ``target(*args)`` captured in a CUDA graph, or None when the
-    call cannot be captured (a backward, a sync inside, a compile on first call)."""
+    call cannot be captured (a backward, a sync inside, a compile on first call) or its arguments
+    are not all tensors (a training step: its host time is part of what is timed)."""
     tensors = [t for t in args if isinstance(t, torch.Tensor)]
-    if any(t.grad_fn is not None for t in tensors):
+    if len(tensors) < len(args) or any(t.grad_fn is not None for t in tensors):
         return None
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
@@ -338,6 +363,52 @@ def _graph_timing(args: tuple, target: Callable, device: torch.device, rounds: i
     return statistics.median(times)
 
 
+# Longest sleep (GPU cycles, about a second) that host_and_device_time queues ahead of the calls.
+_MAX_SLEEP_CYCLES = 1 << 31
+
+
+def host_and_device_time(
+    setup: Callable[[], tuple], target: Callable, device: torch.device, rounds: int, calls: int = 3
+) -> tuple[float | None, float | None]:
+    """(host, device) seconds per call of ``target(*setup())``, timed apart on a GPU.
+
+    Each round keeps the GPU busy (``torch.cuda._sleep``) while the host issues ``calls`` calls:
+    the host's wall time over them is its time to issue one, and CUDA events around them time
+    the device alone, since every kernel was queued before the GPU reached it. A round where the
+    sleep ended before the host was done (a sync inside the call, or a full launch queue: hence
+    few calls) is run again with a longer sleep; (None, None) when the host never gets ahead.
+    """
+    args = setup()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    hosts, devices, cycles = [], [], 1 << 20
+    while len(hosts) < rounds:
+        torch.cuda.synchronize(device)
+        torch.cuda._sleep(cycles)
+        start.record()
+        began = time.perf_counter()
+        for _ in range(calls):
+            target(*args)
+        issued = time.perf_counter() - began
+        end.record()
+        ahead = not start.query()
+        end.synchronize()
+        if ahead:
+            hosts.append(issued / calls)
+            devices.append(start.elapsed_time(end) / 1e3 / calls)
+        elif cycles >= _MAX_SLEEP_CYCLES:
+            return None, None
+        else:
+            cycles = min(4 * cycles, _MAX_SLEEP_CYCLES)
+    return statistics.median(hosts), statistics.median(devices)
+
+
+def split_times(case: Case, device: torch.device, rounds: int) -> tuple[float | None, float | None]:
+    """A training step's host and device time on a GPU (see host_and_device_time); else (None, None)."""
+    if case.op != "train_step" or device.type != "cuda":
+        return None, None
+    return host_and_device_time(case.setup, case.target, device, rounds)
+
+
 def saved_bytes(case: Case) -> int | None:
     """Bytes of the tensors the autograd graph of one forward keeps for the backward."""
     if case.op == "train_step" or case.method == "floor" or case.pass_ != "fwd":
@@ -368,11 +439,11 @@ def measure(case: Case, device: torch.device, rounds: int, warmup: int) -> Row:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return Row(
         case.op, case.method, case.pass_, case.size, case.numel, median, case.bytes_moved, saved_bytes(case), peak,
-        timing,
+        timing, *split_times(case, device, rounds),
     )
 
 
-_METHOD_ORDER = ("eager", "compile", "fused", "fused+compile", "floor")
+_METHOD_ORDER = ("eager", "compile", "compile-ro", "fused", "fused+compile", "fused+compile-ro", "floor")
 _PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
 
 
@@ -386,8 +457,11 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def format_table(rows: list[Row], bandwidth: float | None) -> str:
-    """One line per case: median, speedups against eager and compile, bandwidth, saved bytes."""
+    """One line per case: median, speedups against eager and compile, bandwidth, saved bytes;
+    then the training steps' own table."""
     baseline = {(r.op, r.pass_, r.size, r.method): r.median_s for r in rows}
+    steps = [r for r in rows if r.op == "train_step"]
+    rows = [r for r in rows if r.op != "train_step"]
     header = f"{'op':18} {'pass':8} {'size':18} {'method':15} {'median':>10} {'vs eager':>9} {'vs compile':>10} {'GB/s':>8} {'of copy':>8} {'saved MB':>9} {'peak MB':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -404,6 +478,23 @@ def format_table(rows: list[Row], bandwidth: float | None) -> str:
         )
     if bandwidth:
         lines.append(f"copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    if steps:
+        lines += ["", _format_steps(steps, baseline)]
+    return "\n".join(lines)
+
+
+def _format_steps(rows: list[Row], baseline: dict) -> str:
+    """One line per training step: median, images/s, speedups, and on a GPU host and device time."""
+    header = f"{'training step':18} {'method':16} {'median':>10} {'images/s':>9} {'vs eager':>9} {'vs compile':>10} {'host':>10} {'device':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        eager = baseline.get((r.op, r.pass_, r.size, "eager"))
+        compiled = baseline.get((r.op, r.pass_, r.size, "compile"))
+        lines.append(
+            f"{r.size:18} {r.method:16} {_format_seconds(r.median_s):>10} {r.numel / r.median_s:>9.0f} "
+            f"{_ratio(eager, r.median_s):>9} {_ratio(compiled, r.median_s):>10} "
+            f"{_format_seconds(r.host_s) if r.host_s else '-':>10} {_format_seconds(r.device_s) if r.device_s else '-':>10}"
+        )
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
@@ -258,12 +258,37 @@ class EpochBatches(Sampler[list[int]]):
         self.shard = slice(rank * shard, (rank + 1) * shard)
 
     def __iter__(self) -> Iterator[list[int]]:
+        return self._slices(lambda epoch: epoch_permutation(self.num_items, self.seed, epoch))
+
+    def on_device(self, device: torch.device) -> Iterator[torch.Tensor]:
+        """The same batches of indices as int64 tensors on ``device``: each epoch's permutation is
+        copied there once, and a batch is a slice of it, so a step asks nothing of the host."""
+        return self._slices(
+            lambda epoch: torch.tensor(epoch_permutation(self.num_items, self.seed, epoch)).to(device)
+        )
+
+    def _slices(self, permutation):
         k = self.start
-        epoch, order = -1, []
+        epoch, order = -1, None
         while True:
             if k // self.per_epoch != epoch:
                 epoch = k // self.per_epoch
-                order = epoch_permutation(self.num_items, self.seed, epoch)
+                order = permutation(epoch)
             first = (k % self.per_epoch) * self.batch_size
             yield order[first : first + self.batch_size][self.shard]
             k += 1
+
+
+def stack_on(dataset: Dataset, device: torch.device, *, workers: int = 0, chunk: int = 256) -> torch.Tensor:
+    """The whole of ``dataset`` as one tensor on ``device``, item i at row i: read through a
+    DataLoader in order, ``chunk`` items at a time, so shapes are rendered a batch at a time and
+    ``workers`` decode image files in parallel."""
+    # Its own generator: starting the loader draws a seed, which must not come from torch's global
+    # generator, the training noise.
+    loader = DataLoader(dataset, batch_size=chunk, num_workers=workers, generator=torch.Generator())
+    images = None
+    for i, batch in enumerate(loader):
+        if images is None:
+            images = torch.empty(len(dataset), *batch.shape[1:], dtype=batch.dtype, device=device)
+        images[i * chunk : i * chunk + len(batch)] = batch
+    return images

@@ -14,6 +14,7 @@ the same noise, so the run follows the single-process one to float rounding.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -57,7 +58,7 @@ RUN_FILES = re.compile(
 BETA_SCHEDULES = ("constant", "linear", "cyclical")
 DEFAULT_STEPS = 400
 # What a resumed run must share with the checkpoint's: the data, its order and the objective.
-# The length (--steps, --epochs), the logging, the device, the backend and --amp may change.
+# The length (--steps, --epochs), the logging, the device, the backend, --amp and --compile may change.
 SAME_RUN_OPTIONS = (
     "data", "train_size", "eval_size", "batch_size", "seed", "lr", "beta", "beta_schedule", "beta_period",
     "free_bits", "reduction", "recon_reduction", "kl_reduction",
@@ -74,6 +75,12 @@ MAX_EVAL_SIZE = 2**20
 # on the way to 8-bit pixels (clamped, scaled, rounded) and the decoder's feature maps, which at
 # the default widths are as large again.
 IMAGE_COPIES = 8
+# --compile's choices: torch.compile's modes, and off. reduce-overhead and max-autotune replay the
+# step from CUDA graphs on a GPU.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# The training set is kept whole on a GPU, and batches gathered there, when it takes at most this
+# fraction of the device's free memory; the rest is left to the model, its activations and Adam.
+DATA_ON_DEVICE_FRACTION = 0.25
 # A latent dimension is active when its posterior mean varies over the data more than this
 # (Burda et al., 2016); the count falling towards 0 is posterior collapse.
 ACTIVE_UNIT_THRESHOLD = 0.01
@@ -253,6 +260,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="reduction of the KL term alone (default: --reduction)")
     group.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off",
                        help="autocast dtype; fp16 needs CUDA and uses a GradScaler (default: off)")
+    group.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                       help="torch.compile the training step in this mode; --compile alone is default "
+                            "(default: off)")
 
     group = parser.add_argument_group("run")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -381,7 +391,7 @@ def evaluate(model: VAE, loader: DataLoader, device: torch.device, autocast, bac
     means = []
     for i, x in enumerate(loader):
         x = x.to(device)
-        with autocast:
+        with autocast():
             mu, logvar = model.encode(x)
             z = ops.reparameterize(mu, logvar, seed=i, backend=model.backend)
             x_hat = model.decode(z)
@@ -443,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
     # The loss has no Triton kernel; with --backend triton it goes to the best other backend.
     loss_backend = "auto" if args.backend == "triton" else args.backend
     amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    # Made afresh for each use: torch.compile traces an autocast entered inside the step, not one made outside it.
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     out = Path(args.out)
     ckpt_path = out / CHECKPOINT_NAME
     # Checked on every rank, so that all of them stop; held by rank 0, the only one that writes
@@ -500,15 +511,21 @@ def run(args: argparse.Namespace) -> int:
         batches.start = step  # the data order depends on (seed, epoch) only, so the step fixes the position
         # The default period follows the run's length, which a resume may extend: it keeps the first one's.
         beta_period = args.beta_period or saved_args.get("beta_period") or max(1, total_steps // 4)
-        loader = DataLoader(
-            train_set,
-            batch_sampler=batches,
-            num_workers=args.workers,
-            worker_init_fn=_ignore_sigterm,
-            pin_memory=device.type == "cuda",
-            # its own generator, so that starting the iterator leaves torch's global RNG alone
-            generator=torch.Generator().manual_seed(args.seed),
-        )
+        on_device = data_fits_on(device, len(train_set), args.image_size)
+        if on_device:
+            images = data.stack_on(train_set, device, workers=args.workers)
+            batch_iter = (images.index_select(0, indices) for indices in batches.on_device(device))
+        else:
+            loader = DataLoader(
+                train_set,
+                batch_sampler=batches,
+                num_workers=args.workers,
+                worker_init_fn=_ignore_sigterm,
+                pin_memory=device.type == "cuda",
+                # its own generator, so that starting the iterator leaves torch's global RNG alone
+                generator=torch.Generator().manual_seed(args.seed),
+            )
+            batch_iter = (x.to(device, non_blocking=True) for x in loader)
         net: nn.Module = model
         if distributed:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -518,6 +535,38 @@ def run(args: argparse.Namespace) -> int:
             world_size if (term_reduction or args.reduction) == "sum" else 1
             for term_reduction in (args.recon_reduction, args.kl_reduction)
         )
+
+        def train_step(x: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+            """One optimizer step; returns the step's (objective, recon, kl), float32."""
+            with autocast():
+                x_hat, mu, logvar = net(x)
+                # beta, a tensor, weighs the KL here rather than in the op, whose beta is a float:
+                # a changing --beta-schedule must not recompile a compiled step.
+                _, recon, kl = ops.vae_loss(
+                    x_hat, x, mu, logvar, reduction=args.reduction, recon=args.recon,
+                    recon_reduction=args.recon_reduction, kl_reduction=args.kl_reduction, backend=loss_backend,
+                )
+                if args.free_bits > 0:
+                    kl_term = free_bits_kl(  # already global, so not scaled
+                        mu, logvar, floor=args.free_bits, reduction=args.kl_reduction or args.reduction,
+                        global_batch=args.batch_size, distributed=distributed, backend=loss_backend,
+                    )
+                else:
+                    kl_term = kl_scale * kl
+                objective = recon_scale * recon + beta * kl_term
+            optimizer.zero_grad(set_to_none=True)
+            if args.amp == "fp16":
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:  # the same steps: torch.compile does not trace the scaler, so would not compile Adam inside it
+                objective.backward()
+                optimizer.step()
+            # Averaged over ranks, these are the global loss and its parts.
+            return torch.stack([objective, recon_scale * recon, kl_scale * kl]).detach().float()
+
+        step_fn = compile_step(train_step, args.compile)
+        beta_tensor = torch.empty((), device=device)
 
         if master:
             if args.overwrite:  # before training, so that a later --resume cannot continue the old run
@@ -530,6 +579,8 @@ def run(args: argparse.Namespace) -> int:
                 f"{args.image_size}x{args.image_size} ({len(train_set)} train / {len(eval_set)} held out), "
                 f"latent {args.latent_dim}, hidden {','.join(map(str, args.hidden_dims))} "
                 f"({params / 1e6:.2f}M params), batch {args.batch_size}, steps {step} -> {total_steps}, into {out}"
+                f"{'; data kept on ' + str(device) if on_device else ''}"
+                f"{'; compiled, ' + args.compile if args.compile != 'off' else ''}"
             )
         if step >= total_steps:
             if master:
@@ -545,34 +596,10 @@ def run(args: argparse.Namespace) -> int:
         betas: list[float] = []
         progress = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True)
         last_check = (step, time.perf_counter())
-        data_iter = iter(loader)
         while step < total_steps:
-            x = next(data_iter).to(device, non_blocking=True)
             beta = beta_at(step, args.beta, args.beta_schedule, beta_period)
-            with autocast:
-                x_hat, mu, logvar = net(x)
-                loss, recon, kl = ops.vae_loss(
-                    x_hat, x, mu, logvar, beta=beta, reduction=args.reduction, recon=args.recon,
-                    recon_reduction=args.recon_reduction, kl_reduction=args.kl_reduction, backend=loss_backend,
-                )
-                if args.free_bits > 0:
-                    floored = free_bits_kl(
-                        mu, logvar, floor=args.free_bits, reduction=args.kl_reduction or args.reduction,
-                        global_batch=args.batch_size, distributed=distributed, backend=loss_backend,
-                    )
-                    objective = recon_scale * recon + beta * floored  # the floored KL is already global
-                elif recon_scale == kl_scale:
-                    objective = recon_scale * loss
-                else:
-                    objective = recon_scale * recon + kl_scale * beta * kl
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(objective).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            history.append(step_fn(next(batch_iter), beta_tensor.fill_(beta)))
             step += 1
-            # Averaged over ranks, these are the global loss and its parts.
-            parts = [objective.detach(), recon_scale * recon.detach(), kl_scale * kl.detach()]
-            history.append(torch.stack(parts).float())
             betas.append(beta)
 
             evaluating = step % args.every == 0 or step == total_steps
@@ -671,6 +698,35 @@ def run(args: argparse.Namespace) -> int:
             # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
             net = None
             dist.destroy_process_group()
+
+
+def compile_step(step, mode: str):
+    """``step`` under torch.compile in ``mode`` (--compile), or itself when "off".
+
+    Random ops run as in eager (inductor's fallback_random), so a compiled run draws the noise
+    of the eager one and either can resume the other's checkpoint. The model is not wrapped, so
+    its state_dict keys stay those of an eager run.
+    """
+    if mode == "off":
+        return step
+    options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
+    compiled = torch.compile(step, dynamic=False, options=options)
+
+    def run(*inputs):
+        # Each call is one whole iteration to CUDA graph trees, which then reuse its memory on the
+        # next: the losses, kept until the next check, are copied out.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*inputs).clone()
+
+    return run
+
+
+def data_fits_on(device: torch.device, num_images: int, image_size: int) -> bool:
+    """Whether the training set stays on ``device`` whole: a GPU with DATA_ON_DEVICE_FRACTION of
+    its free memory for the set's float32 RGB images. A CPU reads it through a DataLoader."""
+    if device.type != "cuda":
+        return False
+    return num_images * 3 * image_size**2 * 4 <= DATA_ON_DEVICE_FRACTION * torch.cuda.mem_get_info(device)[0]
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):

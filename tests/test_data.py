@@ -9,6 +9,7 @@ from fastvae.data import (
     ImageFolder,
     Shapes,
     render_shapes,
+    stack_on,
     train_eval_split,
 )
 
@@ -163,6 +164,21 @@ def test_epoch_batches_start_and_shards():
     assert _take(EpochBatches(20, 4, seed=0, start=7), 5) == whole[7:]
     ranks = [_take(EpochBatches(20, 4, seed=0, rank=r, world_size=2), 12) for r in range(2)]
     assert [a + b for a, b in zip(*ranks)] == whole
+
+
+def test_epoch_batches_on_a_device_are_the_same_indices():
+    sampler = EpochBatches(20, 4, seed=3, start=2, rank=1, world_size=2)  # from the middle of epoch 0
+    on_device = _take(sampler.on_device(torch.device("cpu")), 9)  # into epoch 1
+    assert all(t.dtype == torch.int64 for t in on_device)
+    assert [t.tolist() for t in on_device] == _take(sampler, 9)
+
+
+def test_a_dataset_stacked_on_a_device_holds_its_items_in_order():
+    shapes = Shapes(11, 16, seed=4)
+    stacked = stack_on(shapes, torch.device("cpu"), chunk=4)  # a last chunk of 3
+    assert stacked.shape == (11, 3, 16, 16) and stacked.dtype == torch.float32
+    # Rendered in chunks rather than one by one: equal to float32 rounding.
+    torch.testing.assert_close(stacked, torch.stack([shapes[i] for i in range(11)]))
 
 
 def test_epoch_batches_errors():

@@ -182,7 +182,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         if torch.is_grad_enabled():  # training steps, not evaluations
             calls.append(1)
             if len(calls) == 7:
-                loss = loss * float("nan")
+                recon = recon * float("nan")
         return loss, recon, kl
 
     monkeypatch.setattr(ops, "vae_loss", poisoned)
@@ -648,3 +648,48 @@ def test_a_checkpoint_without_the_data_record_still_resumes(tmp_path, capsys):
     assert train(out, "--data", images, "--steps", 4, "--resume") == 0
     assert "does not record the images it trained on" in capsys.readouterr().out
     assert checkpoint.load(out / "ckpt.pt")["step"] == 4
+
+
+def test_compiled_training_follows_eager_and_resumes_either_way(tmp_path):
+    from torch._dynamo.utils import counters
+
+    assert train(tmp_path / "eager", "--steps", 4, "--every", 2) == 0
+    counters.clear()
+    assert train(tmp_path / "compiled", "--steps", 2, "--every", 2, "--compile") == 0
+    # The forward with the loss and Adam's step are graphs: --compile did compile the step.
+    assert counters["stats"]["unique_graphs"] >= 2
+    compiled = checkpoint.load(tmp_path / "compiled" / "ckpt.pt")
+    eager = checkpoint.load(tmp_path / "eager" / "ckpt.pt")
+    assert list(compiled["model"]) == list(eager["model"])  # no torch.compile prefixes
+    assert compiled["optimizer"]["state"].keys() == eager["optimizer"]["state"].keys()
+    # An eager run resumes the compiled one, and a compiled run an eager one.
+    assert train(tmp_path / "compiled", "--steps", 4, "--every", 2, "--resume") == 0
+    assert train(tmp_path / "mixed", "--steps", 2, "--every", 2) == 0
+    assert train(tmp_path / "mixed", "--steps", 4, "--every", 2, "--resume", "--compile") == 0
+    # The same noise (eager random ops); inductor's fused kernels round differently than eager's,
+    # by a few float32 ulps a step here.
+    expected = step_losses(tmp_path / "eager")
+    for run in ("compiled", "mixed"):
+        losses = step_losses(tmp_path / run)
+        assert [line["step"] for line in losses] == [1, 2, 3, 4]
+        for a, b in zip(expected, losses):
+            for key in ("loss", "recon", "kl"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
+
+
+def test_data_kept_on_the_device_gives_the_loader_run(tmp_path, monkeypatch, capsys):
+    assert train(tmp_path / "loader", "--steps", 10, "--every", 10) == 0
+    assert "data kept on" not in capsys.readouterr().out
+    # A CPU stands in for a GPU with room for the data.
+    monkeypatch.setattr(train_module, "data_fits_on", lambda *args: True)
+    assert train(tmp_path / "kept", "--steps", 10, "--every", 10) == 0  # 8 batches an epoch: 2 epochs
+    assert "data kept on cpu" in capsys.readouterr().out
+    # The same batches in the same order; shapes rendered many at a time may differ in an ulp.
+    for a, b in zip(step_losses(tmp_path / "loader"), step_losses(tmp_path / "kept"), strict=True):
+        for key in ("loss", "recon", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    # Resumed in the second epoch, it takes up the order where it stopped.
+    assert train(tmp_path / "parts", "--steps", 9, "--every", 9) == 0
+    assert train(tmp_path / "parts", "--steps", 10, "--every", 10, "--resume") == 0
+    assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "kept")
+
