@@ -80,7 +80,7 @@ def _noise_index(offsets, channels, spatial, CHANNELS_LAST: tl.constexpr):
     return index
 
 
-@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
+@triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
 def _reparameterize_kl_forward_kernel(
     mu_ptr,
     logvar_ptr,
@@ -88,7 +88,7 @@ def _reparameterize_kl_forward_kernel(
     kl_ptr,
     partials_ptr,
     counter_ptr,
-    seed,
+    seed_ptr,
     n_elements,
     sample_size,
     divisor,
@@ -106,6 +106,10 @@ def _reparameterize_kl_forward_kernel(
     num_programs = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], COMPUTE)
+    if WRITE_Z:
+        # A tensor on the device, not an argument: the host never reads a drawn seed back, and a
+        # captured CUDA graph reads the key its replay's draw wrote.
+        seed = tl.load(seed_ptr)
     if KL_MODE == KL_PER_SAMPLE:
         # One program per sample, looping over the sample's tiles (its elements are contiguous in
         # memory in either layout). Each total is then one program's in-register sum in a fixed
@@ -168,7 +172,7 @@ def _reparameterize_kl_forward_kernel(
             tl.store(counter_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
+@triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
 def _reparameterize_kl_backward_kernel(
     grad_z_ptr,
     grad_kl_ptr,
@@ -176,7 +180,7 @@ def _reparameterize_kl_backward_kernel(
     logvar_ptr,
     grad_mu_ptr,
     grad_logvar_ptr,
-    seed,
+    seed_ptr,
     n_elements,
     sample_size,
     divisor,
@@ -196,6 +200,8 @@ def _reparameterize_kl_backward_kernel(
     if GRAD_KL_MODE == KL_REDUCED:
         # d(reduced KL)/d(element) is the reduction's scale: one scalar read, no host sync.
         grad_kl_scalar = tl.load(grad_kl_ptr).to(COMPUTE) / divisor
+    if HAS_GRAD_Z:
+        seed = tl.load(seed_ptr)
     for tile in range(pid, num_tiles, num_programs):
         if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
             offsets = tl.cast(tile, tl.int64) * BLOCK + lanes
@@ -311,6 +317,13 @@ def _counter(device: torch.device) -> torch.Tensor:
     return _counters[key]
 
 
+def _check_seed_device(seed: torch.Tensor | None, device: torch.device) -> None:
+    # The kernels load the key through its pointer: a CPU tensor would be a bad address on a GPU.
+    if seed is None or seed.device != device or seed.dtype != torch.int64 or seed.dim() != 0:
+        got = "None" if seed is None else f"a {seed.dim()}-dim {seed.dtype} tensor on {seed.device}"
+        raise ValueError(f"the seed must be a 0-dim int64 tensor on the latents' device ({device}), got {got}")
+
+
 def _on(device: torch.device):
     # Triton launches on the current CUDA device, which need not be the tensors' device.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -319,12 +332,15 @@ def _on(device: torch.device):
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
-    seed: int,
+    seed: torch.Tensor | None,
     *,
     write_z: bool,
     reduction: str | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is."""
+    """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is.
+
+    ``seed`` is the Philox key, a 0-dim int64 tensor on ``mu``'s device, read only when ``write_z``.
+    """
     device, shape, numel = mu.device, mu.shape, mu.numel()
     # The host tests these bools, not kl_mode: comparing tl.constexprs costs microseconds.
     per_sample = reduction == "per_sample"
@@ -350,6 +366,8 @@ def reparameterize_kl_forward(
         elif per_sample:
             kl.zero_()  # samples of no elements total 0, as torch's sum over empty dims
         return z, kl
+    if write_z:
+        _check_seed_device(seed, device)
 
     mu, logvar = mu.contiguous(memory_format=memory_format), logvar.contiguous(memory_format=memory_format)
     # Per sample, one program a sample (see the kernel).
@@ -368,7 +386,7 @@ def reparameterize_kl_forward(
             kl if kl is not None else mu,
             partials,
             counter,
-            seed,
+            seed if write_z else mu,
             numel,
             numel // shape[0] if per_sample else 1,
             divisor,
@@ -391,7 +409,7 @@ def reparameterize_kl_backward(
     grad_kl: torch.Tensor | None,
     mu: torch.Tensor | None,
     logvar: torch.Tensor,
-    seed: int | None,
+    seed: torch.Tensor | None,
     *,
     reduction: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +427,8 @@ def reparameterize_kl_backward(
     grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
     if numel == 0:
         return grad_mu, grad_logvar
+    if grad_z is not None:
+        _check_seed_device(seed, device)
 
     def laid_out(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=memory_format)
@@ -431,7 +451,7 @@ def reparameterize_kl_backward(
             logvar,
             grad_mu,
             grad_logvar,
-            seed if seed is not None else 0,
+            seed if grad_z is not None else logvar,
             numel,
             numel // shape[0] if per_sample else 1,
             divisor,

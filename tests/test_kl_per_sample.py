@@ -229,7 +229,7 @@ def test_repeated_calls_give_the_same_bits(device, backend):
 
 def opcheck_cases(backend, device):
     mu, logvar = sample_inputs(device, torch.float32, (5, 3, 4, 6), requires_grad=True)
-    seed = torch.tensor(17)
+    seed = torch.tensor(17, device=device)
     grad_z, grad_kl = torch.randn(mu.shape, device=device), torch.randn(5, device=device)
     mu_, logvar_ = mu.detach(), logvar.detach()
     if backend == "triton":

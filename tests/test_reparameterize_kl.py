@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only under its interpreter
+from conftest import skip_unless_backend_runs
 
 import philox
 from fastvae import ops, reference
@@ -311,13 +312,109 @@ def test_seed_is_the_64_bit_philox_key(device, seed):
     torch.testing.assert_close(z.cpu(), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_drawn_seed_stays_on_the_device(device, monkeypatch):
+    # seed=None draws the key on the latents' device and the kernels load it from there: nothing
+    # is read back to the host (no sync; a captured CUDA graph replays the draw), forward or backward.
+    mu, logvar = sample_inputs(device, torch.float32, (4, 300), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z, _ = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    (seed,) = [t for t in saved if t is not mu and t is not logvar]
+    assert seed.device == mu.device and seed.dtype == torch.int64 and seed.dim() == 0
+    # The kernels drew eps from the key the op saved: z is the contract's noise for it.
+    eps = torch.from_numpy(philox.randn_like(int(seed), (4, 300))).double().to(device)
+    expected = mu.detach().double() + torch.exp(0.5 * logvar.detach().double()) * eps
+    torch.testing.assert_close(z.double(), expected, **dict(zip(("atol", "rtol"), Z_TOL[torch.float32])))
+
+    def read_back(self):
+        raise AssertionError("a tensor was read back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", read_back)
+    monkeypatch.setattr(torch.Tensor, "tolist", read_back)
+    monkeypatch.setattr(torch.Tensor, "__int__", read_back)
+    z, kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    torch.autograd.backward((z, kl), (torch.ones_like(z), torch.ones_like(kl)))
+
+
+def test_a_seed_on_another_device_is_refused():
+    # The kernels load the key through its pointer: a key elsewhere would be a bad address.
+    mu = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"0-dim int64 tensor on the latents' device \(cpu\), got a 0-dim "
+                                          r"torch.int64 tensor on meta"):
+        kernels.reparameterize_kl_forward(mu, mu, torch.tensor(1, device="meta"), write_z=True, reduction=None)
+    with pytest.raises(ValueError, match="got a 1-dim torch.int64 tensor on cpu"):
+        torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor([1]), "sum")
+
+
+def _warm_stream():
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    return stream
+
+
+def test_captured_graph_replays_draw_new_noise():
+    # The draw is captured with the kernels: each replay takes a new key from torch's CUDA
+    # generator (its Philox offset advances per replay), so the noise differs from replay to replay
+    # while the KL, which has none, stays the same.
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    mu, logvar = sample_inputs("cuda", torch.float32, (16, 4, 16, 16))
+    stream = _warm_stream()
+    with torch.cuda.stream(stream):  # compiles the kernels outside the capture
+        expected_kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")[1]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        z, kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    graph.replay()
+    first, first_kl = z.clone(), kl.clone()
+    graph.replay()
+    assert not torch.equal(z, first)
+    assert torch.equal(kl, first_kl) and torch.equal(kl, expected_kl)
+    # Both replays drew N(0, 1) noise: (z - mu) / std over 16k elements.
+    for sample in (first, z):
+        eps = (sample - mu) / torch.exp(0.5 * logvar)
+        assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05
+
+
+def test_compiled_step_is_recorded_as_a_cuda_graph():
+    # torch.compile(mode="reduce-overhead") records a CUDA graph only when no op of the step runs on
+    # the CPU or syncs: a host-drawn seed would make it skip cudagraphs (a cudagraph skip is counted).
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Linear(32, 2 * 4 * 8 * 8).cuda()
+    x = torch.randn(8, 32, device="cuda")
+
+    @torch.compile(mode="reduce-overhead", fullgraph=True)
+    def step(x):
+        mu, logvar = model(x).view(8, 2, 4, 8, 8).unbind(1)
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=None, backend="triton")
+        return z, z.square().mean() + kl
+
+    noise = []
+    for _ in range(4):
+        z, loss = step(x)
+        loss.backward()
+        noise.append(z.detach().clone())
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    manager = cudagraph_trees.get_manager(x.device.index, create_if_none_exists=False)
+    assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1
+    # The last steps replayed the recorded graphs, with new noise each time.
+    assert not torch.equal(noise[-1], noise[-2])
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 
 
 def opcheck_cases(device):
     mu, logvar = sample_inputs(device, torch.float32, (6, 50), requires_grad=True)
-    seed = torch.tensor(17)
+    seed = torch.tensor(17, device=device)
     z, kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, seed, "batchmean")
     z, kl, mu_, logvar_ = (t.detach() for t in (z, kl, mu, logvar))
     grad_z = torch.randn_like(z)
@@ -396,7 +493,7 @@ def test_eager_path_equals_the_custom_op(device, reduction):
     # custom op torch.compile traces: both must give the same bits, forward and backward.
     mu, logvar = sample_inputs(device, torch.float32, (5, 300), requires_grad=True)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=9, backend="triton")
-    op_z, op_kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, torch.tensor(9), reduction)
+    op_z, op_kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, torch.tensor(9, device=device), reduction)
     assert torch.equal(z, op_z) and torch.equal(kl, op_kl)
     grad_outputs = (torch.randn_like(z), torch.randn_like(kl))
     for a, e in zip(grads((z, kl), (mu, logvar), grad_outputs), grads((op_z, op_kl), (mu, logvar), grad_outputs)):
@@ -445,7 +542,7 @@ def test_the_raw_ops_refuse_an_unknown_reduction(device):
     mu = torch.zeros(2, 3, device=device)
     for call in (
         lambda: torch.ops.fastvae.triton_kl_divergence(mu, mu, "total"),
-        lambda: torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor(0), "total"),
+        lambda: torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor(0, device=device), "total"),
         lambda: torch.ops.fastvae.triton_reparameterize_kl_backward(None, mu.sum(), mu, mu, None, "total"),
     ):
         with pytest.raises(ValueError, match="reduction must be 'sum', 'batchmean', 'mean', 'per_sample', 'none'"):
