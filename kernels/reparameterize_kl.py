@@ -50,6 +50,10 @@ CPU_PROGRAMS = 4
 # it has no more than REDUCTION_WIDTH / PROGRAMS_PER_SM = 256 SMs: tl.sum's association follows
 # the width, so a width taken from the SM count would make the KL's bits depend on the GPU model.
 REDUCTION_WIDTH = 1024
+# Programs of a per-sample KL at most (see _splits): about one wave of PROGRAMS_PER_SM programs on
+# GPUs of 108 to 148 SMs, and within REDUCTION_WIDTH, so the last program sums every sample's
+# partials in one tile.
+PER_SAMPLE_PROGRAMS = 512
 
 # Offsets are int32 unless the last tile's offsets (up to numel + BLOCK - 1) could overflow.
 _INT32_LIMIT = 2**31 - 1 - BLOCK
@@ -101,6 +105,7 @@ def _reparameterize_kl_forward_kernel(
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -111,17 +116,17 @@ def _reparameterize_kl_forward_kernel(
         # captured CUDA graph reads the key its replay's draw wrote.
         seed = tl.load(seed_ptr)
     if KL_MODE == KL_PER_SAMPLE:
-        # One program per sample, looping over the sample's tiles (its elements are contiguous in
-        # memory in either layout). Each total is then one program's in-register sum in a fixed
-        # order: deterministic with no partials, counter or atomics. Latents have a few to a few
-        # hundred samples per batch, each of thousands of elements, so a (sample, tile) grid with
-        # a second-stage sum would buy parallelism only for tiny batches of huge samples.
+        # SPLITS programs per sample (its elements are contiguous in memory in either layout),
+        # program c of a sample owning its tiles c, c + SPLITS, ...: a batch of few large samples
+        # fills the GPU. Each total is then the sum of the sample's SPLITS partials in index order,
+        # below: deterministic, like the reduced KL.
+        sample = pid // SPLITS
         if INT64:
-            first = tl.cast(pid, tl.int64) * sample_size
+            first = tl.cast(sample, tl.int64) * sample_size
         else:
-            first = pid * sample_size
+            first = sample * sample_size
         end = first + sample_size
-        first_tile, tile_step = 0, 1
+        first_tile, tile_step = pid % SPLITS, SPLITS
         num_tiles = _num_tiles(sample_size, BLOCK, INT64)
     else:
         # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and
@@ -149,9 +154,9 @@ def _reparameterize_kl_forward_kernel(
             else:
                 acc += tl.where(mask, kl, 0.0)
 
-    if KL_MODE == KL_PER_SAMPLE:
+    if KL_MODE == KL_PER_SAMPLE and SPLITS == 1:
         tl.store(kl_ptr + pid, tl.sum(acc, axis=0))
-    if KL_MODE == KL_REDUCED:
+    elif KL_MODE == KL_REDUCED or KL_MODE == KL_PER_SAMPLE:
         # Deterministic one-launch reduction: every program publishes its partial, and the
         # program that arrives last at the counter sums all partials in index order.
         tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
@@ -163,11 +168,20 @@ def _reparameterize_kl_forward_kernel(
         if arrived == num_programs - 1:
             # Every other program's release happened before our acquire. The ".cg" loads read
             # through L2 (the coherence point) rather than a possibly stale L1 line.
-            index = tl.arange(0, MAX_PROGRAMS)
-            partials = tl.load(
-                partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
-            )
-            tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+            if KL_MODE == KL_REDUCED:
+                index = tl.arange(0, MAX_PROGRAMS)
+                partials = tl.load(
+                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
+                )
+                tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+            else:
+                # Sample s's partials are s * SPLITS ... s * SPLITS + SPLITS - 1: one row each.
+                samples = tl.arange(0, MAX_PROGRAMS // SPLITS)
+                index = samples[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
+                partials = tl.load(
+                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
+                )
+                tl.store(kl_ptr + samples, tl.sum(partials, axis=1), mask=samples * SPLITS < num_programs)
             # Ready for the next eager launch on this stream; nobody else touches it in this one.
             tl.store(counter_ptr, 0)
 
@@ -329,6 +343,17 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _splits(batch: int, sample_size: int) -> int:
+    """Programs per sample of a per-sample KL: a power of two (the final sum takes the partials as
+    rows of SPLITS), at most one per tile, and at most PER_SAMPLE_PROGRAMS in all.
+
+    It follows from the shape alone, never the GPU, so a sample's total has the same bits on
+    every GPU model. A batch of PER_SAMPLE_PROGRAMS samples or more runs one program per sample.
+    """
+    limit = min(-(-sample_size // BLOCK), PER_SAMPLE_PROGRAMS // batch)
+    return 1 << (limit.bit_length() - 1) if limit > 1 else 1
+
+
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -370,15 +395,21 @@ def reparameterize_kl_forward(
         _check_seed_device(seed, device)
 
     mu, logvar = mu.contiguous(memory_format=memory_format), logvar.contiguous(memory_format=memory_format)
-    # Per sample, one program a sample (see the kernel).
-    grid = shape[0] if per_sample else _grid(device, numel)
-    max_programs = _max_programs(device)
+    if per_sample:
+        sample_size = numel // shape[0]
+        splits = _splits(shape[0], sample_size)
+        grid = shape[0] * splits
+    else:
+        sample_size, splits = 1, 1
+        grid = _grid(device, numel)
+    # Per sample with one program a sample, each writes its total: no partials to sum.
+    summed = reduced or splits > 1
     # Unused pointers still need a tensor of the right device; the constexpr flags keep the
     # kernel from touching them.
-    partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if reduced else mu
+    partials = torch.empty(grid, dtype=acc_dtype, device=device) if summed else mu
     with _on(device):
         # Under _on: stream capture is a property of the current device's current stream.
-        counter = _counter(device) if reduced else mu
+        counter = _counter(device) if summed else mu
         _reparameterize_kl_forward_kernel[(grid,)](
             mu,
             logvar,
@@ -388,7 +419,7 @@ def reparameterize_kl_forward(
             counter,
             seed if write_z else mu,
             numel,
-            numel // shape[0] if per_sample else 1,
+            sample_size,
             divisor,
             channels,
             spatial,
@@ -399,6 +430,7 @@ def reparameterize_kl_forward(
             INT64=numel > _INT32_LIMIT,
             BLOCK=BLOCK,
             MAX_PROGRAMS=_reduction_width(device),
+            SPLITS=splits,
             num_warps=NUM_WARPS,
         )
     return z, kl

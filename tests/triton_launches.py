@@ -66,6 +66,8 @@ def record_launches() -> list:
         for dtype in DTYPES:
             _record_dtype(dtype, (4, 300))
             _record_dtype(dtype, (2, 3, 10, 10), torch.channels_last)
+        # Per sample: one program a sample, and a sample split across programs.
+        _record_dtype(torch.float32, (2, 4, 32, 32), kinds=((False, "per_sample"), (True, "per_sample")))
         # int64 offsets, on meta tensors (nothing allocated): a count just below 2**31, which
         # Triton passes as int32 although the offsets need int64, and one beyond it (int64).
         for numel in (2**31 - 500, 2**31 + 3000):
@@ -75,12 +77,15 @@ def record_launches() -> list:
     return launches
 
 
-def _record_dtype(dtype: torch.dtype, shape: tuple, memory_format=torch.contiguous_format,
-                  device: str = "cpu") -> None:
+# (write_z, reduction) of the forward launches: each op's.
+_KINDS = ((True, None), (True, "sum"), (True, "none"), (False, "mean"), (False, "per_sample"), (True, "per_sample"))
+
+
+def _record_dtype(dtype: torch.dtype, shape: tuple, memory_format=torch.contiguous_format, device: str = "cpu",
+                  kinds: tuple = _KINDS) -> None:
     mu = torch.zeros(shape, dtype=dtype, device=device).to(memory_format=memory_format)
     seed = torch.zeros((), dtype=torch.int64, device=device)
-    for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean"), (False, "per_sample"),
-                               (True, "per_sample")):
+    for write_z, reduction in kinds:
         kernels.reparameterize_kl_forward(mu, mu, seed, write_z=write_z, reduction=reduction)
     # The KL and its gradient are in the accumulate dtype, as the forward returns them.
     kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32
