@@ -354,6 +354,48 @@ def _splits(batch: int, sample_size: int) -> int:
     return 1 << (limit.bit_length() - 1) if limit > 1 else 1
 
 
+# Kernels Triton compiled, by launch key (_launch_key). Triton's JIT binds, types and specializes
+# every argument of every launch before it finds the compiled kernel (about 10 us of host time a
+# launch on a GPU host), then calls the kernel's launcher; a hit here calls the launcher directly
+# (about 3 us). ``CompiledKernel[grid](*args)`` takes every argument in signature order,
+# constexprs included (the launcher drops them), in triton 3.6 as in 3.8.
+_compiled: dict[tuple, object] = {}
+
+
+def _launch_key(kernel, device: torch.device, tensors: tuple, specialized: tuple, flags: tuple) -> tuple | None:
+    """The key of a launch's compiled kernel, or None where only Triton's JIT can tell it.
+
+    Triton specializes a launch on each pointer's dtype and 16-byte alignment, on each int's width,
+    and on whether each int outside ``do_not_specialize`` (``specialized``) is 1 or a multiple of
+    16; then on the constexprs, which follow from the tensors' dtypes and the host's ``flags``.
+    Only launches whose pointers are all aligned (torch's allocations are) and whose ints are
+    int32 (every int is at most the element count, so INT64 off) get a key.
+    """
+    if any(t.data_ptr() % 16 for t in tensors):
+        return None
+    return (kernel, device.index, *(t.dtype for t in tensors), *((n == 1, n % 16 == 0) for n in specialized), *flags)
+
+
+def _launch(kernel, grid: int, device: torch.device, tensors: tuple, ints: tuple, flags: tuple, constexprs: dict):
+    """``kernel[(grid,)](*tensors, *ints, **constexprs)``: ``tensors`` are the kernel's seven
+    pointers, ``ints`` its n_elements, sample_size, divisor, channels and spatial (both kernels
+    take them in this order), ``flags`` what the host decided the constexprs from."""
+    key = None if constexprs["INT64"] else _launch_key(kernel, device, tensors, ints[:2], flags)
+    _run(kernel, grid, device, key, (*tensors, *ints), constexprs)
+
+
+def _run(kernel, grid: int, device: torch.device, key: tuple | None, args: tuple, constexprs: dict) -> None:
+    """Launches through the compiled kernel of ``key`` when there is one, else through the JIT."""
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        compiled[(grid, 1, 1)](*args, *constexprs.values())
+        return
+    compiled = kernel[(grid,)](*args, **constexprs, num_warps=NUM_WARPS)
+    # Only CUDA launches return a compiled kernel; the interpreter compiles nothing.
+    if key is not None and device.type == "cuda":
+        _compiled[key] = compiled
+
+
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -410,7 +452,7 @@ def reparameterize_kl_forward(
     with _on(device):
         # Under _on: stream capture is a property of the current device's current stream.
         counter = _counter(device) if summed else mu
-        _reparameterize_kl_forward_kernel[(grid,)](
+        tensors = (
             mu,
             logvar,
             z if z is not None else mu,
@@ -418,21 +460,19 @@ def reparameterize_kl_forward(
             partials,
             counter,
             seed if write_z else mu,
-            numel,
-            sample_size,
-            divisor,
-            channels,
-            spatial,
-            WRITE_Z=write_z,
-            KL_MODE=kl_mode,
-            COMPUTE=_compute_dtype(mu.dtype),
-            CHANNELS_LAST=channels_last,
-            INT64=numel > _INT32_LIMIT,
-            BLOCK=BLOCK,
-            MAX_PROGRAMS=_reduction_width(device),
-            SPLITS=splits,
-            num_warps=NUM_WARPS,
         )
+        ints = (numel, sample_size, divisor, channels, spatial)
+        flags = (write_z, reduction, channels_last, splits)
+        _launch(_reparameterize_kl_forward_kernel, grid, device, tensors, ints, flags, {
+            "WRITE_Z": write_z,
+            "KL_MODE": kl_mode,
+            "COMPUTE": _compute_dtype(mu.dtype),
+            "CHANNELS_LAST": channels_last,
+            "INT64": numel > _INT32_LIMIT,
+            "BLOCK": BLOCK,
+            "MAX_PROGRAMS": _reduction_width(device),
+            "SPLITS": splits,
+        })
     return z, kl
 
 
@@ -475,26 +515,25 @@ def reparameterize_kl_backward(
     else:
         grad_kl_mode, grad_kl = KL_ELEMENTWISE, laid_out(grad_kl)
     logvar = laid_out(logvar)
+    sample_size = numel // shape[0] if per_sample else 1
+    tensors = (
+        laid_out(grad_z) if grad_z is not None else logvar,
+        grad_kl if grad_kl is not None else logvar,
+        laid_out(mu) if grad_kl is not None else logvar,
+        logvar,
+        grad_mu,
+        grad_logvar,
+        seed if grad_z is not None else logvar,
+    )
+    ints = (numel, sample_size, divisor, channels, spatial)
+    flags = (grad_z is not None, grad_kl is not None and reduction, channels_last)
     with _on(device):
-        _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
-            laid_out(grad_z) if grad_z is not None else logvar,
-            grad_kl if grad_kl is not None else logvar,
-            laid_out(mu) if grad_kl is not None else logvar,
-            logvar,
-            grad_mu,
-            grad_logvar,
-            seed if grad_z is not None else logvar,
-            numel,
-            numel // shape[0] if per_sample else 1,
-            divisor,
-            channels,
-            spatial,
-            HAS_GRAD_Z=grad_z is not None,
-            GRAD_KL_MODE=grad_kl_mode,
-            COMPUTE=_compute_dtype(logvar.dtype),
-            CHANNELS_LAST=channels_last,
-            INT64=numel > _INT32_LIMIT,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        _launch(_reparameterize_kl_backward_kernel, _grid(device, numel), device, tensors, ints, flags, {
+            "HAS_GRAD_Z": grad_z is not None,
+            "GRAD_KL_MODE": grad_kl_mode,
+            "COMPUTE": _compute_dtype(logvar.dtype),
+            "CHANNELS_LAST": channels_last,
+            "INT64": numel > _INT32_LIMIT,
+            "BLOCK": BLOCK,
+        })
     return grad_mu, grad_logvar

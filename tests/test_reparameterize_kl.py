@@ -513,6 +513,61 @@ def test_host_overhead_script_runs():
 
 
 # ---------------------------------------------------------------------------------------------
+# Launches through the compiled kernel
+
+
+def _unspecialized(kernel) -> set:
+    """The kernel's do_not_specialize arguments, from a JITFunction or the interpreter's wrapper."""
+    if hasattr(kernel, "params"):
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    return set(kernel.kwargs["do_not_specialize"])
+
+
+def test_one_launch_key_is_one_jit_specialization(monkeypatch):
+    # On CUDA a launch whose key was seen before runs the kernel Triton compiled then, skipping the
+    # JIT: launches sharing a key must be ones the JIT specializes alike (pointer alignment, ints
+    # equal to 1 or divisible by 16, types, constexprs), or the kernel would run on arguments it
+    # was not compiled for. The JIT's own specialization is asked of each recorded launch.
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    launches = []
+    monkeypatch.setattr(kernels, "_run", lambda kernel, grid, device, key, args, constexprs: launches.append(
+        (kernel, key, args, constexprs)))
+    seed = torch.zeros((), dtype=torch.int64)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for shape in ((1,), (16,), (17,), (1, 1), (3, 16), (16, 1), (2, 40), (5, 2000), (4, 4096), (2, 3, 4, 5)):
+            numel, aligned_again = int(np.prod(shape)), 16 // torch.empty((), dtype=dtype).element_size()
+            # mu and logvar each aligned, not, or 16 bytes into their storage (aligned again).
+            for mu_offset, logvar_offset in ((0, 0), (1, 0), (0, 1), (aligned_again, aligned_again)):
+                mu = torch.zeros(numel + mu_offset, dtype=dtype)[mu_offset:].view(shape)
+                logvar = torch.zeros(numel + logvar_offset, dtype=dtype)[logvar_offset:].view(shape)
+                for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean"),
+                                           (False, "per_sample"), (True, "per_sample")):
+                    kernels.reparameterize_kl_forward(mu, logvar, seed, write_z=write_z, reduction=reduction)
+                kl_dtype = acc_dtype(dtype)
+                for grad_z, grad_kl, reduction in ((mu, None, None), (None, torch.zeros(shape, dtype=kl_dtype), "none"),
+                                                   (logvar, torch.zeros((), dtype=kl_dtype), "sum"),
+                                                   (None, torch.zeros(shape[0], dtype=kl_dtype), "per_sample")):
+                    kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction=reduction)
+
+    def jit_specialization(kernel, args, constexprs):
+        unspecialized = _unspecialized(kernel)
+        types = tuple(native_specialize_impl(BaseBackend, value, False, name not in unspecialized, True)
+                      for name, value in zip(kernel.arg_names, args))
+        return types + tuple(str(getattr(value, "value", value)) for value in constexprs.values())
+
+    by_key = {}
+    for kernel, key, args, constexprs in launches:
+        if key is not None:
+            by_key.setdefault(key, set()).add(jit_specialization(kernel, args, constexprs))
+    assert all(len(specializations) == 1 for specializations in by_key.values())
+    # The cases exercise the key: misaligned launches have none, and keys are shared and distinct.
+    keyless = sum(key is None for _, key, _, _ in launches)
+    assert 0 < keyless < len(launches) and len(by_key) < len(launches) - keyless and len(by_key) > 50
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad inputs
 
 

@@ -33,16 +33,6 @@ _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: 
 GPU_MAX_PROGRAMS = kernels.REDUCTION_WIDTH
 
 
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
-
-
 def _arg_type(value) -> str:
     # As Triton's JIT types arguments: tensors by dtype, ints by the range their value needs.
     if isinstance(value, torch.Tensor):
@@ -57,11 +47,15 @@ def _arg_type(value) -> str:
 
 
 def record_launches() -> list:
-    """Every launch the host wrappers make across dtypes, outputs, reductions, layouts and index widths."""
+    """Every launch the host wrappers make across dtypes, outputs, reductions, layouts and index widths,
+    as ``(kernel, args, constexprs and num_warps, launch key)``."""
     launches: list = []
-    originals = kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel
-    kernels._reparameterize_kl_forward_kernel = _Recorder(originals[0], launches)
-    kernels._reparameterize_kl_backward_kernel = _Recorder(originals[1], launches)
+    original = kernels._run
+
+    def record(kernel, grid, device, key, args, constexprs):
+        launches.append((kernel, args, {**constexprs, "num_warps": kernels.NUM_WARPS}, key))
+
+    kernels._run = record
     try:
         for dtype in DTYPES:
             _record_dtype(dtype, (4, 300))
@@ -73,7 +67,7 @@ def record_launches() -> list:
         for numel in (2**31 - 500, 2**31 + 3000):
             _record_dtype(torch.float32, (numel,), device="meta")
     finally:
-        kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel = originals
+        kernels._run = original
     return launches
 
 
@@ -104,7 +98,7 @@ def _record_dtype(dtype: torch.dtype, shape: tuple, memory_format=torch.contiguo
 
 def _variant(launch) -> tuple:
     """(kernel name, signature, constexprs, options) of one recorded launch, hashable."""
-    kernel, args, kwargs = launch
+    kernel, args, kwargs, _ = launch
     kwargs = dict(kwargs)
     options = (("num_warps", kwargs.pop("num_warps")),)
     if "MAX_PROGRAMS" in kwargs:
