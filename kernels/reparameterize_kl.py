@@ -333,8 +333,8 @@ def _counter(device: torch.device) -> torch.Tensor:
 
 def _check_seed_device(seed: torch.Tensor | None, device: torch.device) -> None:
     # The kernels load the key through its pointer: a CPU tensor would be a bad address on a GPU.
-    if seed is None or seed.device != device or seed.dtype != torch.int64 or seed.dim() != 0:
-        got = "None" if seed is None else f"a {seed.dim()}-dim {seed.dtype} tensor on {seed.device}"
+    if seed is None or seed.device != device:
+        got = "None" if seed is None else f"a tensor on {seed.device}"
         raise ValueError(f"the seed must be a 0-dim int64 tensor on the latents' device ({device}), got {got}")
 
 
@@ -362,37 +362,38 @@ def _splits(batch: int, sample_size: int) -> int:
 _compiled: dict[tuple, object] = {}
 
 
-def _launch_key(kernel, device: torch.device, tensors: tuple, specialized: tuple, flags: tuple) -> tuple | None:
-    """The key of a launch's compiled kernel, or None where only Triton's JIT can tell it.
+def _launch_key(kernel, device: torch.device, tensors: tuple, ints: tuple, flags: tuple) -> tuple | None:
+    """The key of a launch's compiled kernel (see _launch for the arguments), or None where only
+    Triton's JIT can tell it.
 
     Triton specializes a launch on each pointer's dtype and 16-byte alignment, on each int's width,
-    and on whether each int outside ``do_not_specialize`` (``specialized``) is 1 or a multiple of
-    16; then on the constexprs, which follow from the tensors' dtypes and the host's ``flags``.
-    Only launches whose pointers are all aligned (torch's allocations are) and whose ints are
-    int32 (every int is at most the element count, so INT64 off) get a key.
+    and on whether n_elements and sample_size (the ints outside ``do_not_specialize``) are 1 or
+    multiples of 16; then on the constexprs, which follow from the dtypes and the host's ``flags``.
+    Only launches whose pointers are all aligned (torch's allocations are) and whose ints are all
+    int32 (none exceeds n_elements) get a key.
     """
-    if any(t.data_ptr() % 16 for t in tensors):
+    if ints[0] > _INT32_LIMIT or any(t.data_ptr() % 16 for t in tensors):
         return None
-    return (kernel, device.index, *(t.dtype for t in tensors), *((n == 1, n % 16 == 0) for n in specialized), *flags)
+    return (kernel, device.index, *(t.dtype for t in tensors), *((n == 1, n % 16 == 0) for n in ints[:2]), *flags)
 
 
 def _launch(kernel, grid: int, device: torch.device, tensors: tuple, ints: tuple, flags: tuple, constexprs: dict):
     """``kernel[(grid,)](*tensors, *ints, **constexprs)``: ``tensors`` are the kernel's seven
     pointers, ``ints`` its n_elements, sample_size, divisor, channels and spatial (both kernels
     take them in this order), ``flags`` what the host decided the constexprs from."""
-    key = None if constexprs["INT64"] else _launch_key(kernel, device, tensors, ints[:2], flags)
-    _run(kernel, grid, device, key, (*tensors, *ints), constexprs)
+    # Only CUDA launches have a compiled kernel to keep; the interpreter compiles nothing.
+    key = _launch_key(kernel, device, tensors, ints, flags) if device.type == "cuda" else None
+    _run(kernel, grid, key, (*tensors, *ints), constexprs)
 
 
-def _run(kernel, grid: int, device: torch.device, key: tuple | None, args: tuple, constexprs: dict) -> None:
+def _run(kernel, grid: int, key: tuple | None, args: tuple, constexprs: dict) -> None:
     """Launches through the compiled kernel of ``key`` when there is one, else through the JIT."""
     compiled = _compiled.get(key)
     if compiled is not None:
         compiled[(grid, 1, 1)](*args, *constexprs.values())
         return
     compiled = kernel[(grid,)](*args, **constexprs, num_warps=NUM_WARPS)
-    # Only CUDA launches return a compiled kernel; the interpreter compiles nothing.
-    if key is not None and device.type == "cuda":
+    if key is not None:
         _compiled[key] = compiled
 
 

@@ -283,7 +283,7 @@ def triton_variants() -> list[TritonVariant]:
         types = dict(signature)
         if dict(constexprs).get("INT64") or variant in [c[0] for c in chosen]:
             continue
-        kernel, args, _, _ = launch
+        kernel, args, _ = launch
         logvar = dict(zip(kernel.arg_names, args))["logvar_ptr"]  # both kernels read it, in the latent dtype
         divisible = [a for a, t in signature if t.startswith("*")] + [
             a for a in ("n_elements", "sample_size") if types.get(a, "").startswith("i")

@@ -48,12 +48,12 @@ def _arg_type(value) -> str:
 
 def record_launches() -> list:
     """Every launch the host wrappers make across dtypes, outputs, reductions, layouts and index widths,
-    as ``(kernel, args, constexprs and num_warps, launch key)``."""
+    as ``(kernel, args, constexprs and num_warps)``."""
     launches: list = []
     original = kernels._run
 
-    def record(kernel, grid, device, key, args, constexprs):
-        launches.append((kernel, args, {**constexprs, "num_warps": kernels.NUM_WARPS}, key))
+    def record(kernel, grid, key, args, constexprs):
+        launches.append((kernel, args, {**constexprs, "num_warps": kernels.NUM_WARPS}))
 
     kernels._run = record
     try:
@@ -98,7 +98,7 @@ def _record_dtype(dtype: torch.dtype, shape: tuple, memory_format=torch.contiguo
 
 def _variant(launch) -> tuple:
     """(kernel name, signature, constexprs, options) of one recorded launch, hashable."""
-    kernel, args, kwargs, _ = launch
+    kernel, args, kwargs = launch
     kwargs = dict(kwargs)
     options = (("num_warps", kwargs.pop("num_warps")),)
     if "MAX_PROGRAMS" in kwargs:
