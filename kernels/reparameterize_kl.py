@@ -338,9 +338,16 @@ def _check_seed_device(seed: torch.Tensor | None, device: torch.device) -> None:
         raise ValueError(f"the seed must be a 0-dim int64 tensor on the latents' device ({device}), got {got}")
 
 
+# Reusable: entering it does nothing.
+_STAY = contextlib.nullcontext()
+
+
 def _on(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device, which need not be the tensors' device. Switching
+    # (torch.cuda.device's enter and exit) costs host time on every launch, so only when needed.
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _STAY
+    return torch.cuda.device(device)
 
 
 def _splits(batch: int, sample_size: int) -> int:
