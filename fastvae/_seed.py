@@ -7,13 +7,16 @@ import torch
 from fastvae._checks import SEED_LIMIT
 
 
-def seed_tensor(seed: int | None) -> torch.Tensor:
-    """The Philox key as a 0-dim int64 CPU tensor.
+def seed_tensor(seed: int | None, device: torch.device) -> torch.Tensor:
+    """The Philox key as a 0-dim int64 tensor on ``device``, where the kernels read it.
 
-    With ``seed=None`` it is drawn from torch's default CPU generator, so ``torch.manual_seed``
-    makes runs reproducible whatever the device. A tensor rather than a Python int, because
-    ``torch.compile`` traces a random draw but would break the graph on ``.item()``.
+    With ``seed=None`` it is drawn on ``device`` by torch's generator for that device, which
+    ``torch.manual_seed`` seeds (CPU and CUDA draw different keys from one manual seed). Nothing
+    is read back to the host: no sync, no graph break under ``torch.compile``, and no CPU op to
+    keep a compiled step out of a CUDA graph. Captured into a CUDA graph, the draw is replayed
+    as torch replays its own random ops, from a Philox offset the graph advances at each replay:
+    every replay samples new noise.
     """
     if seed is None:
-        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device="cpu")
-    return torch.tensor(seed, dtype=torch.int64)
+        return torch.randint(0, SEED_LIMIT - 1, (), dtype=torch.int64, device=device)
+    return torch.full((), seed, dtype=torch.int64, device=device)

@@ -14,6 +14,7 @@ Inputs are validated here, once, before any backend runs.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -87,10 +88,20 @@ def auto_choice(op: str, device: torch.device) -> tuple[str, list[str]]:
     return "reference", passed_over
 
 
-def _implementation(op: str, device: torch.device, backend: str):
-    name = resolve_backend(op, device, backend)
-    module = reference if name == "reference" else _backend_module(name)
-    return getattr(module, op)
+# The function each (op, device type, backend asked for) dispatches to. What can run where is
+# settled once a backend is imported (triton's interpreter, the extension's kernels, CUDA), so
+# dispatch is asked once per key, not on every call; a backend that cannot run raises every time.
+_implementations: dict[tuple[str, str, str], Callable] = {}
+
+
+def _implementation(op: str, device: torch.device, backend: str) -> Callable:
+    key = (op, device.type, backend)
+    implementation = _implementations.get(key)
+    if implementation is None:
+        name = resolve_backend(op, device, backend)
+        module = reference if name == "reference" else _backend_module(name)
+        implementation = _implementations[key] = getattr(module, op)
+    return implementation
 
 
 def reparameterize(

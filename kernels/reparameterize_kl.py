@@ -50,6 +50,10 @@ CPU_PROGRAMS = 4
 # it has no more than REDUCTION_WIDTH / PROGRAMS_PER_SM = 256 SMs: tl.sum's association follows
 # the width, so a width taken from the SM count would make the KL's bits depend on the GPU model.
 REDUCTION_WIDTH = 1024
+# Programs of a per-sample KL at most (see _splits): about one wave of PROGRAMS_PER_SM programs on
+# GPUs of 108 to 148 SMs, and within REDUCTION_WIDTH, so the last program sums every sample's
+# partials in one tile.
+PER_SAMPLE_PROGRAMS = 512
 
 # Offsets are int32 unless the last tile's offsets (up to numel + BLOCK - 1) could overflow.
 _INT32_LIMIT = 2**31 - 1 - BLOCK
@@ -80,7 +84,7 @@ def _noise_index(offsets, channels, spatial, CHANNELS_LAST: tl.constexpr):
     return index
 
 
-@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
+@triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
 def _reparameterize_kl_forward_kernel(
     mu_ptr,
     logvar_ptr,
@@ -88,7 +92,7 @@ def _reparameterize_kl_forward_kernel(
     kl_ptr,
     partials_ptr,
     counter_ptr,
-    seed,
+    seed_ptr,
     n_elements,
     sample_size,
     divisor,
@@ -101,23 +105,28 @@ def _reparameterize_kl_forward_kernel(
     INT64: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], COMPUTE)
+    if WRITE_Z:
+        # A tensor on the device, not an argument: the host never reads a drawn seed back, and a
+        # captured CUDA graph reads the key its replay's draw wrote.
+        seed = tl.load(seed_ptr)
     if KL_MODE == KL_PER_SAMPLE:
-        # One program per sample, looping over the sample's tiles (its elements are contiguous in
-        # memory in either layout). Each total is then one program's in-register sum in a fixed
-        # order: deterministic with no partials, counter or atomics. Latents have a few to a few
-        # hundred samples per batch, each of thousands of elements, so a (sample, tile) grid with
-        # a second-stage sum would buy parallelism only for tiny batches of huge samples.
+        # SPLITS programs per sample (its elements are contiguous in memory in either layout),
+        # program c of a sample owning its tiles c, c + SPLITS, ...: a batch of few large samples
+        # fills the GPU. Each total is then the sum of the sample's SPLITS partials in index order,
+        # below: deterministic, like the reduced KL.
+        sample = pid // SPLITS
         if INT64:
-            first = tl.cast(pid, tl.int64) * sample_size
+            first = tl.cast(sample, tl.int64) * sample_size
         else:
-            first = pid * sample_size
+            first = sample * sample_size
         end = first + sample_size
-        first_tile, tile_step = 0, 1
+        first_tile, tile_step = pid % SPLITS, SPLITS
         num_tiles = _num_tiles(sample_size, BLOCK, INT64)
     else:
         # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and
@@ -145,9 +154,9 @@ def _reparameterize_kl_forward_kernel(
             else:
                 acc += tl.where(mask, kl, 0.0)
 
-    if KL_MODE == KL_PER_SAMPLE:
+    if KL_MODE == KL_PER_SAMPLE and SPLITS == 1:
         tl.store(kl_ptr + pid, tl.sum(acc, axis=0))
-    if KL_MODE == KL_REDUCED:
+    elif KL_MODE == KL_REDUCED or KL_MODE == KL_PER_SAMPLE:
         # Deterministic one-launch reduction: every program publishes its partial, and the
         # program that arrives last at the counter sums all partials in index order.
         tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
@@ -159,16 +168,25 @@ def _reparameterize_kl_forward_kernel(
         if arrived == num_programs - 1:
             # Every other program's release happened before our acquire. The ".cg" loads read
             # through L2 (the coherence point) rather than a possibly stale L1 line.
-            index = tl.arange(0, MAX_PROGRAMS)
-            partials = tl.load(
-                partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
-            )
-            tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+            if KL_MODE == KL_REDUCED:
+                index = tl.arange(0, MAX_PROGRAMS)
+                partials = tl.load(
+                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
+                )
+                tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+            else:
+                # Sample s's partials are s * SPLITS ... s * SPLITS + SPLITS - 1: one row each.
+                samples = tl.arange(0, MAX_PROGRAMS // SPLITS)
+                index = samples[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
+                partials = tl.load(
+                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
+                )
+                tl.store(kl_ptr + samples, tl.sum(partials, axis=1), mask=samples * SPLITS < num_programs)
             # Ready for the next eager launch on this stream; nobody else touches it in this one.
             tl.store(counter_ptr, 0)
 
 
-@triton.jit(do_not_specialize=["seed", "divisor", "channels", "spatial"])
+@triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
 def _reparameterize_kl_backward_kernel(
     grad_z_ptr,
     grad_kl_ptr,
@@ -176,7 +194,7 @@ def _reparameterize_kl_backward_kernel(
     logvar_ptr,
     grad_mu_ptr,
     grad_logvar_ptr,
-    seed,
+    seed_ptr,
     n_elements,
     sample_size,
     divisor,
@@ -196,6 +214,8 @@ def _reparameterize_kl_backward_kernel(
     if GRAD_KL_MODE == KL_REDUCED:
         # d(reduced KL)/d(element) is the reduction's scale: one scalar read, no host sync.
         grad_kl_scalar = tl.load(grad_kl_ptr).to(COMPUTE) / divisor
+    if HAS_GRAD_Z:
+        seed = tl.load(seed_ptr)
     for tile in range(pid, num_tiles, num_programs):
         if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
             offsets = tl.cast(tile, tl.int64) * BLOCK + lanes
@@ -311,20 +331,91 @@ def _counter(device: torch.device) -> torch.Tensor:
     return _counters[key]
 
 
+def _check_seed_device(seed: torch.Tensor | None, device: torch.device) -> None:
+    # The kernels load the key through its pointer: a CPU tensor would be a bad address on a GPU.
+    if seed is None or seed.device != device:
+        got = "None" if seed is None else f"a tensor on {seed.device}"
+        raise ValueError(f"the seed must be a 0-dim int64 tensor on the latents' device ({device}), got {got}")
+
+
+# Reusable: entering it does nothing.
+_STAY = contextlib.nullcontext()
+
+
 def _on(device: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    # Triton launches on the current CUDA device, which need not be the tensors' device. Switching
+    # (torch.cuda.device's enter and exit) costs host time on every launch, so only when needed.
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _STAY
+    return torch.cuda.device(device)
+
+
+def _splits(batch: int, sample_size: int) -> int:
+    """Programs per sample of a per-sample KL: a power of two (the final sum takes the partials as
+    rows of SPLITS), at most one per tile, and at most PER_SAMPLE_PROGRAMS in all.
+
+    It follows from the shape alone, never the GPU, so a sample's total has the same bits on
+    every GPU model. A batch of PER_SAMPLE_PROGRAMS samples or more runs one program per sample.
+    """
+    limit = min(-(-sample_size // BLOCK), PER_SAMPLE_PROGRAMS // batch)
+    return 1 << (limit.bit_length() - 1) if limit > 1 else 1
+
+
+# Kernels Triton compiled, by launch key (_launch_key). Triton's JIT binds, types and specializes
+# every argument of every launch before it finds the compiled kernel (about 10 us of host time a
+# launch on a GPU host), then calls the kernel's launcher; a hit here calls the launcher directly
+# (about 3 us). ``CompiledKernel[grid](*args)`` takes every argument in signature order,
+# constexprs included (the launcher drops them), in triton 3.6 as in 3.8.
+_compiled: dict[tuple, object] = {}
+
+
+def _launch_key(kernel, device: torch.device, tensors: tuple, ints: tuple, flags: tuple) -> tuple | None:
+    """The key of a launch's compiled kernel (see _launch for the arguments), or None where only
+    Triton's JIT can tell it.
+
+    Triton specializes a launch on each pointer's dtype and 16-byte alignment, on each int's width,
+    and on whether n_elements and sample_size (the ints outside ``do_not_specialize``) are 1 or
+    multiples of 16; then on the constexprs, which follow from the dtypes and the host's ``flags``.
+    Only launches whose pointers are all aligned (torch's allocations are) and whose ints are all
+    int32 (none exceeds n_elements) get a key.
+    """
+    if ints[0] > _INT32_LIMIT or any(t.data_ptr() % 16 for t in tensors):
+        return None
+    return (kernel, device.index, *(t.dtype for t in tensors), *((n == 1, n % 16 == 0) for n in ints[:2]), *flags)
+
+
+def _launch(kernel, grid: int, device: torch.device, tensors: tuple, ints: tuple, flags: tuple, constexprs: dict):
+    """``kernel[(grid,)](*tensors, *ints, **constexprs)``: ``tensors`` are the kernel's seven
+    pointers, ``ints`` its n_elements, sample_size, divisor, channels and spatial (both kernels
+    take them in this order), ``flags`` what the host decided the constexprs from."""
+    # Only CUDA launches have a compiled kernel to keep; the interpreter compiles nothing.
+    key = _launch_key(kernel, device, tensors, ints, flags) if device.type == "cuda" else None
+    _run(kernel, grid, key, (*tensors, *ints), constexprs)
+
+
+def _run(kernel, grid: int, key: tuple | None, args: tuple, constexprs: dict) -> None:
+    """Launches through the compiled kernel of ``key`` when there is one, else through the JIT."""
+    compiled = _compiled.get(key)
+    if compiled is not None:
+        compiled[(grid, 1, 1)](*args, *constexprs.values())
+        return
+    compiled = kernel[(grid,)](*args, **constexprs, num_warps=NUM_WARPS)
+    if key is not None:
+        _compiled[key] = compiled
 
 
 def reparameterize_kl_forward(
     mu: torch.Tensor,
     logvar: torch.Tensor,
-    seed: int,
+    seed: torch.Tensor | None,
     *,
     write_z: bool,
     reduction: str | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is."""
+    """``(z, kl)`` in one launch; ``z`` is None unless ``write_z``, ``kl`` None if ``reduction`` is.
+
+    ``seed`` is the Philox key, a 0-dim int64 tensor on ``mu``'s device, read only when ``write_z``.
+    """
     device, shape, numel = mu.device, mu.shape, mu.numel()
     # The host tests these bools, not kl_mode: comparing tl.constexprs costs microseconds.
     per_sample = reduction == "per_sample"
@@ -350,39 +441,46 @@ def reparameterize_kl_forward(
         elif per_sample:
             kl.zero_()  # samples of no elements total 0, as torch's sum over empty dims
         return z, kl
+    if write_z:
+        _check_seed_device(seed, device)
 
     mu, logvar = mu.contiguous(memory_format=memory_format), logvar.contiguous(memory_format=memory_format)
-    # Per sample, one program a sample (see the kernel).
-    grid = shape[0] if per_sample else _grid(device, numel)
-    max_programs = _max_programs(device)
+    if per_sample:
+        sample_size = numel // shape[0]
+        splits = _splits(shape[0], sample_size)
+        grid = shape[0] * splits
+    else:
+        sample_size, splits = 1, 1
+        grid = _grid(device, numel)
+    # Per sample with one program a sample, each writes its total: no partials to sum.
+    summed = reduced or splits > 1
     # Unused pointers still need a tensor of the right device; the constexpr flags keep the
     # kernel from touching them.
-    partials = torch.empty(max_programs, dtype=acc_dtype, device=device) if reduced else mu
+    partials = torch.empty(grid, dtype=acc_dtype, device=device) if summed else mu
     with _on(device):
         # Under _on: stream capture is a property of the current device's current stream.
-        counter = _counter(device) if reduced else mu
-        _reparameterize_kl_forward_kernel[(grid,)](
+        counter = _counter(device) if summed else mu
+        tensors = (
             mu,
             logvar,
             z if z is not None else mu,
             kl if kl is not None else mu,
             partials,
             counter,
-            seed,
-            numel,
-            numel // shape[0] if per_sample else 1,
-            divisor,
-            channels,
-            spatial,
-            WRITE_Z=write_z,
-            KL_MODE=kl_mode,
-            COMPUTE=_compute_dtype(mu.dtype),
-            CHANNELS_LAST=channels_last,
-            INT64=numel > _INT32_LIMIT,
-            BLOCK=BLOCK,
-            MAX_PROGRAMS=_reduction_width(device),
-            num_warps=NUM_WARPS,
+            seed if write_z else mu,
         )
+        ints = (numel, sample_size, divisor, channels, spatial)
+        flags = (write_z, reduction, channels_last, splits)
+        _launch(_reparameterize_kl_forward_kernel, grid, device, tensors, ints, flags, {
+            "WRITE_Z": write_z,
+            "KL_MODE": kl_mode,
+            "COMPUTE": _compute_dtype(mu.dtype),
+            "CHANNELS_LAST": channels_last,
+            "INT64": numel > _INT32_LIMIT,
+            "BLOCK": BLOCK,
+            "MAX_PROGRAMS": _reduction_width(device),
+            "SPLITS": splits,
+        })
     return z, kl
 
 
@@ -391,7 +489,7 @@ def reparameterize_kl_backward(
     grad_kl: torch.Tensor | None,
     mu: torch.Tensor | None,
     logvar: torch.Tensor,
-    seed: int | None,
+    seed: torch.Tensor | None,
     *,
     reduction: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -409,6 +507,8 @@ def reparameterize_kl_backward(
     grad_logvar = torch.empty(shape, dtype=logvar.dtype, device=device, memory_format=memory_format)
     if numel == 0:
         return grad_mu, grad_logvar
+    if grad_z is not None:
+        _check_seed_device(seed, device)
 
     def laid_out(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=memory_format)
@@ -423,26 +523,25 @@ def reparameterize_kl_backward(
     else:
         grad_kl_mode, grad_kl = KL_ELEMENTWISE, laid_out(grad_kl)
     logvar = laid_out(logvar)
+    sample_size = numel // shape[0] if per_sample else 1
+    tensors = (
+        laid_out(grad_z) if grad_z is not None else logvar,
+        grad_kl if grad_kl is not None else logvar,
+        laid_out(mu) if grad_kl is not None else logvar,
+        logvar,
+        grad_mu,
+        grad_logvar,
+        seed if grad_z is not None else logvar,
+    )
+    ints = (numel, sample_size, divisor, channels, spatial)
+    flags = (grad_z is not None, grad_kl is not None and reduction, channels_last)
     with _on(device):
-        _reparameterize_kl_backward_kernel[(_grid(device, numel),)](
-            laid_out(grad_z) if grad_z is not None else logvar,
-            grad_kl if grad_kl is not None else logvar,
-            laid_out(mu) if grad_kl is not None else logvar,
-            logvar,
-            grad_mu,
-            grad_logvar,
-            seed if seed is not None else 0,
-            numel,
-            numel // shape[0] if per_sample else 1,
-            divisor,
-            channels,
-            spatial,
-            HAS_GRAD_Z=grad_z is not None,
-            GRAD_KL_MODE=grad_kl_mode,
-            COMPUTE=_compute_dtype(logvar.dtype),
-            CHANNELS_LAST=channels_last,
-            INT64=numel > _INT32_LIMIT,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        _launch(_reparameterize_kl_backward_kernel, _grid(device, numel), device, tensors, ints, flags, {
+            "HAS_GRAD_Z": grad_z is not None,
+            "GRAD_KL_MODE": grad_kl_mode,
+            "COMPUTE": _compute_dtype(logvar.dtype),
+            "CHANNELS_LAST": channels_last,
+            "INT64": numel > _INT32_LIMIT,
+            "BLOCK": BLOCK,
+        })
     return grad_mu, grad_logvar

@@ -223,13 +223,43 @@ def test_repeated_calls_give_the_same_bits(device, backend):
         assert torch.equal(ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend), first)
 
 
+# Few large samples, each total split across programs (the Triton kernels' _splits): a power-of-
+# two count of tiles, a count the split does not divide, a partial last tile, one sample, in both
+# accumulate dtypes; and batches either side of the limit of PER_SAMPLE_PROGRAMS programs, where
+# splitting stops (float32 only: the interpreter runs their hundreds of programs one by one).
+SPLIT_CASES = [(shape, dtype) for shape in ((2, 4, 32, 32), (1, 5003), (3, 2049))
+               for dtype in (torch.float32, torch.float64)] + [((256, 1025), torch.float32), ((257, 1025), torch.float32)]
+
+
+def test_split_count_follows_the_shape_alone():
+    pytest.importorskip("triton")
+    from fastvae.kernels import reparameterize_kl as kernels
+
+    shapes = ((2, 4096), (1, 5003), (3, 2049), (256, 1025), (257, 1025), (2, 65536), (1, 2**24))
+    assert [kernels._splits(*shape) for shape in shapes] == [4, 4, 2, 2, 1, 64, kernels.PER_SAMPLE_PROGRAMS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("shape", "dtype"), SPLIT_CASES, ids=str)
+def test_samples_split_across_programs(device, shape, dtype):
+    skip_unless_backend_runs("triton", "reparameterize_kl", device)
+    mu, logvar = sample_inputs(device, dtype, shape)
+    kl = ops.kl_divergence(mu, logvar, reduction="per_sample", backend="triton")
+    assert_close(kl.cpu(), float64_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[dtype])
+    # The same launch writing z too, and the same bits again: the partials are summed in order.
+    z, kl_with_z = ops.reparameterize_kl(mu, logvar, reduction="per_sample", seed=5, backend="triton")
+    assert torch.equal(kl_with_z, kl)
+    assert_close(z.cpu(), float64_z(mu.cpu(), logvar.cpu(), 5), GRAD_TOL[dtype])
+    assert torch.equal(ops.kl_divergence(mu, logvar, reduction="per_sample", backend="triton"), kl)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 
 
 def opcheck_cases(backend, device):
     mu, logvar = sample_inputs(device, torch.float32, (5, 3, 4, 6), requires_grad=True)
-    seed = torch.tensor(17)
+    seed = torch.tensor(17, device=device)
     grad_z, grad_kl = torch.randn(mu.shape, device=device), torch.randn(5, device=device)
     mu_, logvar_ = mu.detach(), logvar.detach()
     if backend == "triton":

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only under its interpreter
+from conftest import skip_unless_backend_runs
 
 import philox
 from fastvae import ops, reference
@@ -329,13 +330,108 @@ def test_seed_is_the_64_bit_philox_key(device, seed):
     torch.testing.assert_close(z.cpu(), expected, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_drawn_seed_stays_on_the_device(device, monkeypatch):
+    # seed=None draws the key on the latents' device and the kernels load it from there: nothing
+    # is read back to the host (no sync; a captured CUDA graph replays the draw), forward or backward.
+    mu, logvar = sample_inputs(device, torch.float32, (4, 300), requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z, _ = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    (seed,) = [t for t in saved if t is not mu and t is not logvar]
+    assert seed.device == mu.device and seed.dtype == torch.int64 and seed.dim() == 0
+    # The kernels drew eps from the key the op saved: z is the contract's noise for it.
+    eps = torch.from_numpy(philox.randn_like(int(seed), (4, 300))).double().to(device)
+    expected = mu.detach().double() + torch.exp(0.5 * logvar.detach().double()) * eps
+    torch.testing.assert_close(z.double(), expected, **dict(zip(("atol", "rtol"), Z_TOL[torch.float32])))
+
+    def read_back(self):
+        raise AssertionError("a tensor was read back to the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", read_back)
+    monkeypatch.setattr(torch.Tensor, "tolist", read_back)
+    monkeypatch.setattr(torch.Tensor, "__int__", read_back)
+    z, kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    torch.autograd.backward((z, kl), (torch.ones_like(z), torch.ones_like(kl)))
+
+
+def test_a_seed_on_another_device_is_refused():
+    # The kernels load the key through its pointer: a key elsewhere would be a bad address.
+    mu = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"0-dim int64 tensor on the latents' device \(cpu\), got a tensor on meta"):
+        kernels.reparameterize_kl_forward(mu, mu, torch.tensor(1, device="meta"), write_z=True, reduction=None)
+    with pytest.raises(ValueError, match=r"latents' device \(cpu\), got None"):
+        kernels.reparameterize_kl_backward(mu, None, None, mu, None, reduction=None)
+
+
+def _warm_stream():
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    return stream
+
+
+def test_captured_graph_replays_draw_new_noise():
+    # The draw is captured with the kernels: each replay takes a new key from torch's CUDA
+    # generator (its Philox offset advances per replay), so the noise differs from replay to replay
+    # while the KL, which has none, stays the same.
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    mu, logvar = sample_inputs("cuda", torch.float32, (16, 4, 16, 16))
+    stream = _warm_stream()
+    with torch.cuda.stream(stream):  # compiles the kernels outside the capture
+        expected_kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")[1]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        z, kl = ops.reparameterize_kl(mu, logvar, seed=None, backend="triton")
+    graph.replay()
+    first, first_kl = z.clone(), kl.clone()
+    graph.replay()
+    assert not torch.equal(z, first)
+    assert torch.equal(kl, first_kl) and torch.equal(kl, expected_kl)
+    # Both replays drew N(0, 1) noise: (z - mu) / std over 16k elements.
+    for sample in (first, z):
+        eps = (sample - mu) / torch.exp(0.5 * logvar)
+        assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05
+
+
+def test_compiled_step_is_recorded_as_a_cuda_graph():
+    # torch.compile(mode="reduce-overhead") records a CUDA graph only when no op of the step runs on
+    # the CPU or syncs: a host-drawn seed would make it skip cudagraphs (a cudagraph skip is counted).
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.nn.Linear(32, 2 * 4 * 8 * 8).cuda()
+    x = torch.randn(8, 32, device="cuda")
+
+    @torch.compile(mode="reduce-overhead", fullgraph=True)
+    def step(x):
+        mu, logvar = model(x).view(8, 2, 4, 8, 8).unbind(1)
+        z, kl = ops.reparameterize_kl(mu, logvar, reduction="batchmean", seed=None, backend="triton")
+        return z, z.square().mean() + kl
+
+    noise = []
+    for _ in range(4):
+        z, loss = step(x)
+        loss.backward()
+        noise.append(z.detach().clone())
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    manager = cudagraph_trees.get_manager(x.device.index, create_if_none_exists=False)
+    assert manager is not None and sum(len(nodes) for nodes in manager.roots.values()) >= 1
+    # The last steps replayed the recorded graphs, with new noise each time.
+    assert not torch.equal(noise[-1], noise[-2])
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library and torch.compile
 
 
 def opcheck_cases(device):
     mu, logvar = sample_inputs(device, torch.float32, (6, 50), requires_grad=True)
-    seed = torch.tensor(17)
+    seed = torch.tensor(17, device=device)
     z, kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, seed, "batchmean")
     z, kl, mu_, logvar_ = (t.detach() for t in (z, kl, mu, logvar))
     grad_z = torch.randn_like(z)
@@ -414,7 +510,7 @@ def test_eager_path_equals_the_custom_op(device, reduction):
     # custom op torch.compile traces: both must give the same bits, forward and backward.
     mu, logvar = sample_inputs(device, torch.float32, (5, 300), requires_grad=True)
     z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=9, backend="triton")
-    op_z, op_kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, torch.tensor(9), reduction)
+    op_z, op_kl = torch.ops.fastvae.triton_reparameterize_kl(mu, logvar, torch.tensor(9, device=device), reduction)
     assert torch.equal(z, op_z) and torch.equal(kl, op_kl)
     grad_outputs = (torch.randn_like(z), torch.randn_like(kl))
     for a, e in zip(grads((z, kl), (mu, logvar), grad_outputs), grads((op_z, op_kl), (mu, logvar), grad_outputs)):
@@ -422,7 +518,7 @@ def test_eager_path_equals_the_custom_op(device, reduction):
 
 
 def test_host_overhead_script_runs():
-    # bench/host_overhead.py stubs the kernels out and times the host side of each path.
+    # bench/host_overhead.py stubs the Triton kernels out and times the host side of each path.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "host_overhead.py")
     result = subprocess.run(
@@ -430,7 +526,75 @@ def test_host_overhead_script_runs():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     rows = re.findall(r"^ +(.+?) +[0-9.]+ us$", result.stdout, re.MULTILINE)
-    assert rows == ["eager path (autograd.Function)", "custom op", "fastvae.reference"]
+    assert rows == [
+        "reparameterize_kl, ops, seed=None",
+        "reparameterize_kl, ops, seed=1",
+        "reparameterize_kl, backend function",
+        "reparameterize_kl, custom op",
+        "reparameterize_kl, fastvae.reference",
+        "kl_divergence per_sample, ops",
+        "vae_loss, ops, cpp backend",
+        "vae_loss, fastvae.reference",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launches through the compiled kernel
+
+
+def _unspecialized(kernel) -> set:
+    """The kernel's do_not_specialize arguments, from a JITFunction or the interpreter's wrapper."""
+    if hasattr(kernel, "params"):
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    return set(kernel.kwargs["do_not_specialize"])
+
+
+def test_one_launch_key_is_one_jit_specialization(monkeypatch):
+    # On CUDA a launch whose key was seen before runs the kernel Triton compiled then, skipping the
+    # JIT: launches sharing a key must be ones the JIT specializes alike (pointer alignment, ints
+    # equal to 1 or divisible by 16, types, constexprs), or the kernel would run on arguments it
+    # was not compiled for. The JIT's own specialization is asked of each recorded launch.
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    launches = []
+
+    def record(kernel, grid, device, tensors, ints, flags, constexprs):
+        key = kernels._launch_key(kernel, device, tensors, ints, flags)
+        launches.append((kernel, key, (*tensors, *ints), constexprs))
+
+    monkeypatch.setattr(kernels, "_launch", record)
+    seed = torch.zeros((), dtype=torch.int64)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        for shape in ((1,), (16,), (17,), (1, 1), (3, 16), (16, 1), (2, 40), (5, 2000), (4, 4096), (2, 3, 4, 5)):
+            numel, aligned_again = int(np.prod(shape)), 16 // torch.empty((), dtype=dtype).element_size()
+            # mu and logvar each aligned, not, or 16 bytes into their storage (aligned again).
+            for mu_offset, logvar_offset in ((0, 0), (1, 0), (0, 1), (aligned_again, aligned_again)):
+                mu = torch.zeros(numel + mu_offset, dtype=dtype)[mu_offset:].view(shape)
+                logvar = torch.zeros(numel + logvar_offset, dtype=dtype)[logvar_offset:].view(shape)
+                for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean"),
+                                           (False, "per_sample"), (True, "per_sample")):
+                    kernels.reparameterize_kl_forward(mu, logvar, seed, write_z=write_z, reduction=reduction)
+                kl_dtype = acc_dtype(dtype)
+                for grad_z, grad_kl, reduction in ((mu, None, None), (None, torch.zeros(shape, dtype=kl_dtype), "none"),
+                                                   (logvar, torch.zeros((), dtype=kl_dtype), "sum"),
+                                                   (None, torch.zeros(shape[0], dtype=kl_dtype), "per_sample")):
+                    kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction=reduction)
+
+    def jit_specialization(kernel, args, constexprs):
+        unspecialized = _unspecialized(kernel)
+        types = tuple(native_specialize_impl(BaseBackend, value, False, name not in unspecialized, True)
+                      for name, value in zip(kernel.arg_names, args))
+        return types + tuple(str(getattr(value, "value", value)) for value in constexprs.values())
+
+    by_key = {}
+    for kernel, key, args, constexprs in launches:
+        if key is not None:
+            by_key.setdefault(key, set()).add(jit_specialization(kernel, args, constexprs))
+    assert all(len(specializations) == 1 for specializations in by_key.values())
+    # The cases exercise the key: misaligned launches have none, and keys are shared and distinct.
+    keyless = sum(key is None for _, key, _, _ in launches)
+    assert 0 < keyless < len(launches) and len(by_key) < len(launches) - keyless and len(by_key) > 50
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +627,7 @@ def test_the_raw_ops_refuse_an_unknown_reduction(device):
     mu = torch.zeros(2, 3, device=device)
     for call in (
         lambda: torch.ops.fastvae.triton_kl_divergence(mu, mu, "total"),
-        lambda: torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor(0), "total"),
+        lambda: torch.ops.fastvae.triton_reparameterize_kl(mu, mu, torch.tensor(0, device=device), "total"),
         lambda: torch.ops.fastvae.triton_reparameterize_kl_backward(None, mu.sum(), mu, mu, None, "total"),
     ):
         with pytest.raises(ValueError, match="reduction must be 'sum', 'batchmean', 'mean', 'per_sample', 'none'"):

@@ -27,20 +27,10 @@ from fastvae.kernels import reparameterize_kl as kernels
 TARGETS = (GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32))
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                  torch.int32: "i32"}
+                  torch.int32: "i32", torch.int64: "i64"}
 # What the host passes as MAX_PROGRAMS on any GPU of up to 256 SMs. The host passes the same on
 # CPU; pinned here so the compiled final reduction is the GPUs' whatever CPU_PROGRAMS is.
 GPU_MAX_PROGRAMS = kernels.REDUCTION_WIDTH
-
-
-class _Recorder:
-    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records instead of launching."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs))
 
 
 def _arg_type(value) -> str:
@@ -57,30 +47,39 @@ def _arg_type(value) -> str:
 
 
 def record_launches() -> list:
-    """Every launch the host wrappers make across dtypes, outputs, reductions, seeds, layouts and index widths."""
+    """Every launch the host wrappers make across dtypes, outputs, reductions, layouts and index widths,
+    as ``(kernel, args, constexprs and num_warps)``."""
     launches: list = []
-    originals = kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel
-    kernels._reparameterize_kl_forward_kernel = _Recorder(originals[0], launches)
-    kernels._reparameterize_kl_backward_kernel = _Recorder(originals[1], launches)
+    original = kernels._run
+
+    def record(kernel, grid, key, args, constexprs):
+        launches.append((kernel, args, {**constexprs, "num_warps": kernels.NUM_WARPS}))
+
+    kernels._run = record
     try:
         for dtype in DTYPES:
-            for seed in (7, 2**40 + 7):  # i32 and i64 seeds compile to different Philox keys
-                _record_dtype(dtype, seed, (4, 300))
-            _record_dtype(dtype, 7, (2, 3, 10, 10), torch.channels_last)
+            _record_dtype(dtype, (4, 300))
+            _record_dtype(dtype, (2, 3, 10, 10), torch.channels_last)
+        # Per sample: one program a sample, and a sample split across programs.
+        _record_dtype(torch.float32, (2, 4, 32, 32), kinds=((False, "per_sample"), (True, "per_sample")))
         # int64 offsets, on meta tensors (nothing allocated): a count just below 2**31, which
         # Triton passes as int32 although the offsets need int64, and one beyond it (int64).
         for numel in (2**31 - 500, 2**31 + 3000):
-            _record_dtype(torch.float32, 7, (numel,), device="meta")
+            _record_dtype(torch.float32, (numel,), device="meta")
     finally:
-        kernels._reparameterize_kl_forward_kernel, kernels._reparameterize_kl_backward_kernel = originals
+        kernels._run = original
     return launches
 
 
-def _record_dtype(dtype: torch.dtype, seed: int, shape: tuple, memory_format=torch.contiguous_format,
-                  device: str = "cpu") -> None:
+# (write_z, reduction) of the forward launches: each op's.
+_KINDS = ((True, None), (True, "sum"), (True, "none"), (False, "mean"), (False, "per_sample"), (True, "per_sample"))
+
+
+def _record_dtype(dtype: torch.dtype, shape: tuple, memory_format=torch.contiguous_format, device: str = "cpu",
+                  kinds: tuple = _KINDS) -> None:
     mu = torch.zeros(shape, dtype=dtype, device=device).to(memory_format=memory_format)
-    for write_z, reduction in ((True, None), (True, "sum"), (True, "none"), (False, "mean"), (False, "per_sample"),
-                               (True, "per_sample")):
+    seed = torch.zeros((), dtype=torch.int64, device=device)
+    for write_z, reduction in kinds:
         kernels.reparameterize_kl_forward(mu, mu, seed, write_z=write_z, reduction=reduction)
     # The KL and its gradient are in the accumulate dtype, as the forward returns them.
     kl_dtype = torch.float64 if dtype == torch.float64 else torch.float32

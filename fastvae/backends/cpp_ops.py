@@ -77,7 +77,7 @@ def _needs_noise(mu: torch.Tensor, logvar: torch.Tensor) -> bool:
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | None = None) -> torch.Tensor:
     z, _, _ = torch.ops.fastvae.reparameterize_kl.default(
-        mu, logvar, seed_tensor(seed), "sum", True, False, _needs_noise(mu, logvar)
+        mu, logvar, seed_tensor(seed, mu.device), "sum", True, False, _needs_noise(mu, logvar)
     )
     return z
 
@@ -91,7 +91,7 @@ def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum", seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     z, kl, _ = torch.ops.fastvae.reparameterize_kl.default(
-        mu, logvar, seed_tensor(seed), reduction, True, True, _needs_noise(mu, logvar)
+        mu, logvar, seed_tensor(seed, mu.device), reduction, True, True, _needs_noise(mu, logvar)
     )
     return z, kl
 

@@ -7,8 +7,8 @@ with a fake kernel and an autograd registration whose backward is itself a custo
 without the custom-op dispatch. They run on CUDA tensors, and on CPU tensors under Triton's
 interpreter (``TRITON_INTERPRET=1``).
 
-The seed reaches the ops as a 0-dim int64 CPU tensor (:func:`fastvae._seed.seed_tensor`), read
-with ``.item()`` only inside the real kernels, where a compiled graph does not trace.
+The seed reaches the ops as a 0-dim int64 tensor on the latents' device
+(:func:`fastvae._seed.seed_tensor`), which the kernels load: the host never reads it.
 """
 
 import os
@@ -57,19 +57,19 @@ def unavailable_reason(device: torch.device, op: Optional[str] = None) -> Option
 
 
 def _reparameterize_kernels(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    z, _ = _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=None)
+    z, _ = _kernels.reparameterize_kl_forward(mu, logvar, seed, write_z=True, reduction=None)
     return z
 
 
 def _kl_divergence_kernels(mu: torch.Tensor, logvar: torch.Tensor, reduction: str) -> torch.Tensor:
-    _, kl = _kernels.reparameterize_kl_forward(mu, logvar, 0, write_z=False, reduction=reduction)
+    _, kl = _kernels.reparameterize_kl_forward(mu, logvar, None, write_z=False, reduction=reduction)
     return kl
 
 
 def _reparameterize_kl_kernels(
     mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, reduction: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels.reparameterize_kl_forward(mu, logvar, seed.item(), write_z=True, reduction=reduction)
+    return _kernels.reparameterize_kl_forward(mu, logvar, seed, write_z=True, reduction=reduction)
 
 
 def _backward_kernels(
@@ -81,9 +81,7 @@ def _backward_kernels(
     reduction: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_mu, grad_logvar)``: eps is drawn again from ``seed``, mu read when ``grad_kl`` is given."""
-    return _kernels.reparameterize_kl_backward(
-        grad_z, grad_kl, mu, logvar, None if seed is None else seed.item(), reduction=reduction
-    )
+    return _kernels.reparameterize_kl_backward(grad_z, grad_kl, mu, logvar, seed, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +226,7 @@ def _call(op, function: type[torch.autograd.Function], *args):
 
 
 def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, *, seed: Optional[int]) -> torch.Tensor:
-    return _call(_reparameterize, _ReparameterizeFunction, mu, logvar, seed_tensor(seed))
+    return _call(_reparameterize, _ReparameterizeFunction, mu, logvar, seed_tensor(seed, mu.device))
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str) -> torch.Tensor:
@@ -238,4 +236,4 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str) -> 
 def reparameterize_kl(
     mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str, seed: Optional[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _call(_reparameterize_kl, _ReparameterizeKlFunction, mu, logvar, seed_tensor(seed), reduction)
+    return _call(_reparameterize_kl, _ReparameterizeKlFunction, mu, logvar, seed_tensor(seed, mu.device), reduction)
