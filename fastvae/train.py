@@ -184,10 +184,15 @@ def check_fits(what: str, needed: float, device: torch.device) -> None:
         )
 
 
+def image_bytes(images: int, image_size: int) -> int:
+    """Bytes of ``images`` float32 RGB images of ``image_size``, as the model takes them."""
+    return images * 3 * image_size**2 * 4
+
+
 def check_images_fit(option: str, value: int, images: int, image_size: int, device: torch.device) -> None:
     """``option value`` makes a grid of ``images`` decoded images of ``image_size``: refuse it if they cannot fit."""
     check_fits(f"{option} {value}: a grid of {images} images of {image_size}x{image_size}",
-               images * 3 * image_size**2 * 4 * IMAGE_COPIES, device)
+               image_bytes(images, image_size) * IMAGE_COPIES, device)
 
 
 def check_sizes_fit(args: argparse.Namespace, device: torch.device) -> None:
@@ -726,7 +731,7 @@ def data_fits_on(device: torch.device, num_images: int, image_size: int) -> bool
     its free memory for the set's float32 RGB images. A CPU reads it through a DataLoader."""
     if device.type != "cuda":
         return False
-    return num_images * 3 * image_size**2 * 4 <= DATA_ON_DEVICE_FRACTION * torch.cuda.mem_get_info(device)[0]
+    return image_bytes(num_images, image_size) <= DATA_ON_DEVICE_FRACTION * torch.cuda.mem_get_info(device)[0]
 
 
 def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):

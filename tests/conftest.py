@@ -41,6 +41,16 @@ def skip_unless_backend_runs(backend: str, op: str, device: str) -> None:
         pytest.skip(f"{backend} cannot run {op} on {device} here: {reason}")
 
 
+def load_exception_probe():
+    """bench/exception_probe.py, which runs each kind of error raised in fastvae._C in its own process."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    try:
+        import exception_probe
+    finally:
+        sys.path.pop(0)
+    return exception_probe
+
+
 @functools.cache
 def _cpp_errors_crash() -> str | None:
     """Why raising from fastvae._C would crash this process, or None when its errors reach Python.
@@ -50,11 +60,7 @@ def _cpp_errors_crash() -> str | None:
     extension ends the process, those tests are skipped saying so instead of taking the test
     worker, and tests/test_build.py fails naming the cases.
     """
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-    try:
-        import exception_probe
-    finally:
-        sys.path.pop(0)
+    exception_probe = load_exception_probe()
     failed = [o for o in map(exception_probe.run_case, exception_probe.raw_op_cases(torch.cuda.is_available()))
               if not o.ok]
     if not failed:

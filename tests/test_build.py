@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import setup  # noqa: E402  (setup.py: only defines functions unless run as __main__)
 
+from conftest import load_exception_probe  # noqa: E402
 from static_gpu_code import require_static_checks, find_tool  # noqa: E402
 
 
@@ -128,11 +129,7 @@ _needs_extension = pytest.mark.skipif(fastvae.extension_error is not None, reaso
 def test_errors_raised_in_the_extension_reach_python():
     # On the H200's stack of 2026-12-04 a raw op's failed check with a shape in its message
     # killed the process; each case runs in its own process, so a crash fails this test alone.
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import exception_probe
-    finally:
-        sys.path.pop(0)
+    exception_probe = load_exception_probe()
     outcomes = [exception_probe.run_case(case) for case in exception_probe.cases(torch.cuda.is_available())]
     assert any(o.case.name.startswith("fastvae._C") for o in outcomes)
     failed = [f"{o.case.name}: {o.result}" for o in outcomes if not o.ok]
