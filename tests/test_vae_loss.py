@@ -483,7 +483,7 @@ def test_image_and_latent_dtypes_may_differ(image_dtype, latent_dtype):
          "kl_reduction must be one of 'sum', 'batchmean', 'mean', got 'avg'"),
         (lambda a: {**a, "recon_reduction": "none"}, ValueError,
          "recon_reduction must be one of 'sum', 'batchmean', 'mean', got 'none'"),
-        (lambda a: {**a, "beta": "1"}, TypeError, "beta must be a float"),
+        (lambda a: {**a, "beta": "1"}, TypeError, "beta must be a real number, got str"),
     ],
 )
 def test_bad_inputs_raise_before_any_kernel(change, error, message):
