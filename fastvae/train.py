@@ -702,6 +702,13 @@ def run(args: argparse.Namespace) -> int:
             # DDP's reducer holds the process group. Left to be freed with this frame, after the
             # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
             net = None
+            # Where every rank leaves here together (done, diverged or stopped, all decided in a
+            # collective), none tears its connections down while another still works: a rank that
+            # did so while rank 0 wrote its grids died in gloo's teardown (SIGABRT, once in CI).
+            # A rank leaving alone (its own error) must not wait for the others.
+            leaving = sys.exc_info()[1]
+            if leaving is None or isinstance(leaving, (DivergedError, Stopped)):
+                dist.barrier()
             dist.destroy_process_group()
 
 
