@@ -17,7 +17,7 @@ import torch
 import fastvae
 from fastvae import ops, reference
 
-import philox
+from float64_math import float64_kl, float64_z, philox_eps
 
 pytestmark = pytest.mark.skipif(fastvae.extension_error is not None, reason="fastvae._C is not built")
 
@@ -44,22 +44,6 @@ def sample_inputs(device, requires_grad, dtype=torch.float32, shape=(7, 13), see
     return tuple(t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, logvar))
 
 
-def philox_eps(seed, shape):
-    return torch.from_numpy(philox.randn_like(seed, tuple(shape))).double()
-
-
-def float64_z(mu, logvar, seed):
-    mu, logvar = mu.detach().double(), logvar.detach().double()
-    return mu + torch.exp(0.5 * logvar) * philox_eps(seed, mu.shape)
-
-
-def float64_kl(mu, logvar, reduction):
-    mu, logvar = mu.detach().double(), logvar.detach().double()
-    kl = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar))
-    divisor = {"sum": 1, "batchmean": mu.shape[0], "mean": mu.numel(), "none": None}[reduction]
-    return kl if divisor is None else kl.sum() / divisor
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (2, 9, 17), (33, 1000)])
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**63 - 1])
@@ -68,7 +52,8 @@ def test_z_follows_the_noise_contract(dtype, shape, seed):
     z = ops.reparameterize(mu, logvar, seed=seed, backend="cpp")
     assert z.dtype == dtype and z.shape == mu.shape
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(z.double(), float64_z(mu, logvar, seed), atol=atol, rtol=rtol)
+    expected = float64_z(mu, logvar, philox_eps(seed, shape))
+    torch.testing.assert_close(z.double(), expected, atol=atol, rtol=rtol)
 
 
 def test_noise_is_standard_normal_and_depends_on_the_seed():
@@ -211,7 +196,8 @@ def test_empty_and_single_element(reduction):
         mu, logvar = sample_inputs("cpu", True, torch.float32, shape)
         z, kl = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=2, backend="cpp")
         torch.testing.assert_close(kl, reference.kl_divergence(mu, logvar, reduction=reduction), equal_nan=True)
-        torch.testing.assert_close(z.double(), float64_z(mu, logvar, 2), atol=4e-6, rtol=2e-6)
+        expected = float64_z(mu, logvar, philox_eps(2, shape))
+        torch.testing.assert_close(z.double(), expected, atol=4e-6, rtol=2e-6)
         grads = torch.autograd.grad((z.sum(), kl.sum()), (mu, logvar))
         assert all(g.shape == shape for g in grads)
 
@@ -239,7 +225,7 @@ def test_baseline_build_follows_the_noise_contract_too(tmp_path):
     subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
                    env=env, check=True)
     z, kl = torch.load(tmp_path / "out.pt")
-    torch.testing.assert_close(z.double(), float64_z(mu, logvar, 11), atol=4e-6, rtol=2e-6)
+    torch.testing.assert_close(z.double(), float64_z(mu, logvar, philox_eps(11, mu.shape)), atol=4e-6, rtol=2e-6)
     torch.testing.assert_close(kl.double(), float64_kl(mu, logvar, "none"), atol=1e-5, rtol=1e-5)
 
 

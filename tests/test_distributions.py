@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 import fastvae
-import philox
+from float64_math import philox_eps
 from fastvae import ops
 from fastvae.distributions import DiagonalGaussian, philox_seed
 
@@ -72,7 +72,7 @@ def float64_nll(parameters, sample, dims=(1, 2, 3)):
 
 def philox_z(parameters, seed):
     mean, logvar = split64(parameters)
-    eps = torch.from_numpy(philox.randn_like(seed, tuple(mean.shape))).double()
+    eps = philox_eps(seed, mean.shape)
     return mean + torch.exp(0.5 * logvar) * eps
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEVICES, skip_unless_backend_runs
 
-import philox
+from float64_math import float64_kl_per_sample, float64_z, philox_eps
 from fastvae import ops, reference
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,18 +40,6 @@ def sample_inputs(device, dtype, shape, requires_grad=False, seed=0):
     return tuple(t.to(device=device, dtype=dtype).requires_grad_(requires_grad) for t in (mu, logvar))
 
 
-def float64_per_sample(mu, logvar):
-    """Each sample's total, as a loop over the samples of the flattened float64 terms."""
-    mu, logvar = mu.double().flatten(1), logvar.double().flatten(1)
-    totals = [(-0.5 * (1 + lv - m * m - lv.exp())).sum() for m, lv in zip(mu, logvar)]
-    return torch.stack(totals) if totals else torch.zeros(0, dtype=torch.float64)
-
-
-def float64_z(mu, logvar, seed):
-    eps = torch.from_numpy(philox.randn_like(seed, tuple(mu.shape))).to(torch.float64)
-    return mu.double() + torch.exp(0.5 * logvar.double()) * eps
-
-
 def assert_close(actual, expected, tol):
     atol, rtol = tol
     torch.testing.assert_close(actual, expected.to(actual.dtype), atol=atol, rtol=rtol)
@@ -72,7 +60,7 @@ def test_kl_divergence_per_sample_matches_reference_and_float64(device, backend,
     assert kl.shape == (shape[0],) and kl.dtype == acc_dtype(dtype) and kl.device == mu.device
     tol = KL_TOL[acc_dtype(dtype)]
     assert_close(kl, reference.kl_divergence(mu, logvar, reduction="per_sample"), tol)
-    assert_close(kl.cpu(), float64_per_sample(mu.cpu(), logvar.cpu()), tol)
+    assert_close(kl.cpu(), float64_kl_per_sample(mu.cpu(), logvar.cpu()), tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,7 +74,7 @@ def test_reparameterize_kl_per_sample_is_both_ops_in_one(device, backend, dtype,
     # The same noise and the same per-sample sums as the separate ops, to the bit.
     assert torch.equal(z, ops.reparameterize(mu, logvar, seed=77, backend=backend))
     assert torch.equal(kl, ops.kl_divergence(mu, logvar, reduction="per_sample", backend=backend))
-    assert_close(kl.cpu(), float64_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[acc_dtype(dtype)])
+    assert_close(kl.cpu(), float64_kl_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[acc_dtype(dtype)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -130,7 +118,7 @@ def test_channels_last_latents(device, backend):
     else:
         # Triton reads the sample in memory order, as its other reductions: the same to rounding.
         assert_close(kl, kl_c, KL_TOL[torch.float32])
-    assert_close(kl.cpu(), float64_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[torch.float32])
+    assert_close(kl.cpu(), float64_kl_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[torch.float32])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +158,8 @@ def test_reparameterize_kl_per_sample_gradients_match_float64(device, backend, d
     grad_kl = torch.tensor([0.5, -1.25, 2.0], dtype=torch.float64)
     actual = grads((z, kl), (mu, logvar), (grad_z.to(device, dtype), grad_kl.to(device, kl.dtype)))
     mu64, logvar64 = (t.detach().cpu().double().requires_grad_() for t in (mu, logvar))
-    expected = grads((float64_z(mu64, logvar64, 99), float64_per_sample(mu64, logvar64)), (mu64, logvar64),
-                     (grad_z, grad_kl))
+    outputs64 = (float64_z(mu64, logvar64, philox_eps(99, shape)), float64_kl_per_sample(mu64, logvar64))
+    expected = grads(outputs64, (mu64, logvar64), (grad_z, grad_kl))
     for a, e in zip(actual, expected):
         # eps is float32 in the kernels: a few float32 ulps of z's gradient in float64.
         tol = (1e-5, 1e-5) if dtype == torch.float64 else GRAD_TOL[dtype]
@@ -245,11 +233,11 @@ def test_samples_split_across_programs(device, shape, dtype):
     skip_unless_backend_runs("triton", "reparameterize_kl", device)
     mu, logvar = sample_inputs(device, dtype, shape)
     kl = ops.kl_divergence(mu, logvar, reduction="per_sample", backend="triton")
-    assert_close(kl.cpu(), float64_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[dtype])
+    assert_close(kl.cpu(), float64_kl_per_sample(mu.cpu(), logvar.cpu()), KL_TOL[dtype])
     # The same launch writing z too, and the same bits again: the partials are summed in order.
     z, kl_with_z = ops.reparameterize_kl(mu, logvar, reduction="per_sample", seed=5, backend="triton")
     assert torch.equal(kl_with_z, kl)
-    assert_close(z.cpu(), float64_z(mu.cpu(), logvar.cpu(), 5), GRAD_TOL[dtype])
+    assert_close(z.cpu(), float64_z(mu.cpu(), logvar.cpu(), philox_eps(5, mu.shape)), GRAD_TOL[dtype])
     assert torch.equal(ops.kl_divergence(mu, logvar, reduction="per_sample", backend="triton"), kl)
 
 

@@ -17,6 +17,7 @@ from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only 
 from conftest import skip_unless_backend_runs
 
 import philox
+from float64_math import float64_kl, float64_z, philox_eps
 from fastvae import ops, reference
 
 # CPU-only torch wheels come without triton; the Triton backend then has nothing to test.
@@ -61,10 +62,6 @@ def sample_inputs(device, dtype, shape, requires_grad=False, seed=0):
     return mu, logvar
 
 
-def eps_like(seed, t):
-    return torch.from_numpy(philox.randn_like(seed, tuple(t.shape))).to(torch.float64)
-
-
 def kernel_eps(seed, like):
     """The eps the kernels draw for a tensor like ``like``, as float64 on the CPU.
 
@@ -75,27 +72,13 @@ def kernel_eps(seed, like):
     of zeros (z = 0 + exp(0) * eps, exact), after checking it against the model to float32's
     tolerance.
     """
-    expected = eps_like(seed, like)
+    expected = philox_eps(seed, like.shape)
     if like.device.type != "cuda" or like.dtype != torch.float64:
         return expected
     zeros = torch.zeros(like.shape, device=like.device, dtype=torch.float64)
     eps = ops.reparameterize(zeros, zeros, seed=seed, backend="triton").cpu()
     assert_close(eps, expected, Z_TOL[torch.float32])
     return eps
-
-
-def float64_z(mu, logvar, eps):
-    """z from float64 math with ``eps``; differentiable in mu and logvar."""
-    return mu.double() + torch.exp(0.5 * logvar.double()) * eps.to(mu.device)
-
-
-def float64_kl(mu, logvar, reduction):
-    mu, logvar = mu.double(), logvar.double()
-    elementwise = -0.5 * (1 + logvar - mu**2 - torch.exp(logvar))
-    if reduction == "none":
-        return elementwise
-    divisor = {"sum": 1, "batchmean": mu.shape[0], "mean": mu.numel()}[reduction]
-    return elementwise.sum() / divisor
 
 
 def assert_close(actual, expected, tol):
@@ -341,7 +324,7 @@ def test_a_drawn_seed_stays_on_the_device(device, monkeypatch):
     (seed,) = [t for t in saved if t is not mu and t is not logvar]
     assert seed.device == mu.device and seed.dtype == torch.int64 and seed.dim() == 0
     # The kernels drew eps from the key the op saved: z is the contract's noise for it.
-    eps = torch.from_numpy(philox.randn_like(int(seed), (4, 300))).double().to(device)
+    eps = philox_eps(int(seed), (4, 300)).to(device)
     expected = mu.detach().double() + torch.exp(0.5 * logvar.detach().double()) * eps
     torch.testing.assert_close(z.double(), expected, **dict(zip(("atol", "rtol"), Z_TOL[torch.float32])))
 
