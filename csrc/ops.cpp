@@ -17,14 +17,16 @@ TORCH_LIBRARY(fastvae, m) {
   m.def(
       "vae_loss(Tensor x_hat, Tensor x, Tensor mu, Tensor logvar, float beta, str recon, str recon_reduction,"
       " str kl_reduction, bool compute_image_grad) -> (Tensor loss, Tensor recon, Tensor kl, Tensor image_grad)");
-  // Every input gradient of vae_loss in one launch, given the gradients of loss, recon and kl:
+  // Every input gradient of vae_loss in one launch, given the gradients of loss, recon and kl
+  // (None weighs 0: autograd leaves the gradient of an output nobody used undefined, and the
+  // backward then makes no zero tensor for it):
   // grad_x_hat = image_grad scaled by grad_loss + grad_recon unless scale_image is false (the
   // caller knows that weight is 1 and uses image_grad itself; grad_x_hat is then empty), grad_x
   // when compute_grad_x (else empty): the negated image gradient for "mse" and "l1", a function of
   // x_hat (which must then be given) for "bce" and "bce_logits"; grad_mu and grad_logvar from mu
   // and logvar.
   m.def(
-      "vae_loss_backward(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor image_grad, Tensor? x_hat,"
+      "vae_loss_backward(Tensor? grad_loss, Tensor? grad_recon, Tensor? grad_kl, Tensor image_grad, Tensor? x_hat,"
       " Tensor mu, Tensor logvar, float beta, str recon, str recon_reduction, str kl_reduction, bool scale_image,"
       " bool compute_grad_x) -> (Tensor grad_x_hat, Tensor grad_x, Tensor grad_mu, Tensor grad_logvar)");
   // The same gradients with the image gradient scaled in place, so that it can become grad_x_hat
@@ -32,7 +34,7 @@ TORCH_LIBRARY(fastvae, m) {
   // synchronization). Used by the autograd when nothing else will read image_grad (grad_x not
   // needed, graph not retained).
   m.def(
-      "vae_loss_backward_(Tensor grad_loss, Tensor grad_recon, Tensor grad_kl, Tensor(a!) image_grad,"
+      "vae_loss_backward_(Tensor? grad_loss, Tensor? grad_recon, Tensor? grad_kl, Tensor(a!) image_grad,"
       " Tensor mu, Tensor logvar, float beta, str recon_reduction, str kl_reduction)"
       " -> (Tensor grad_mu, Tensor grad_logvar)");
   // z = mu + exp(0.5 * logvar) * eps with eps = tl.randn(seed, index), and the KL of the same

@@ -305,6 +305,29 @@ def test_in_place_backward_scales_the_image_gradient_and_matches_the_functional_
         torch.ops.fastvae.vae_loss_backward_(*grads, scaled.transpose(-1, -2), mu, logvar, 0.7, "mean", "mean")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("absent", [(0,), (1,), (2,), (1, 2), (0, 1, 2)])
+def test_an_absent_incoming_gradient_weighs_zero(device, absent):
+    # Autograd leaves the gradient of an unused output (recon and kl under loss.backward())
+    # undefined; the raw ops take None there as a zero, with no zero tensor made for it.
+    x_hat, x, mu, logvar = (t.detach() for t in sample_inputs(device, False, recon="bce"))
+    image_grad = x_hat - x
+    given = [torch.tensor(w, device=device) for w in (0.75, 0.5, -2.0)]
+    zeros = [torch.zeros((), device=device) if i in absent else g for i, g in enumerate(given)]
+    nones = [None if i in absent else g for i, g in enumerate(given)]
+    for scale_image, compute_grad_x in [(True, True), (False, True), (True, False)]:
+        options = (mu, logvar, 0.7, "bce", "mean", "batchmean", scale_image, compute_grad_x)
+        expected = torch.ops.fastvae.vae_loss_backward(*zeros, image_grad, x_hat, *options)
+        actual = torch.ops.fastvae.vae_loss_backward(*nones, image_grad, x_hat, *options)
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+    scaled_expected, scaled = image_grad.clone(), image_grad.clone()
+    expected = torch.ops.fastvae.vae_loss_backward_(*zeros, scaled_expected, mu, logvar, 0.7, "mean", "batchmean")
+    actual = torch.ops.fastvae.vae_loss_backward_(*nones, scaled, mu, logvar, 0.7, "mean", "batchmean")
+    for a, e in zip((scaled, *actual), (scaled_expected, *expected)):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "recon, recon_reduction", [("mse", "batchmean"), ("l1", "sum"), ("bce", "mean"), ("bce_logits", "mean")]
 )
@@ -542,10 +565,11 @@ def test_backward_is_one_operator_call(recon):
             self.calls.append(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
+    one = torch.ones_like(loss)
     with Record() as record:
-        torch.autograd.grad(loss, inputs)
-    kernels = [c for c in record.calls if "fastvae" in c]
-    assert kernels == ["fastvae.vae_loss_backward"], record.calls
+        torch.autograd.grad(loss, inputs, one)
+    # Nothing else either: recon's and kl's unused gradients are not made into zero tensors.
+    assert record.calls == ["fastvae.vae_loss_backward"]
 
 
 def test_cpp_backend_availability():

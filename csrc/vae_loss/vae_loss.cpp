@@ -33,8 +33,8 @@ VaeLossReductions check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tenso
   return parse_reductions(recon_reduction, kl_reduction);
 }
 
-VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+VaeLossReductions check_vae_loss_backward_inputs(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon,
+                                                 const IncomingGrad& grad_kl, const at::Tensor& image_grad,
                                                  const at::Tensor& mu, const at::Tensor& logvar,
                                                  std::string_view recon_reduction, std::string_view kl_reduction) {
   check_pair("mu", mu, "logvar", logvar);
@@ -47,7 +47,9 @@ VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, co
               "image_grad has shape ", image_grad.sizes(), " but mu has ", mu.sizes(),
               "; it must be the gradient of a batch of the same size (or empty)");
   const auto acc = accumulate_type(image_grad.scalar_type());
-  const auto check = [&](const char* name, const at::Tensor& grad) {
+  const auto check = [&](const char* name, const IncomingGrad& incoming) {
+    if (!incoming.has_value() || !incoming->defined()) return;
+    const at::Tensor& grad = *incoming;
     TORCH_CHECK(grad.dim() == 0, name, " must be 0-dimensional, got shape ", grad.sizes());
     TORCH_CHECK(grad.scalar_type() == acc, name, " is ", grad.scalar_type(), " but the output it is the gradient of is ",
                 acc);
@@ -59,8 +61,8 @@ VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, co
   return parse_reductions(recon_reduction, kl_reduction);
 }
 
-VaeLossReductions check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+VaeLossReductions check_vae_loss_backward_inplace_inputs(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon,
+                                                         const IncomingGrad& grad_kl, const at::Tensor& image_grad,
                                                          const at::Tensor& mu, const at::Tensor& logvar,
                                                          std::string_view recon_reduction,
                                                          std::string_view kl_reduction) {

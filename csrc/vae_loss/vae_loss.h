@@ -44,19 +44,35 @@ VaeLossReductions check_vae_loss_inputs(const at::Tensor& x_hat, const at::Tenso
                                         const at::Tensor& logvar, std::string_view recon_reduction,
                                         std::string_view kl_reduction);
 
+// An incoming gradient of (loss, recon or kl) may be absent: autograd leaves the gradient of an
+// output nobody used undefined, and it weighs 0. The kernels read a present one through its
+// pointer (a CUDA backward on the device, so it needs no host synchronization) and take a null
+// pointer as 0, so that no backward makes a zero tensor (on a GPU, one more launch per call).
+using IncomingGrad = std::optional<at::Tensor>;
+
+template <typename acc_t>
+const acc_t* incoming_grad_ptr(const IncomingGrad& grad) {
+  return grad.has_value() && grad->defined() ? grad->const_data_ptr<acc_t>() : nullptr;
+}
+
+template <typename acc_t>
+acc_t incoming_grad_value(const IncomingGrad& grad) {
+  const acc_t* value = incoming_grad_ptr<acc_t>(grad);
+  return value != nullptr ? *value : acc_t(0);
+}
+
 // The backward's inputs: image_grad (x's dtype, as the forward wrote it, or empty when no image
-// gradient is needed) next to mu/logvar, and the incoming gradients of (loss, recon, kl): 0-dim
-// tensors of x's accumulate type (kl is returned in it too) on the same device, read by the
-// kernels on the device, so a CUDA backward needs no host synchronization.
-VaeLossReductions check_vae_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                 const at::Tensor& grad_kl, const at::Tensor& image_grad,
+// gradient is needed) next to mu/logvar, and the incoming gradients of (loss, recon, kl), each
+// absent or a 0-dim tensor of x's accumulate type (kl is returned in it too) on the same device.
+VaeLossReductions check_vae_loss_backward_inputs(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon,
+                                                 const IncomingGrad& grad_kl, const at::Tensor& image_grad,
                                                  const at::Tensor& mu, const at::Tensor& logvar,
                                                  std::string_view recon_reduction, std::string_view kl_reduction);
 
 // The same for vae_loss_backward_, which scales image_grad in place: it must also be the
 // contiguous tensor the forward wrote.
-VaeLossReductions check_vae_loss_backward_inplace_inputs(const at::Tensor& grad_loss, const at::Tensor& grad_recon,
-                                                         const at::Tensor& grad_kl, const at::Tensor& image_grad,
+VaeLossReductions check_vae_loss_backward_inplace_inputs(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon,
+                                                         const IncomingGrad& grad_kl, const at::Tensor& image_grad,
                                                          const at::Tensor& mu, const at::Tensor& logvar,
                                                          std::string_view recon_reduction,
                                                          std::string_view kl_reduction);

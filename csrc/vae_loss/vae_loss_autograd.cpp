@@ -10,7 +10,6 @@
 #include <string_view>
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/zeros.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -36,15 +35,16 @@ Tensors4 call_vae_loss(const at::Tensor& x_hat, const at::Tensor& x, const at::T
   return op.call(x_hat, x, mu, logvar, beta, recon, recon_reduction, kl_reduction, compute_image_grad);
 }
 
-Tensors4 call_vae_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
-                                const at::Tensor& image_grad, const std::optional<at::Tensor>& x_hat,
-                                const at::Tensor& mu, const at::Tensor& logvar, double beta, c10::string_view recon,
+Tensors4 call_vae_loss_backward(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon,
+                                const IncomingGrad& grad_kl, const at::Tensor& image_grad,
+                                const std::optional<at::Tensor>& x_hat, const at::Tensor& mu,
+                                const at::Tensor& logvar, double beta, c10::string_view recon,
                                 c10::string_view recon_reduction, c10::string_view kl_reduction, bool scale_image,
                                 bool compute_grad_x) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastvae::vae_loss_backward", "")
-          .typed<Tensors4(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+          .typed<Tensors4(const IncomingGrad&, const IncomingGrad&, const IncomingGrad&, const at::Tensor&,
                           const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double,
                           c10::string_view, c10::string_view, c10::string_view, bool, bool)>();
   return op.call(grad_loss, grad_recon, grad_kl, image_grad, x_hat, mu, logvar, beta, recon, recon_reduction,
@@ -52,13 +52,13 @@ Tensors4 call_vae_loss_backward(const at::Tensor& grad_loss, const at::Tensor& g
 }
 
 std::tuple<at::Tensor, at::Tensor> call_vae_loss_backward_inplace(
-    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl, at::Tensor& image_grad,
+    const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl, at::Tensor& image_grad,
     const at::Tensor& mu, const at::Tensor& logvar, double beta, c10::string_view recon_reduction,
     c10::string_view kl_reduction) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastvae::vae_loss_backward_", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,
+                                 const IncomingGrad&, const IncomingGrad&, const IncomingGrad&, at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, double, c10::string_view, c10::string_view)>();
   return op.call(grad_loss, grad_recon, grad_kl, image_grad, mu, logvar, beta, recon_reduction, kl_reduction);
 }
@@ -100,16 +100,9 @@ class VaeLossFunction : public torch::autograd::Function<VaeLossFunction> {
     TORCH_CHECK(!(needs_x_hat || needs_x) || ctx->saved_data["compute_image_grad"].toBool(),
                 "fastvae::vae_loss was called with compute_image_grad=False, so it cannot give x_hat or x a "
                 "gradient");
-    at::Tensor zero;
-    const auto defined_or_zero = [&](const at::Tensor& grad) {
-      if (grad.defined()) return grad;
-      if (!zero.defined()) {
-        zero = at::zeros({}, image_grad.options().dtype(accumulate_type(image_grad.scalar_type())));
-      }
-      return zero;
-    };
-    const at::Tensor grad_loss = defined_or_zero(grads[0]), grad_recon = defined_or_zero(grads[1]),
-                     grad_kl = defined_or_zero(grads[2]);
+    // The gradient of an output nobody used is undefined, passed on as absent (weight 0).
+    const auto incoming = [](const at::Tensor& grad) { return grad.defined() ? IncomingGrad(grad) : std::nullopt; };
+    const IncomingGrad grad_loss = incoming(grads[0]), grad_recon = incoming(grads[1]), grad_kl = incoming(grads[2]);
     const double beta = ctx->saved_data["beta"].toDouble();
     const std::string& recon = ctx->saved_data["recon"].toStringRef();
     const std::string& recon_reduction = ctx->saved_data["recon_reduction"].toStringRef();

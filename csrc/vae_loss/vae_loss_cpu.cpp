@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cpu(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+    const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl,
     const at::Tensor& image_grad_in, const std::optional<at::Tensor>& x_hat_in, const at::Tensor& mu_in,
     const at::Tensor& logvar_in, double beta, c10::string_view recon_name, c10::string_view recon_reduction,
     c10::string_view kl_reduction, bool scale_image, bool compute_grad_x) {
@@ -214,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
           image_grad.const_data_ptr<image_t>(), needs_x_hat ? x_hat.const_data_ptr<image_t>() : nullptr,
           scale_image || compute_grad_x ? image_grad.numel() : 0, reduction_divisor(reductions.recon, image_grad),
           /*skip_unit_weight=*/false, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
-          *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
-          *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reductions.kl, mu),
+          incoming_grad_value<image_acc>(grad_loss), incoming_grad_value<image_acc>(grad_recon),
+          incoming_grad_value<image_acc>(grad_kl), beta, reduction_divisor(reductions.kl, mu),
           scale_image ? grad_x_hat.mutable_data_ptr<image_t>() : nullptr,
           compute_grad_x ? grad_x.mutable_data_ptr<image_t>() : nullptr, grad_mu.mutable_data_ptr<latent_t>(),
           grad_logvar.mutable_data_ptr<latent_t>());
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cpu
 }
 
 std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl, at::Tensor& image_grad,
+    const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl, at::Tensor& image_grad,
     const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta, c10::string_view recon_reduction,
     c10::string_view kl_reduction) {
   const VaeLossReductions reductions = check_vae_loss_backward_inplace_inputs(
@@ -239,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cpu(
     vae_loss_backward<Recon::Mse, image_t, latent_t>(
         data, /*x_hat=*/nullptr, image_grad.numel(), reduction_divisor(reductions.recon, image_grad),
         /*skip_unit_weight=*/true, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
-        *grad_loss.const_data_ptr<image_acc>(), *grad_recon.const_data_ptr<image_acc>(),
-        *grad_kl.const_data_ptr<image_acc>(), beta, reduction_divisor(reductions.kl, mu), /*grad_x_hat=*/data,
+        incoming_grad_value<image_acc>(grad_loss), incoming_grad_value<image_acc>(grad_recon),
+        incoming_grad_value<image_acc>(grad_kl), beta, reduction_divisor(reductions.kl, mu), /*grad_x_hat=*/data,
         /*grad_x=*/nullptr, grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
   });
   return {grad_mu, grad_logvar};

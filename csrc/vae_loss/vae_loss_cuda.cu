@@ -198,12 +198,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<image_t, latent_t>) 
   using P = Pack<image_t, kVec>;
   constexpr bool kNegated = recon_grad_target_is_negated(kTarget);
   // The image term appears in loss and recon, the KL term in loss (times beta) and kl; image_scale
-  // is what the forward left out of image_grad.
-  const image_acc g_loss = *grad_loss;
-  const image_acc g_image = g_loss + *grad_recon;
+  // is what the forward left out of image_grad. An absent incoming gradient is a null pointer.
+  const image_acc g_loss = grad_loss != nullptr ? *grad_loss : image_acc(0);
+  const image_acc g_image = g_loss + (grad_recon != nullptr ? *grad_recon : image_acc(0));
   const image_acc image_weight = g_image * image_scale;
   const image_acc target_weight = g_image * inverse_divisor;
-  const latent_acc kl_weight = static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + *grad_kl) /
+  const image_acc g_kl = grad_kl != nullptr ? *grad_kl : image_acc(0);
+  const latent_acc kl_weight = static_cast<latent_acc>(static_cast<image_acc>(beta) * g_loss + g_kl) /
                                static_cast<latent_acc>(latent_divisor);
   // In place, a weight of 1 (loss.backward()) leaves the image gradient as it is: the image is
   // neither read nor written. The weight is the same for every thread, so no thread diverges.
@@ -331,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_cuda(
 // One launch of vae_loss_backward_kernel: grad_x_hat (may be image_grad itself) and grad_x where
 // not null, and grad_mu, grad_logvar. x_hat is read for the BCE forms' grad_x only.
 template <typename image_t, typename latent_t>
-void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+void launch_backward(const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl,
                      const image_t* image_grad, const image_t* x_hat, Recon target, int64_t n_image,
                      double image_divisor, bool skip_unit_weight, const at::Tensor& mu, const at::Tensor& logvar,
                      double beta, double latent_divisor, image_t* grad_x_hat, image_t* grad_x, at::Tensor& grad_mu,
@@ -347,8 +348,8 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, 
       image_grad_includes_divisor(c10::CppTypeToScalarType<image_t>::value) ? image_acc(1) : inverse_divisor;
   const auto launch = [&](auto kernel) {
     kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        grad_loss.const_data_ptr<image_acc>(), grad_recon.const_data_ptr<image_acc>(),
-        grad_kl.const_data_ptr<image_acc>(), image_scale, inverse_divisor, beta, latent_divisor, image_grad, x_hat,
+        incoming_grad_ptr<image_acc>(grad_loss), incoming_grad_ptr<image_acc>(grad_recon),
+        incoming_grad_ptr<image_acc>(grad_kl), image_scale, inverse_divisor, beta, latent_divisor, image_grad, x_hat,
         n_image, skip_unit_weight, mu.const_data_ptr<latent_t>(), logvar.const_data_ptr<latent_t>(), mu.numel(),
         grad_x_hat, grad_x, grad_mu.mutable_data_ptr<latent_t>(), grad_logvar.mutable_data_ptr<latent_t>());
   };
@@ -367,7 +368,7 @@ void launch_backward(const at::Tensor& grad_loss, const at::Tensor& grad_recon, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl,
+    const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl,
     const at::Tensor& image_grad_in, const std::optional<at::Tensor>& x_hat_in, const at::Tensor& mu_in,
     const at::Tensor& logvar_in, double beta, c10::string_view recon_name, c10::string_view recon_reduction,
     c10::string_view kl_reduction, bool scale_image, bool compute_grad_x) {
@@ -395,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_backward_cud
 }
 
 std::tuple<at::Tensor, at::Tensor> vae_loss_backward_inplace_cuda(
-    const at::Tensor& grad_loss, const at::Tensor& grad_recon, const at::Tensor& grad_kl, at::Tensor& image_grad,
+    const IncomingGrad& grad_loss, const IncomingGrad& grad_recon, const IncomingGrad& grad_kl, at::Tensor& image_grad,
     const at::Tensor& mu_in, const at::Tensor& logvar_in, double beta, c10::string_view recon_reduction,
     c10::string_view kl_reduction) {
   const VaeLossReductions reductions = check_vae_loss_backward_inplace_inputs(
