@@ -154,11 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fastvae.checkpoint import CheckpointError
     from fastvae.data import DataError
-    from fastvae.train import ConfigError, DivergedError, Stopped
+    from fastvae.train import ConfigError, DivergedError, RankZeroFailed, Stopped
 
     try:
         return run(args)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, CheckpointError, RankZeroFailed) as exc:
         print(f"fastvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the run could not write after all: a full disk, a folder in the way

@@ -94,6 +94,11 @@ class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class RankZeroFailed(RuntimeError):
+    """Under DDP, rank 0, the one that writes the run's files, could not (it says why): the other
+    ranks stop with it rather than in their next collective."""
+
+
 class Stopped(Exception):
     """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
     the status of a process the signal killed, so that a scheduler sees what it expects."""
@@ -469,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = writer = progress = None
     terminated: list[int] = []  # SIGTERM's number, once it comes
+    rank_zero_failed = False  # under DDP, rank 0 could not write the run's files, and every rank knows it
     sigterm_handler = None
     try:
         if distributed:
@@ -659,27 +665,41 @@ def run(args: argparse.Namespace) -> int:
                     eval_loss = verdict.item()
                 if not math.isfinite(eval_loss):
                     raise DivergedError(f"held-out loss is {eval_loss} at step {step}; stopped ({_kept(ckpt_path)})")
-            if evaluating and master:
-                grids = write_grids(model, grid_images, out, step, args.seed)
+            write_error = None
             if (evaluating or stopping) and master:
-                if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
-                    writer.flush()
-                checkpoint.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "step": step,
-                        "config": model.config,
-                        "rng": checkpoint.rng_state(),
-                        "data": data_record,
-                        "args": {
-                            **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-                            "beta_period": beta_period,
+                try:
+                    if evaluating:
+                        grids = write_grids(model, grid_images, out, step, args.seed)
+                    if writer is not None:  # TensorBoard's events as far as the checkpoint, as metrics.jsonl's
+                        writer.flush()
+                    checkpoint.save(
+                        {
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "step": step,
+                            "config": model.config,
+                            "rng": checkpoint.rng_state(),
+                            "data": data_record,
+                            "args": {
+                                **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                                "beta_period": beta_period,
+                            },
                         },
-                    },
-                    ckpt_path,
-                )
+                        ckpt_path,
+                    )
+                except Exception as exc:  # a full disk, say: under DDP the other ranks must hear of it
+                    if not distributed:
+                        raise
+                    write_error = exc
+            if distributed and (evaluating or stopping):
+                failed = torch.tensor(float(write_error is not None), device=device)
+                dist.broadcast(failed, 0)
+                if failed.item():
+                    rank_zero_failed = True
+                    if master:
+                        raise write_error
+                    raise RankZeroFailed("rank 0 could not write the run's files (its line says why); stopped with it")
             if stopping:
                 message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
                 raise Stopped(message, signal.SIGTERM)
@@ -702,12 +722,12 @@ def run(args: argparse.Namespace) -> int:
             # DDP's reducer holds the process group. Left to be freed with this frame, after the
             # group is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
             net = None
-            # Where every rank leaves here together (done, diverged or stopped, all decided in a
-            # collective), none tears its connections down while another still works: a rank that
-            # did so while rank 0 wrote its grids died in gloo's teardown (SIGABRT, once in CI).
-            # A rank leaving alone (its own error) must not wait for the others.
+            # Where every rank leaves here together (done, diverged, stopped or rank 0's write
+            # failed, all decided in a collective), none tears its connections down while another
+            # still works: a rank that did so while rank 0 wrote its grids died in gloo's teardown
+            # (SIGABRT, once in CI). A rank leaving alone (its own error) must not wait for the others.
             leaving = sys.exc_info()[1]
-            if leaving is None or isinstance(leaving, (DivergedError, Stopped)):
+            if leaving is None or isinstance(leaving, (DivergedError, Stopped)) or rank_zero_failed:
                 dist.barrier()
             dist.destroy_process_group()
 

@@ -319,6 +319,33 @@ def test_a_nan_held_out_loss_stops_every_process_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+def test_a_failed_write_on_rank_0_stops_every_process_in_one_line_each(tmp_path):
+    # Rank 0 alone writes the run's files: when its checkpoint does not fit, rank 1 must stop
+    # with it, not die in its next collective.
+    wide = ["--hidden-dims", "8,256", "--every", "2"]
+    train_on_two_processes(tmp_path / "run", "--steps", 2, *wide)
+    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    script = tmp_path / "rank_0_disk_full.py"
+    script.write_text(
+        "import os, resource, signal, sys\n"
+        "from fastvae.cli import main\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"    limit = ({len(good) // 2}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, limit)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = run_on_two_processes(tmp_path / "run", "--steps", 6, *wide, "--resume", program=(str(script),))
+    assert result.returncode != 0
+    # Each rank says it; a line may land right after rank 0's progress bar on one line.
+    assert f"fastvae train: error: {tmp_path / 'run' / 'ckpt.pt'}: File too large\n" in result.stderr, result.stderr
+    assert ("fastvae train: error: rank 0 could not write the run's files (its line says why); stopped with it\n"
+            in result.stderr), result.stderr[-3000:]
+    assert not re.search(f'File "{OWN_SOURCE}"', result.stderr), result.stderr[-3000:]
+    assert "gloo" not in result.stderr, result.stderr[-3000:]
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+
+
 def test_training_into_a_run_without_resume_or_overwrite_is_refused(tmp_path, capsys):
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     before = {name: (tmp_path / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
