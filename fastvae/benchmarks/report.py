@@ -12,12 +12,14 @@ import torch
 from fastvae.benchmarks.measure import Row
 
 _METHOD_ORDER = ("eager", "compile", "compile-ro", "fused", "fused+compile", "fused+compile-ro", "floor")
+_METHOD_RANK = {method: i for i, method in enumerate(_METHOD_ORDER)}
 _PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
 
 
 def row_order(row: Row) -> tuple:
-    """Sort key that puts the methods of one op, size and pass next to each other."""
-    return (row.op, row.numel, _PASS_ORDER.index(row.pass_), _METHOD_ORDER.index(row.method))
+    """Sort key that puts the methods of one op, size and pass next to each other; a method
+    _METHOD_ORDER does not name (one just added to a case) comes after those it does."""
+    return (row.op, row.numel, _PASS_ORDER.index(row.pass_), _METHOD_RANK.get(row.method, len(_METHOD_RANK)), row.method)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -108,15 +110,14 @@ def write_results(path: str, rows: list[Row], bandwidth: float | None, env: dict
         json.dump({**env, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows]}, f, indent=1)
 
 
-def plot(path: str, rows: list[Row], title: str) -> None:
-    """Speedup over eager against size, one line per op and method (fwd+bwd)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def speedup_figure(rows: list[Row], title: str):
+    """Speedup over eager against size, one line per op and method (fwd+bwd); a note in place of
+    the legend where the rows hold no such pair (training steps alone, or one method alone)."""
+    from matplotlib.figure import Figure
 
     eager = {(r.op, r.size): r.median_s for r in rows if r.method == "eager" and r.pass_ == "fwd+bwd"}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for op in sorted({r.op for r in rows if r.op != "train_step"}):
         for method in ("compile", "fused"):
             points = sorted(
@@ -131,7 +132,15 @@ def plot(path: str, rows: list[Row], title: str) -> None:
     ax.set_xlabel("elements")
     ax.set_ylabel("speedup over eager (forward + backward)")
     ax.set_title(title)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no forward + backward case timed against eager in this run",
+                ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot(path: str, rows: list[Row], title: str) -> None:
+    """Writes speedup_figure to ``path``."""
+    speedup_figure(rows, title).savefig(path, dpi=120)
