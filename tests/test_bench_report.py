@@ -59,7 +59,8 @@ def test_each_op_and_method_is_a_labelled_series_of_speedups_over_eager(tmp_path
     legend = ax.get_legend()
     assert legend is not None
     assert [text.get_text() for text in legend.get_texts()] == ["vae_loss compile", "vae_loss fused"]
-    series = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines() if not line.get_label().startswith("_")}
+    series = {line.get_label(): line.get_xydata().tolist() for line in ax.get_lines()
+              if not line.get_label().startswith("_")}
     n = 3 * 64 * 64
     assert series == {"vae_loss compile": [[16 * n, 2.0]], "vae_loss fused": [[16 * n, 4.0], [128 * n, 3.0]]}
     assert len(ax.texts) == 0

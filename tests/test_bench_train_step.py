@@ -35,7 +35,11 @@ def test_a_new_method_is_built_once_timed_and_reported(monkeypatch):
         return step
 
     methods = train_step.methods
-    monkeypatch.setattr(train_step, "methods", lambda device, compile_: {**methods(device, compile_), "fused+graphed": ("auto", graphed_step)})
+
+    def with_graphed(device: torch.device, compile_: bool):
+        return {**methods(device, compile_), "fused+graphed": ("auto", graphed_step)}
+
+    monkeypatch.setattr(train_step, "methods", with_graphed)
     cases = {c.method: c for c in train_step.train_cases(CPU, batch=2, compile_=False)}
     assert list(cases) == ["eager", "fused", "fused+graphed"]
     case = cases["fused+graphed"]

@@ -6,10 +6,14 @@ import json
 import platform
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastvae.benchmarks.measure import Row
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _METHOD_ORDER = ("eager", "compile", "compile-ro", "fused", "fused+compile", "fused+compile-ro", "floor")
 _METHOD_RANK = {method: i for i, method in enumerate(_METHOD_ORDER)}
@@ -110,9 +114,10 @@ def write_results(path: str, rows: list[Row], bandwidth: float | None, env: dict
         json.dump({**env, "copy_bandwidth_bytes_per_s": bandwidth, "rows": [asdict(r) for r in rows]}, f, indent=1)
 
 
-def speedup_figure(rows: list[Row], title: str):
+def speedup_figure(rows: list[Row], title: str) -> Figure:
     """Speedup over eager against size, one line per op and method (fwd+bwd); a note in place of
     the legend where the rows hold no such pair (training steps alone, or one method alone)."""
+    # A Figure of its own rather than pyplot's: no process-wide backend to switch, none left open.
     from matplotlib.figure import Figure
 
     eager = {(r.op, r.size): r.median_s for r in rows if r.method == "eager" and r.pass_ == "fwd+bwd"}
