@@ -202,3 +202,12 @@ def test_python_m_fastvae(tmp_path):
     assert "Traceback" not in result.stderr
     expected = f"fastvae sample: error: {tmp_path / 'none.pt'}: no such checkpoint"
     assert result.stderr.strip().splitlines()[-1] == expected
+
+
+def test_python_m_fastvae_bench_loads_its_command():
+    # Only the chosen command's module is imported: --help is where a wrong module path shows.
+    result = subprocess.run([sys.executable, "-m", "fastvae", "bench", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fastvae bench [-h] [--device DEVICE] [--rounds ROUNDS] [--full]")
+    assert "Time the fused ops and the training step against eager PyTorch" in result.stdout
