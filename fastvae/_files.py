@@ -28,7 +28,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A kill or an error at any point leaves either the old file or the new one, whole, and no
-    temporary file after an error.
+    temporary file after an error. An OSError of the write (a full disk, a file too large, a
+    folder refusing the temporary) names ``path``, not the temporary nor no file at all.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -38,6 +39,12 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
+            raise
+        # OSError(errno, ...) comes back as the same subclass (FileNotFoundError, ...).
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
