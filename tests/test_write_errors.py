@@ -54,3 +54,10 @@ def test_an_error_about_another_file_keeps_its_name(tmp_path):
         _files.write_atomically(tmp_path / "out.bin", copy_missing)
     assert caught.value.filename == str(tmp_path / "missing.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_lock_that_does_not_fit_is_named(tmp_path):
+    # The run's folder takes an empty file (its check), but not the lock's few words.
+    out = tmp_path / "run"
+    result = fastvae_with_file_size_limit(5, "train", *TINY, "--out", out, "--steps", 1)
+    assert_one_line(result, "train", f"{out / '.fastvae.lock'}: File too large")
