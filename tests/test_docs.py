@@ -67,13 +67,17 @@ def broken_links(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_relative_link_and_anchor_resolves(path):
-    assert links(path), f"{path} has no links: the checker found nothing to check"
     assert broken_links(path) == []
 
 
-def test_docs_are_found():
+def test_the_checker_reads_the_docs_links():
     names = {p.name for p in DOCS}
     assert {"README.md", "api.md", "cli.md", "performance.md", "gpu.md"} <= names
+    relative = [t for p in DOCS for t in links(p) if not _EXTERNAL.match(t)]
+    # README.md alone links each docs page and an anchor or two: far fewer found means the link
+    # pattern stopped matching, and the check above would pass on nothing.
+    assert len(relative) >= 20
+    assert any("#" in t for t in links(ROOT / "README.md"))
 
 
 @pytest.mark.parametrize(
