@@ -63,9 +63,9 @@ def run(args: argparse.Namespace) -> int:
             batches, on_device = inputs.batches_from(step, device, args)
             net = world.wrap(model, device)
             train_step = build_step(args.compile, net, optimizer, scaler, autocast, loss, device)
-            log = None
+            log = resources.enter_context(closing(run_folder.MetricsLog(out, step, overwrite=args.overwrite))) \
+                if world.master else None
             if world.master:
-                log = resources.enter_context(closing(run_folder.MetricsLog(out, step, overwrite=args.overwrite)))
                 print(_banner(args, device, world, model, inputs, step, total_steps, on_device))
             if step >= total_steps:
                 if world.master:
@@ -109,9 +109,7 @@ def run(args: argparse.Namespace) -> int:
                 progress.restart_clock(step)
             progress.close()
             if world.master:
-                print(f"done: step {step}; held-out loss {results['eval_loss']:.4g} (recon {results['eval_recon']:.4g}, "
-                      f"kl {results['eval_kl']:.4g}), {results['active_units']}/{args.latent_dim} active latent units; "
-                      f"wrote {ckpt_path}, {', '.join(str(p) for p in grids)}")
+                print(_done(step, results, args.latent_dim, [ckpt_path, *grids]))
             return 0
     finally:
         # DDP's reducer holds the process group. Left to be freed with this frame, after the group
@@ -130,4 +128,12 @@ def _banner(args: argparse.Namespace, device: torch.device, world: World, model:
         f"({params / 1e6:.2f}M params), batch {args.batch_size}, steps {step} -> {total_steps}, into {Path(args.out)}"
         f"{'; data kept on ' + str(device) if on_device else ''}"
         f"{'; compiled, ' + args.compile if args.compile != 'off' else ''}"
+    )
+
+
+def _done(step: int, results: dict, latent_dim: int, written: list[Path]) -> str:
+    return (
+        f"done: step {step}; held-out loss {results['eval_loss']:.4g} (recon {results['eval_recon']:.4g}, "
+        f"kl {results['eval_kl']:.4g}), {results['active_units']}/{latent_dim} active latent units; "
+        f"wrote {', '.join(str(p) for p in written)}"
     )
