@@ -41,6 +41,8 @@ SAME_RUN_OPTIONS = (
     "data", "train_size", "eval_size", "batch_size", "seed", "lr", "beta", "beta_schedule", "beta_period",
     "free_bits", "reduction", "recon_reduction", "kl_reduction",
 )
+
+
 def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
     """Make the --out folder and, with ``lock``, hold it for the run (until the returned file is
     closed, or the process dies), or raise ConfigError saying why the run cannot write there:
