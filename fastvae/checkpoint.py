@@ -275,8 +275,6 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             where = f"{key} of parameter {index}"
             if not torch.is_tensor(value):
                 raise ValueError(f"{where} is a {type(value).__name__}, not a tensor")
-            if not value.is_floating_point():
-                raise ValueError(f"{where} is a tensor of {value.dtype}, where floating point belongs")
             if not bool(value.isfinite().all()):
                 raise ValueError(f"{where} is not finite")
             if value.dim() > 0 and value.shape != param.shape:
@@ -290,7 +288,7 @@ def _check_scaler_state(state: object) -> None:
         raise ValueError(f"it should be a dict, got {type(state).__name__}")
     for key, value in state.items():
         if not _is_real(value) or value < 0:
-            raise ValueError(f"its {key} is {value!r}, where a finite number >= 0 belongs")
+            raise ValueError(f"{key} is {value!r}, where a finite number >= 0 belongs")
 
 
 def rng_state() -> dict:
