@@ -47,6 +47,14 @@ def fastvae(*argv):
                           text=True, timeout=300)
 
 
+def use(folder, command):
+    """Run ``command`` (sample, reconstruct, or resume: train --resume) on the folder's ckpt.pt, in a
+    process of its own; the name it reports under, and its result."""
+    if command == "resume":
+        return "train", fastvae("train", *TINY, "--out", folder, "--resume", "--steps", 8)
+    return command, fastvae(command, "--checkpoint", folder / "ckpt.pt", "--out", folder / "x.png")
+
+
 def record_span(path, name_ends):
     """(start, end) in the file of the bytes of the zip record whose name ends with ``name_ends``,
     or of the largest tensor record for "data/"."""
@@ -152,11 +160,7 @@ def test_a_damaged_checkpoint_is_one_line_from_the_cli(copy, command):
     path = copy / "ckpt.pt"
     damage_at(path, "tensor middle")
     before = path.read_bytes()
-    if command == "resume":
-        result = fastvae("train", *TINY, "--out", copy, "--resume", "--steps", 8)
-        command = "train"
-    else:
-        result = fastvae(command, "--checkpoint", path, "--out", copy / "x.png")
+    command, result = use(copy, command)
     assert result.returncode == 2
     assert result.stderr == f"fastvae {command}: error: {path}: {DAMAGED}\n"
     assert path.read_bytes() == before and not (copy / "x.png").exists()
@@ -286,11 +290,7 @@ def test_fuzzed_checkpoints_fail_only_as_checkpoint_errors(copy):
 def test_random_bytes_are_one_line_from_the_cli(copy, command):
     path = copy / "ckpt.pt"
     path.write_bytes(_random(random.Random(1), 5000))
-    if command == "resume":
-        result = fastvae("train", *TINY, "--out", copy, "--resume", "--steps", 8)
-        command = "train"
-    else:
-        result = fastvae(command, "--checkpoint", path, "--out", copy / "x.png")
+    command, result = use(copy, command)
     assert result.returncode == 2
     assert result.stderr.startswith(f"fastvae {command}: error: {path}: not a ") and result.stderr.count("\n") == 1
 
