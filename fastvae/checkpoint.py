@@ -111,7 +111,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_digest(checkpoint: dict, path: Path) -> None:
-    """Remove the checkpoint's digest after checking it against its contents; warn, once, about a
+    """Remove the checkpoint's digest after checking it against its contents; warn about a
     file written before checkpoints carried one."""
     if "digest" not in checkpoint:
         unknown = sorted(map(str, set(checkpoint) - UNDIGESTED_KEYS))
