@@ -487,7 +487,7 @@ def test_resume_keeps_the_default_beta_period_of_the_run_it_continues(tmp_path):
 def test_resume_from_a_model_only_checkpoint_is_one_line(tmp_path, capsys):
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     saved = checkpoint.load(tmp_path / "ckpt.pt")
-    torch.save({key: saved[key] for key in ("model", "config", "step")}, tmp_path / "ckpt.pt")
+    checkpoint.save({key: saved[key] for key in ("model", "config", "step")}, tmp_path / "ckpt.pt")
     capsys.readouterr()
     assert train(tmp_path, "--steps", 4, "--resume") == 2
     err = capsys.readouterr().err
@@ -654,7 +654,7 @@ def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, spoil,
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     saved = checkpoint.load(tmp_path / "ckpt.pt")
     spoil(saved)
-    torch.save(saved, tmp_path / "ckpt.pt")
+    checkpoint.save(saved, tmp_path / "ckpt.pt")
     spoiled = (tmp_path / "ckpt.pt").read_bytes()
     capsys.readouterr()
     assert train(tmp_path, "--steps", 4, "--resume") == 2
