@@ -5,6 +5,7 @@ excepted: see kernel_eps), so z and its gradients are checked element by element
 interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
+import gc
 import os
 import re
 import subprocess
@@ -826,9 +827,20 @@ def test_tile_count_at_the_int32_edge(device, numel):
     assert out.item() == -(-numel // kernels.BLOCK)
 
 
+@pytest.fixture
+def gpu_memory_freed_after():
+    """Gives the caching allocator's blocks back to the GPU once the test's tensors are gone."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# About 26 GB each: under pytest-xdist (`make gpu-check` runs --dist loadgroup) the cases run one
+# after another on one worker, each freeing its memory before the next checks what is free.
+@pytest.mark.xdist_group("over_2_31_elements")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("numel", [2**31 - 500, 2**31 + 3000])
-def test_around_2_31_elements(numel):
+def test_around_2_31_elements(numel, gpu_memory_freed_after):
     # Six float16 tensors of numel elements: mu, logvar, z, grad_z, grad_mu, grad_logvar.
     if torch.cuda.mem_get_info()[0] < 6 * 2 * numel + 2**30:
         pytest.skip(f"needs {6 * 2 * numel / 2**30 + 1:.0f} GiB of free GPU memory")
