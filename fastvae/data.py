@@ -251,6 +251,18 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(n).tolist()
 
 
+def device_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """A permutation of range(n) drawn on ``device`` by a generator of its own, seeded from (seed,
+    epoch) alone: the run's other random streams (torch's global generators, the training noise)
+    neither move nor move it, so the epoch's order is the same whenever it is drawn, at the start of
+    a run or on its resume. On a GPU the draw and its sort run on the device, with no host sync;
+    for large n the order can differ between GPU models (torch sizes the draw's grid by the SM
+    count), so a run resumed on another model takes up another order."""
+    key = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
+    generator = torch.Generator(device).manual_seed(key)
+    return torch.randperm(n, generator=generator, device=device)
+
+
 class EpochBatches(Sampler[list[int]]):
     """An endless batch sampler: global batch ``k`` is slice ``k % per_epoch`` of epoch ``k // per_epoch``'s
     permutation of the dataset, a function of (seed, epoch) only; the incomplete last batch is dropped.
@@ -286,11 +298,11 @@ class EpochBatches(Sampler[list[int]]):
         return self._slices(lambda epoch: epoch_permutation(self.num_items, self.seed, epoch))
 
     def on_device(self, device: torch.device) -> Iterator[torch.Tensor]:
-        """The same batches of indices as int64 tensors on ``device``: each epoch's permutation is
-        copied there once, and a batch is a slice of it, so a step asks nothing of the host."""
-        return self._slices(
-            lambda epoch: torch.tensor(epoch_permutation(self.num_items, self.seed, epoch)).to(device)
-        )
+        """Batches of indices as int64 tensors on ``device``, sliced from each epoch's permutation
+        drawn there (device_permutation): no epoch waits on a copy from the host, and no step asks
+        anything of it. An order of its own, not the one ``iter`` yields, and the same kind of
+        function of (seed, epoch) only, so that a run resumed mid-epoch takes it up where it stopped."""
+        return self._slices(lambda epoch: device_permutation(self.num_items, self.seed, epoch, device))
 
     def _slices(self, permutation):
         k = self.start
