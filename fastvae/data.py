@@ -247,20 +247,27 @@ def train_eval_split(
     return Subset(images, sorted(order[n_eval:])), Subset(images, sorted(order[:n_eval]))
 
 
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return _permutation(n, seed, epoch).tolist()
 
 
 def device_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """A permutation of range(n) drawn on ``device`` by a generator of its own, seeded from (seed,
-    epoch) alone: the run's other random streams (torch's global generators, the training noise)
-    neither move nor move it, so the epoch's order is the same whenever it is drawn, at the start of
-    a run or on its resume. On a GPU the draw and its sort run on the device, with no host sync;
-    for large n the order can differ between GPU models (torch sizes the draw's grid by the SM
-    count), so a run resumed on another model takes up another order."""
-    key = int(np.random.SeedSequence([seed, epoch]).generate_state(1, np.uint64)[0] >> 1)
-    generator = torch.Generator(device).manual_seed(key)
-    return torch.randperm(n, generator=generator, device=device)
+    """epoch_permutation's order as an int64 tensor on ``device``.
+
+    The order is drawn on the host, so a run keeps one order whichever way its data reaches the
+    device (kept there, or a DataLoader) and whichever GPU it resumes on: a generator on the GPU
+    would give each path, and each GPU model (torch sizes the draw by the SM count), its own. The
+    copy leaves from pinned memory without blocking, so the host never waits for the GPU's queue;
+    the pinned allocator holds the buffer until the copy has run.
+    """
+    order = torch.from_numpy(_permutation(n, seed, epoch).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        return order.pin_memory().to(device, non_blocking=True)
+    return order.to(device)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -298,10 +305,8 @@ class EpochBatches(Sampler[list[int]]):
         return self._slices(lambda epoch: epoch_permutation(self.num_items, self.seed, epoch))
 
     def on_device(self, device: torch.device) -> Iterator[torch.Tensor]:
-        """Batches of indices as int64 tensors on ``device``, sliced from each epoch's permutation
-        drawn there (device_permutation): no epoch waits on a copy from the host, and no step asks
-        anything of it. An order of its own, not the one ``iter`` yields, and the same kind of
-        function of (seed, epoch) only, so that a run resumed mid-epoch takes it up where it stopped."""
+        """The batches ``iter`` yields, as int64 tensors on ``device`` (device_permutation): no
+        epoch waits on a copy from the host, and no step asks anything of it."""
         return self._slices(lambda epoch: device_permutation(self.num_items, self.seed, epoch, device))
 
     def _slices(self, permutation):

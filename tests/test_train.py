@@ -736,15 +736,17 @@ def test_compiled_training_follows_eager_and_resumes_either_way(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
 
 
-def test_data_kept_on_the_device_resumes_mid_epoch_exactly(tmp_path, monkeypatch, capsys):
+def test_data_kept_on_the_device_gives_the_loader_run_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch, capsys):
     assert train(tmp_path / "loader", "--steps", 10, "--every", 10) == 0
     assert "data kept on" not in capsys.readouterr().out
     # A CPU stands in for a GPU with room for the data.
     monkeypatch.setattr(inputs_module, "data_fits_on", lambda *args: True)
     assert train(tmp_path / "kept", "--steps", 10, "--every", 10) == 0  # 8 batches an epoch: 2 epochs
     assert "data kept on cpu" in capsys.readouterr().out
-    # Each epoch's order is drawn on the device, another than the loader's (tests/test_data_on_device.py).
-    assert [a["loss"] for a in step_losses(tmp_path / "loader")] != [b["loss"] for b in step_losses(tmp_path / "kept")]
+    # The same batches in the same order; shapes rendered many at a time may differ in an ulp.
+    for a, b in zip(step_losses(tmp_path / "loader"), step_losses(tmp_path / "kept"), strict=True):
+        for key in ("loss", "recon", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
     # Resumed in the second epoch, it takes up the order where it stopped.
     assert train(tmp_path / "parts", "--steps", 9, "--every", 9) == 0
     assert train(tmp_path / "parts", "--steps", 10, "--every", 10, "--resume") == 0
