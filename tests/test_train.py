@@ -736,7 +736,7 @@ def test_compiled_training_follows_eager_and_resumes_either_way(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
 
 
-def test_data_kept_on_the_device_gives_the_loader_run(tmp_path, monkeypatch, capsys):
+def test_data_kept_on_the_device_gives_the_loader_run_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch, capsys):
     assert train(tmp_path / "loader", "--steps", 10, "--every", 10) == 0
     assert "data kept on" not in capsys.readouterr().out
     # A CPU stands in for a GPU with room for the data.
