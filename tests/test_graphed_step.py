@@ -63,11 +63,10 @@ def run_graphed(device, steps, *, history_size, capture=None, **options):
     model, optimizer, step = make_run(device, **options)
     images, batches, betas = data(device)
     graphed = GraphedStep(step, images, BATCH, history_size=history_size, capture=capture)
-    beta = torch.empty((), device=device)
     torch.manual_seed(3)
     losses, rows = [], []
     for k in range(steps):
-        rows.append(graphed(batches[k], beta.fill_(betas[k])))
+        rows.append(graphed(batches[k], betas[k]))
         if len(rows) == history_size or k == steps - 1:
             losses += [row.clone() for row in rows]
             rows.clear()
@@ -105,10 +104,9 @@ def test_a_row_holds_its_step_for_history_size_steps():
     model, optimizer, step = make_run("cpu")
     images, batches, betas = data("cpu")
     graphed = GraphedStep(step, images, BATCH, history_size=3)
-    beta = torch.zeros(())
-    rows = [graphed(batches[k], beta) for k in range(3)]
+    rows = [graphed(batches[k], 1.0) for k in range(3)]
     kept = [row.clone() for row in rows]
-    fourth = graphed(batches[3], beta)
+    fourth = graphed(batches[3], 1.0)
     assert fourth.data_ptr() == rows[0].data_ptr()  # the ring came round: step 4 wrote over step 1
     assert torch.equal(rows[0], fourth) and not torch.equal(fourth, kept[0])
     assert torch.equal(torch.stack(rows[1:]), torch.stack(kept[1:]))
@@ -117,12 +115,12 @@ def test_a_row_holds_its_step_for_history_size_steps():
 @pytest.mark.parametrize(
     "indices, beta, error, message",
     [
-        (torch.zeros(BATCH, dtype=torch.int32), torch.zeros(()), TypeError, r"indices must be int64 of shape \(8\), got torch.int32 \(8\)"),
-        (torch.zeros(BATCH + 1, dtype=torch.int64), torch.zeros(()), TypeError, r"int64 of shape \(8\), got torch.int64 \(9\)"),
-        ([0] * BATCH, torch.zeros(()), TypeError, r"int64 of shape \(8\), got list"),
-        (torch.zeros(BATCH, dtype=torch.int64, device="meta"), torch.zeros(()), ValueError, "indices must be on cpu, where the images are, got meta"),
-        (torch.zeros(BATCH, dtype=torch.int64), torch.zeros(1), TypeError, r"beta must be a 0-dim tensor on cpu, got shape \(1\) on cpu"),
-        (torch.zeros(BATCH, dtype=torch.int64), 0.5, TypeError, "beta must be a 0-dim tensor on cpu, got float"),
+        (torch.zeros(BATCH, dtype=torch.int32), 1.0, TypeError, r"indices must be int64 of shape \(8\), got torch.int32 \(8\)"),
+        (torch.zeros(BATCH + 1, dtype=torch.int64), 1.0, TypeError, r"int64 of shape \(8\), got torch.int64 \(9\)"),
+        ([0] * BATCH, 1.0, TypeError, r"int64 of shape \(8\), got list"),
+        (torch.zeros(BATCH, dtype=torch.int64, device="meta"), 1.0, ValueError, "indices must be on cpu, where the images are, got meta"),
+        (torch.zeros(BATCH, dtype=torch.int64), torch.zeros(()), TypeError, "beta must be a float, got Tensor"),
+        (torch.zeros(BATCH, dtype=torch.int64), True, TypeError, "beta must be a float, got bool"),
     ],
 )
 def test_bad_inputs_are_refused_before_the_step_runs(indices, beta, error, message):
@@ -257,7 +255,7 @@ def test_each_replay_draws_new_noise_the_eager_draws(device):
     eager = [noise(None, None) for _ in range(6)]
     graphed = GraphedStep(noise, images, BATCH, history_size=6, warmup=2)
     torch.manual_seed(5)
-    rows = torch.stack([graphed(indices, torch.zeros((), device=device)) for _ in range(6)])
+    rows = torch.stack([graphed(indices, 0.0) for _ in range(6)])
     assert graphed.graph is not None
     assert not torch.equal(rows[3], rows[4]) and not torch.equal(rows[4], rows[5])  # replays
     assert torch.equal(rows, torch.stack(eager))

@@ -44,7 +44,7 @@ class GraphedStep:
     CUDA graph after ``warmup`` uncaptured steps when ``capture`` (by default: on a GPU).
 
     Call it as ``graphed(indices, beta)`` with the batch's ``indices`` into ``images`` (int64, on
-    ``images``' device) and ``beta``, a 0-dim tensor. It returns the step's losses as a row of a
+    ``images``' device) and the step's KL weight ``beta``, a float. It returns the step's losses as a row of a
     ring of ``history_size`` rows: the row holds them until ``history_size`` more steps are taken,
     so read the rows at least that often.
     """
@@ -86,10 +86,10 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream = torch.cuda.Stream(device) if capture else None
 
-    def __call__(self, indices: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, beta: float) -> torch.Tensor:
         self._check(indices, beta)
         self.indices.copy_(indices)
-        self.beta.copy_(beta)
+        self.beta.fill_(beta)
         if self.graph is not None:
             self.graph.replay()
         elif not self.capture:
@@ -127,6 +127,5 @@ class GraphedStep:
             raise TypeError(f"indices must be int64 of shape {shape_str(self.indices)}, got {got}")
         if indices.device != self.images.device:
             raise ValueError(f"indices must be on {self.images.device}, where the images are, got {indices.device}")
-        if not isinstance(beta, torch.Tensor) or beta.dim() != 0 or beta.device != self.images.device:
-            got = f"shape {shape_str(beta)} on {beta.device}" if isinstance(beta, torch.Tensor) else type(beta).__name__
-            raise TypeError(f"beta must be a 0-dim tensor on {self.images.device}, got {got}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"beta must be a float, got {type(beta).__name__}")
