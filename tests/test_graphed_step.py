@@ -12,7 +12,7 @@ from conftest import CUDA_DEVICES
 from fastvae import ops
 from fastvae.model import VAE
 from fastvae.training.adam_state import needs_capturable, set_capturable
-from fastvae.training.graphed_step import GraphedStep
+from fastvae.training.graphed_step import CaptureError, GraphedStep
 
 BATCH = 8
 IMAGES = 40  # 5 batches: the runs below go round the set more than once
@@ -259,3 +259,17 @@ def test_each_replay_draws_new_noise_the_eager_draws(device):
     assert graphed.graph is not None
     assert not torch.equal(rows[3], rows[4]) and not torch.equal(rows[4], rows[5])  # replays
     assert torch.equal(rows, torch.stack(eager))
+
+
+@pytest.mark.parametrize("device", CUDA_DEVICES)
+def test_a_step_that_reads_on_the_host_cannot_be_captured_and_says_so(device):
+    # Last in this file: a failed capture is the one case here that may leave the device's state odd.
+    def syncing(x, beta):
+        return x.sum().view(1) * float(x.sum().item() > 0)
+
+    graphed = GraphedStep(syncing, torch.rand(IMAGES, 3, device=device), BATCH, history_size=2, warmup=1)
+    indices = torch.arange(BATCH, device=device)
+    graphed(indices, 1.0)  # the warm-up runs uncaptured, host read and all
+    with pytest.raises(CaptureError, match=r"^the training step could not be captured into a CUDA graph \(.+\)$"):
+        graphed(indices, 1.0)
+    assert graphed.graph is None

@@ -39,6 +39,10 @@ from fastvae._checks import shape_str
 WARMUP_STEPS = 3
 
 
+class CaptureError(RuntimeError):
+    """The step did something a CUDA graph cannot hold (a sync, a host read): it cannot be graphed."""
+
+
 class GraphedStep:
     """``step(x, beta) -> losses`` run on batches gathered from ``images`` by index, captured into a
     CUDA graph after ``warmup`` uncaptured steps when ``capture`` (by default: on a GPU).
@@ -97,13 +101,21 @@ class GraphedStep:
         elif self.taken < self.warmup:
             self._on_side_stream(self._static_step)
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=self.stream):
-                self._static_step()
+            self._capture()
             self.graph.replay()  # the capture recorded the step; this runs it
         row = self.history[self.taken % self.history_size]
         self.taken += 1
         return row
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                self._static_step()
+        except Exception as exc:  # noqa: BLE001  (an op that syncs or allocates on the host fails in many types)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"the training step could not be captured into a CUDA graph ({reason})") from exc
+        self.graph = graph
 
     def _static_step(self) -> None:
         # Everything here reads and writes buffers whose addresses never change: the graph replays it.
