@@ -3,6 +3,7 @@ holding a folder so that a second process cannot write into it meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -28,7 +29,8 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A kill or an error at any point leaves either the old file or the new one, whole, and no
-    temporary file after an error.
+    temporary file after an error. An OSError of the write (a full disk, a file too large, a
+    folder refusing the temporary) names ``path``, not the temporary nor no file at all.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -38,6 +40,11 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
+            raise
+        raise _naming(exc, path) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -67,11 +74,22 @@ def hold(path: str | Path) -> BinaryIO | None:
         raise
     # Written over the last holder's words in place and then cut: the file is never empty once
     # written, so a process refused meanwhile can always name the holder.
-    f.seek(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    f.truncate()
-    f.flush()
+    try:
+        f.seek(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        f.truncate()
+        f.flush()
+    except OSError as exc:  # a full disk: the file was made, but its words do not fit
+        with contextlib.suppress(OSError):  # the flush on close fails again, yet closes the file
+            f.close()
+        raise _naming(exc, path) from exc
     return f
+
+
+def _naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` naming ``path``: a failed write of an open file names no file at all. OSError(errno,
+    ...) comes back as the same subclass (FileNotFoundError, ...)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _sync_folder(folder: Path) -> None:

@@ -118,7 +118,7 @@ def _command(name: str) -> tuple[Callable, Callable]:
         return add_sample_arguments, run_sample
     if name == "reconstruct":
         return add_reconstruct_arguments, run_reconstruct
-    modules = {"train": "fastvae.train", "info": "fastvae.info", "bench": "fastvae.benchmark"}
+    modules = {"train": "fastvae.train", "info": "fastvae.info", "bench": "fastvae.benchmarks.command"}
     module = importlib.import_module(modules[name])
     return module.add_arguments, module.run
 

@@ -555,15 +555,19 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
-def train_with_file_size_limit(limit, out, *options):
-    """``fastvae train`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
+def fastvae_with_file_size_limit(limit, *argv):
+    """``fastvae *argv`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
         "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(out), *map(str, options)]
+    command = [sys.executable, "-c", code, *map(str, argv)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def train_with_file_size_limit(limit, out, *options):
+    return fastvae_with_file_size_limit(limit, "train", *TINY, "--out", out, *options)
 
 
 def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
