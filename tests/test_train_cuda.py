@@ -21,8 +21,8 @@ def test_reduce_overhead_replays_the_step_from_cuda_graphs_without_syncing(tmp_p
     real_compile_step = step_module.compile_step
     calls = []
 
-    def sync_checked(step, mode):
-        compiled = real_compile_step(step, mode)
+    def sync_checked(step, mode, **options):
+        compiled = real_compile_step(step, mode, **options)
 
         def run(*inputs):
             calls.append(1)

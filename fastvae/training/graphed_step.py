@@ -33,13 +33,14 @@ from typing import Callable
 import torch
 
 from fastvae._checks import shape_str
+from fastvae.training.errors import ConfigError
 
 # Steps run uncaptured before the capture. torch.compile compiles on the first and may recompile
 # on the second, once Adam's state exists; PyTorch's notes warm whole-network captures up with 3.
 WARMUP_STEPS = 3
 
 
-class CaptureError(RuntimeError):
+class CaptureError(ConfigError):
     """The step did something a CUDA graph cannot hold (a sync, a host read): it cannot be graphed."""
 
 
@@ -114,7 +115,9 @@ class GraphedStep:
                 self._static_step()
         except Exception as exc:  # noqa: BLE001  (an op that syncs or allocates on the host fails in many types)
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CaptureError(f"the training step could not be captured into a CUDA graph ({reason})") from exc
+            raise CaptureError(
+                f"the training step could not be captured into a CUDA graph ({reason}); run it uncaptured"
+            ) from exc
         self.graph = graph
 
     def _static_step(self) -> None:
