@@ -28,6 +28,7 @@ ring and counter, so its logic is tested where there is no GPU.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -100,7 +101,10 @@ class GraphedStep:
         elif not self.capture:
             self._static_step()
         elif self.taken < self.warmup:
-            self._on_side_stream(self._static_step)
+            with warnings.catch_warnings():
+                # torch warns that a capturable Adam steps uncaptured: the warm-up does, by design.
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+                self._on_side_stream(self._static_step)
         else:
             self._capture()
             self.graph.replay()  # the capture recorded the step; this runs it
