@@ -115,10 +115,12 @@ def test_a_row_holds_its_step_for_history_size_steps():
 @pytest.mark.parametrize(
     "indices, beta, error, message",
     [
-        (torch.zeros(BATCH, dtype=torch.int32), 1.0, TypeError, r"indices must be int64 of shape \(8\), got torch.int32 \(8\)"),
+        (torch.zeros(BATCH, dtype=torch.int32), 1.0, TypeError,
+         r"indices must be int64 of shape \(8\), got torch.int32 \(8\)"),
         (torch.zeros(BATCH + 1, dtype=torch.int64), 1.0, TypeError, r"int64 of shape \(8\), got torch.int64 \(9\)"),
         ([0] * BATCH, 1.0, TypeError, r"int64 of shape \(8\), got list"),
-        (torch.zeros(BATCH, dtype=torch.int64, device="meta"), 1.0, ValueError, "indices must be on cpu, where the images are, got meta"),
+        (torch.zeros(BATCH, dtype=torch.int64, device="meta"), 1.0, ValueError,
+         "indices must be on cpu, where the images are, got meta"),
         (torch.zeros(BATCH, dtype=torch.int64), torch.zeros(()), TypeError, "beta must be a float, got Tensor"),
         (torch.zeros(BATCH, dtype=torch.int64), True, TypeError, "beta must be a float, got bool"),
     ],
@@ -134,7 +136,8 @@ def test_bad_inputs_are_refused_before_the_step_runs(indices, beta, error, messa
 @pytest.mark.parametrize(
     "images, options, error, message",
     [
-        (torch.zeros(IMAGES, 3, dtype=torch.int64), {}, TypeError, r"floating-point tensor of \(N, ...\) images, got \(40, 3\)"),
+        (torch.zeros(IMAGES, 3, dtype=torch.int64), {}, TypeError,
+         r"floating-point tensor of \(N, ...\) images, got \(40, 3\)"),
         ([1.0], {}, TypeError, "floating-point tensor of .* got list"),
         (torch.rand(4, 3), {}, ValueError, "batch_size is 8 but images holds 4"),
         (torch.rand(IMAGES, 3), {"history_size": 0}, ValueError, "history_size must be at least 1, got 0"),
@@ -270,6 +273,7 @@ def test_a_step_that_reads_on_the_host_cannot_be_captured_and_says_so(device):
     graphed = GraphedStep(syncing, torch.rand(IMAGES, 3, device=device), BATCH, history_size=2, warmup=1)
     indices = torch.arange(BATCH, device=device)
     graphed(indices, 1.0)  # the warm-up runs uncaptured, host read and all
-    with pytest.raises(CaptureError, match=r"^the training step could not be captured into a CUDA graph \(.+\); run it uncaptured$"):
+    message = r"^the training step could not be captured into a CUDA graph \(.+\); run it uncaptured$"
+    with pytest.raises(CaptureError, match=message):
         graphed(indices, 1.0)
     assert graphed.graph is None

@@ -50,9 +50,9 @@ class GraphedStep:
     CUDA graph after ``warmup`` uncaptured steps when ``capture`` (by default: on a GPU).
 
     Call it as ``graphed(indices, beta)`` with the batch's ``indices`` into ``images`` (int64, on
-    ``images``' device) and the step's KL weight ``beta``, a float. It returns the step's losses as a row of a
-    ring of ``history_size`` rows: the row holds them until ``history_size`` more steps are taken,
-    so read the rows at least that often.
+    ``images``' device) and the step's KL weight ``beta``, a float. It returns the step's losses
+    as a row of a ring of ``history_size`` rows: the row holds them until ``history_size`` more
+    steps are taken, so read the rows at least that often.
     """
 
     def __init__(
@@ -68,11 +68,11 @@ class GraphedStep:
         if not isinstance(images, torch.Tensor) or images.dim() < 2 or not images.is_floating_point():
             got = shape_str(images) if isinstance(images, torch.Tensor) else type(images).__name__
             raise TypeError(f"images must be a floating-point tensor of (N, ...) images, got {got}")
-        for name, value, low in (("batch_size", batch_size, 1), ("history_size", history_size, 1), ("warmup", warmup, 1)):
+        for name, value in (("batch_size", batch_size), ("history_size", history_size), ("warmup", warmup)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < low:
-                raise ValueError(f"{name} must be at least {low}, got {value}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if batch_size > len(images):
             raise ValueError(f"batch_size is {batch_size} but images holds {len(images)}")
         device = images.device
@@ -142,7 +142,8 @@ class GraphedStep:
 
     def _check(self, indices: object, beta: object) -> None:
         if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.shape != self.indices.shape:
-            got = f"{indices.dtype} {shape_str(indices)}" if isinstance(indices, torch.Tensor) else type(indices).__name__
+            got = (f"{indices.dtype} {shape_str(indices)}" if isinstance(indices, torch.Tensor)
+                   else type(indices).__name__)
             raise TypeError(f"indices must be int64 of shape {shape_str(self.indices)}, got {got}")
         if indices.device != self.images.device:
             raise ValueError(f"indices must be on {self.images.device}, where the images are, got {indices.device}")
