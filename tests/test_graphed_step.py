@@ -85,12 +85,16 @@ def bitwise(actual, expected, name):
     assert torch.equal(actual, expected), name
 
 
-@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("history_size", [1, 4])
-def test_uncaptured_static_step_is_the_ordinary_step_bit_for_bit(amp, history_size):
+@pytest.mark.parametrize(
+    "amp, compile_, history_size",
+    [(None, False, 1), (None, False, 4), (torch.bfloat16, False, 4), (None, True, 4)],
+    ids=["fp32-ring-1", "fp32", "bf16", "compiled-inside"],
+)
+def test_uncaptured_static_step_is_the_ordinary_step_bit_for_bit(amp, compile_, history_size):
     steps = 9  # past the ring's end, and round the training set
-    expected, model_e, optimizer_e = run_eager("cpu", steps, amp=amp)
-    losses, model_g, optimizer_g, graphed = run_graphed("cpu", steps, history_size=history_size, amp=amp)
+    expected, model_e, optimizer_e = run_eager("cpu", steps, amp=amp, compile_=compile_)
+    losses, model_g, optimizer_g, graphed = run_graphed("cpu", steps, history_size=history_size, amp=amp,
+                                                        compile_=compile_)
     assert torch.equal(losses, expected)
     # The weights, BatchNorm's running statistics and batch count, and Adam's moments and step.
     assert_same_state(model_e, optimizer_e, model_g, optimizer_g, bitwise)
