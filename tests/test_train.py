@@ -847,10 +847,10 @@ def test_the_graphed_step_in_the_loop_gives_the_eager_run_bit_for_bit_and_resume
     assert train(tmp_path / "eager_then_graphed", "--steps", 5, *options) == 0
     assert train(tmp_path / "eager_then_graphed", "--steps", 10, *options, "--resume", "--cuda-graph") == 0
     assert train(tmp_path / "from_a_gpu", "--steps", 5, *options) == 0
-    saved = torch.load(tmp_path / "from_a_gpu" / "ckpt.pt", weights_only=True)
+    saved = checkpoint.load(tmp_path / "from_a_gpu" / "ckpt.pt")
     for group in saved["optimizer"]["param_groups"]:
         group["capturable"] = True
-    torch.save(saved, tmp_path / "from_a_gpu" / "ckpt.pt")
+    checkpoint.save(saved, tmp_path / "from_a_gpu" / "ckpt.pt")
     assert train(tmp_path / "from_a_gpu", "--steps", 10, *options, "--resume") == 0
     for run in ("graphed_then_eager", "eager_then_graphed", "from_a_gpu"):
         assert step_losses(tmp_path / run) == expected, run
