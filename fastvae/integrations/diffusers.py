@@ -72,11 +72,16 @@ def _builds(method: object, posterior_class: type) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _posterior_methods(cls: type) -> tuple[str, ...]:
-    posterior_class = _diffusers_posterior_class()
+def _cached_posterior_methods(cls: type, posterior_class: type) -> tuple[str, ...]:
     names = sorted(name for name in dir(cls) if not (name.startswith("__") and name.endswith("__")))
     # inspect.getattr_static: reading a property of the class would run it.
     return tuple(name for name in names if _builds(inspect.getattr_static(cls, name), posterior_class))
+
+
+def _posterior_methods(cls: type) -> tuple[str, ...]:
+    # diffusers is imported on every call (a dict lookup once it is loaded), cached or not, so
+    # a missing diffusers always says so.
+    return _cached_posterior_methods(cls, _diffusers_posterior_class())
 
 
 def posterior_methods(cls: type) -> tuple[str, ...]:
