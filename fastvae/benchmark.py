@@ -443,7 +443,7 @@ def measure(case: Case, device: torch.device, rounds: int, warmup: int) -> Row:
     )
 
 
-_METHOD_ORDER = ("eager", "compile", "compile-ro", "fused", "fused+compile", "fused+compile-ro", "floor")
+_METHOD_ORDER = ("eager", "compile", "compile-ro", "patched", "fused", "fused+compile", "fused+compile-ro", "floor")
 _PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
 
 

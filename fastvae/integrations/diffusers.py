@@ -42,6 +42,7 @@ from fastvae.distributions import DiagonalGaussian
 
 def _diffusers_posterior_class() -> type:
     try:
+        import diffusers  # noqa: F401  (first: its submodules may be loaded while it is not importable)
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     except ImportError as exc:
         raise ImportError(
