@@ -27,6 +27,7 @@ from fastvae import ops
 from fastvae.distributions import DiagonalGaussian
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install fastvae[diffusers])")
+from bench_autoencoder_kl import _posterior, posterior_loss_cases  # noqa: E402
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -46,14 +47,6 @@ def fused_loss(x_hat, x, posterior) -> torch.Tensor:
     )[0]
 
 
-def _posterior(distribution: type, loss_fn):
-    def forward(moments: torch.Tensor, x_hat: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = distribution(moments)
-        return posterior.sample(), loss_fn(x_hat, x, posterior)
-
-    return forward
-
-
 def cases(device: torch.device) -> list[fb.Case]:
     b, frames, size = (4, 33, 256) if device.type == "cuda" else (2, 17, 128)
     t, h, w = 1 + (frames - 1) // 4, size // 8, size // 8
@@ -62,7 +55,6 @@ def cases(device: torch.device) -> list[fb.Case]:
         "patched": _posterior(DiagonalGaussian, recipe_loss),
         "fused": _posterior(DiagonalGaussian, fused_loss),
     }
-    n, pixels = b * LATENT_CHANNELS * t * h * w, b * 3 * frames * size * size
 
     def make():
         moments = torch.randn(b, 2 * LATENT_CHANNELS, t, h, w, device=device)
@@ -71,19 +63,9 @@ def cases(device: torch.device) -> list[fb.Case]:
         x_hat = (x + 0.1 * torch.randn_like(x)).requires_grad_()
         return moments.requires_grad_(), x_hat, x
 
-    def scalar(out):
-        z, loss = out
-        return z.sum() + loss
-
-    # The floor, in float32, as in bench_autoencoder_kl.py's posterior case.
-    forward, backward = 3 * n + 2 * pixels, 4 * n + pixels
-    moved = {"fwd": forward * 4, "bwd": backward * 4, "fwd+bwd": (forward + backward) * 4}
     label = f"{b}x{2 * LATENT_CHANNELS}x{t}x{h}x{w} + {b}x3x{frames}x{size}x{size}"
-    selected = []
-    for method, fn in methods.items():
-        for pass_, (setup, target) in fb._passes(fn, make, scalar).items():
-            selected.append(fb.Case("video_vae_posterior", method, pass_, label, n, moved[pass_], setup, target))
-    return selected
+    n, pixels = b * LATENT_CHANNELS * t * h * w, b * 3 * frames * size * size
+    return posterior_loss_cases("video_vae_posterior", methods, make, n, pixels, label)
 
 
 def pytest_generate_tests(metafunc):

@@ -118,19 +118,25 @@ def test_kl_is_per_sample_and_matches_float64(backend, dtype, shape):
         torch.testing.assert_close(grad.double(), expected_grad.to(dtype).double(), atol=atol, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else rtol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kl_is_one_per_sample_reduction(backend, monkeypatch):
-    # 4-D latents: one call of the per-sample KL, no elementwise KL summed afterwards. Moments in
-    # channels_last give the same bits from the C++ backend (it reduces row-major copies); Triton
-    # reduces in storage order, as torch's sum does, so to float32 rounding.
-    reductions = []
+@pytest.fixture
+def reductions(monkeypatch):
+    """The reduction of each call of ops.kl_divergence while the test runs."""
+    calls = []
     kl_divergence = ops.kl_divergence
 
     def recording(*args, **kwargs):
-        reductions.append(kwargs["reduction"])
+        calls.append(kwargs["reduction"])
         return kl_divergence(*args, **kwargs)
 
     monkeypatch.setattr(ops, "kl_divergence", recording)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_is_one_per_sample_reduction(backend, reductions):
+    # 4-D latents: one call of the per-sample KL, no elementwise KL summed afterwards. Moments in
+    # channels_last give the same bits from the C++ backend (it reduces row-major copies); Triton
+    # reduces in storage order, as torch's sum does, so to float32 rounding.
     parameters = moments((3, 4, 5, 7), torch.float32)
     kl = DiagonalGaussian(parameters, backend=backend).kl()
     assert reductions == ["per_sample"]
@@ -152,18 +158,10 @@ DIMS_CASES = (((2, 3, 4, 5, 6), (1, 2, 3)), ((2, 3, 4, 5, 6), (1, 2, 3, 4)), ((3
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape,dims", DIMS_CASES, ids=str)
-def test_kl_over_any_dims_matches_float64(backend, channels_last, shape, dims, monkeypatch):
+def test_kl_over_any_dims_matches_float64(backend, channels_last, shape, dims, reductions):
     # diffusers sums dims 1, 2 and 3 whatever the rank: (B, C, T, H, W) gives (B, W). Each
     # sample's total (of any rank and layout) is one call of the fused per-sample KL, all dims
     # the fused sum; other dims the fused elementwise KL, summed.
-    reductions = []
-    kl_divergence = ops.kl_divergence
-
-    def recording(*args, **kwargs):
-        reductions.append(kwargs["reduction"])
-        return kl_divergence(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "kl_divergence", recording)
     generator = torch.Generator().manual_seed(5)
     mean = torch.randn(shape, generator=generator, dtype=torch.float64)
     logvar = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1.5
