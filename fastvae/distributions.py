@@ -61,6 +61,16 @@ def _check_dims(dims: object, latents: torch.Tensor, method: str) -> tuple[int, 
     return tuple(normalized)
 
 
+def _check_other(other: object) -> None:
+    if other is not None and not (
+        isinstance(getattr(other, "mean", None), torch.Tensor) and isinstance(getattr(other, "logvar", None), torch.Tensor)
+    ):
+        raise TypeError(
+            f"other must be a Gaussian with mean and logvar tensors (a DiagonalGaussian, or diffusers' "
+            f"DiagonalGaussianDistribution) or None for N(0, 1), got {type(other).__name__}"
+        )
+
+
 def _kl_standard_normal(mean: torch.Tensor, logvar: torch.Tensor, dims: tuple[int, ...], backend: str) -> torch.Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) summed over ``dims``, in float32.
 
@@ -179,13 +189,7 @@ class DiagonalGaussian:
         fits, since the fused KL is against N(0, 1) only: it is the reference formula in
         PyTorch, which ``torch.compile`` fuses.
         """
-        if other is not None and not (
-            isinstance(getattr(other, "mean", None), torch.Tensor) and isinstance(getattr(other, "logvar", None), torch.Tensor)
-        ):
-            raise TypeError(
-                f"other must be a Gaussian with mean and logvar tensors (a DiagonalGaussian, or diffusers' "
-                f"DiagonalGaussianDistribution) or None for N(0, 1), got {type(other).__name__}"
-            )
+        _check_other(other)
         dims = _check_dims(dims, self.mean, "kl")
         if self.deterministic:
             return self._zero()
@@ -229,3 +233,52 @@ class DiagonalGaussian:
 
     def __repr__(self) -> str:
         return f"DiagonalGaussian(latents {shape_str(self.mean)}, {self.mean.dtype}, deterministic={self.deterministic})"
+
+
+class OobleckGaussian(DiagonalGaussian):
+    """diffusers' ``OobleckDiagonalGaussianDistribution`` (AutoencoderOobleck, Cosmos3's audio
+    tokenizer): N(mean, std^2) from moments ``cat([mean, scale], dim=1)``, std = softplus(scale)
+    + 1e-4, no clamp.
+
+    ``mean``, ``std``, ``var`` and ``logvar`` are diffusers' formulas, so the same bits;
+    ``sample`` draws with the fused kernel from ``logvar`` (``exp(0.5 * logvar)`` is ``std`` to
+    float rounding). ``kl`` is diffusers': twice the KL per element, summed over dim 1 and
+    averaged over the rest, a scalar, taken from one fused sum. ``kl(other)`` is diffusers'
+    formula as written, with ``+ logvar - other.logvar`` where the KL between Gaussians has
+    ``- logvar + other.logvar``; it is zero against itself either way. diffusers' class has no
+    ``nll``; this one has :class:`DiagonalGaussian`'s.
+    """
+
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, *, backend: str = "auto") -> None:
+        super().__init__(parameters, deterministic, backend=backend)
+        self.mean, self.scale = torch.chunk(parameters, 2, dim=1)
+        self._std = torch.nn.functional.softplus(self.scale) + 1e-4
+        self._var = self._std * self._std
+        self.logvar = torch.log(self._var)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self._std
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self._var
+
+    def kl(self, other: "OobleckGaussian | None" = None) -> torch.Tensor:
+        _check_other(other)
+        if self.deterministic:
+            return self._zero()
+        if other is None:
+            total = ops.kl_divergence(self.mean, self.logvar, reduction="sum", backend=self.backend)
+            # Twice the KL, averaged over every dim but 1: an empty batch gives nan, as a mean does.
+            return total * 2.0 / (self.mean.numel() // self.mean.shape[1])
+        if tuple(other.mean.shape) != tuple(self.mean.shape):
+            raise ValueError(f"other has latents of shape {shape_str(other.mean)} but self has {shape_str(self.mean)}")
+        acc = accumulate_dtype(self.mean.dtype)
+        mean, logvar, other_logvar = self.mean.to(acc), self.logvar.to(acc), other.logvar.to(acc)
+        other_var = other_logvar.exp()
+        elementwise = (mean - other.mean.to(acc)).pow(2) / other_var + logvar.exp() / other_var + logvar - other_logvar - 1
+        return elementwise.sum(1).mean()
+
+    def __repr__(self) -> str:
+        return f"OobleckGaussian(latents {shape_str(self.mean)}, {self.mean.dtype}, deterministic={self.deterministic})"

@@ -8,17 +8,18 @@
 ``unpatch`` undoes either and ``is_patched`` says which is in effect.
 
 Which models: every class whose own methods build diffusers' ``DiagonalGaussianDistribution``
-(the (mean, log-variance) posterior that :class:`fastvae.DiagonalGaussian` stands in for). They
-are found by reading each method's bytecode for a global that is that class, not from a list, so
-a model added to diffusers is covered when it builds the same posterior. In diffusers 0.42 that
-is AutoencoderKL and 24 more, image, video and audio (README.md names them). A class that builds
-none (VQModel, AutoencoderTiny, AutoencoderDC, or Oobleck's softplus-scale posterior) raises a
-TypeError naming it.
+(the (mean, log-variance) posterior that :class:`fastvae.DiagonalGaussian` stands in for) or its
+``OobleckDiagonalGaussianDistribution`` (softplus scale, :class:`fastvae.distributions.OobleckGaussian`).
+They are found by reading each method's bytecode for a global that is one of those classes, not
+from a list, so a model added to diffusers is covered when it builds the same posterior. In
+diffusers 0.42 that is AutoencoderKL and 26 more, image, video and audio (README.md names them).
+A class that builds neither (VQModel, AutoencoderTiny, AutoencoderDC, or MiniMaxH3's audio VAE
+with its mean and log-std) raises a TypeError naming it.
 
 Patching wraps the methods that build the posterior (``encode``, and ``tiled_encode`` where it
-does): each runs unchanged, then every ``DiagonalGaussianDistribution`` in what it returns (the
-result itself, an item of a tuple, or an output's ``latent_dist``) is replaced by a
-:class:`fastvae.DiagonalGaussian` of the same moments; anything else passes through (an
+does): each runs unchanged, then every diffusers posterior in what it returns (the result
+itself, an item of a tuple, or an output's ``latent_dist``) is replaced by fastvae's class of
+the same moments; anything else passes through (an
 AutoencoderVidTok configured with a quantizer returns tensors). Nothing else changes: weights,
 config, ``state_dict``, ``save_pretrained``, ``decode``, and ``forward`` (which calls ``encode``).
 diffusers' constructor still runs before the swap, a clamp and two exponentials over the latents
@@ -37,19 +38,21 @@ import types
 from types import MethodType
 from typing import Callable, Iterator
 
-from fastvae.distributions import DiagonalGaussian
+from fastvae.distributions import DiagonalGaussian, OobleckGaussian
 
 
-def _diffusers_posterior_class() -> type:
+def _posterior_classes() -> dict[type, type]:
+    """Each diffusers posterior class that patch replaces, and the fastvae class replacing it."""
     try:
         import diffusers  # noqa: F401  (first: its submodules may be loaded while it is not importable)
+        from diffusers.models.autoencoders.autoencoder_oobleck import OobleckDiagonalGaussianDistribution
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     except ImportError as exc:
         raise ImportError(
             f"fastvae.integrations.diffusers needs diffusers, which failed to import ({exc}); "
             "install it with `pip install fastvae[diffusers]`"
         ) from exc
-    return DiagonalGaussianDistribution
+    return {DiagonalGaussianDistribution: DiagonalGaussian, OobleckDiagonalGaussianDistribution: OobleckGaussian}
 
 
 def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
@@ -60,55 +63,57 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _code_objects(constant)
 
 
-def _builds(method: object, posterior_class: type) -> bool:
-    """Whether ``method`` (under its decorators) names ``posterior_class`` as a global."""
+def _builds(method: object, posterior_classes: dict[type, type]) -> bool:
+    """Whether ``method`` (under its decorators) names one of ``posterior_classes`` as a global."""
     function = inspect.unwrap(method) if callable(method) else method
     if not isinstance(function, types.FunctionType):
         return False
     return any(
-        function.__globals__.get(name) is posterior_class
+        isinstance(value := function.__globals__.get(name), type) and value in posterior_classes
         for code in _code_objects(function.__code__)
         for name in code.co_names
     )
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_posterior_methods(cls: type, posterior_class: type) -> tuple[str, ...]:
+def _cached_posterior_methods(cls: type, posterior_classes: tuple[type, ...]) -> tuple[str, ...]:
     names = sorted(name for name in dir(cls) if not (name.startswith("__") and name.endswith("__")))
     # inspect.getattr_static: reading a property of the class would run it.
-    return tuple(name for name in names if _builds(inspect.getattr_static(cls, name), posterior_class))
+    classes = dict.fromkeys(posterior_classes)
+    return tuple(name for name in names if _builds(inspect.getattr_static(cls, name), classes))
 
 
 def _posterior_methods(cls: type) -> tuple[str, ...]:
     # diffusers is imported on every call (a dict lookup once it is loaded), cached or not, so
     # a missing diffusers always says so.
-    return _cached_posterior_methods(cls, _diffusers_posterior_class())
+    return _cached_posterior_methods(cls, tuple(_posterior_classes()))
 
 
 def posterior_methods(cls: type) -> tuple[str, ...]:
-    """The methods of ``cls`` that build diffusers' ``DiagonalGaussianDistribution``, which
+    """The methods of ``cls`` that build a diffusers posterior that fastvae replaces, which
     :func:`patch` wraps; empty for a class that :func:`patch` refuses."""
     if not isinstance(cls, type):
         raise TypeError(f"expected a class, got {type(cls).__name__}")
     return _posterior_methods(cls)
 
 
-def _to_fastvae(item, posterior_class: type):
-    if type(item) is posterior_class:
-        return DiagonalGaussian(item.parameters, deterministic=item.deterministic)
-    return item
+def _to_fastvae(item, posterior_classes: dict[type, type]):
+    fastvae_class = posterior_classes.get(type(item))
+    if fastvae_class is None:
+        return item
+    return fastvae_class(item.parameters, deterministic=item.deterministic)
 
 
 def _with_fastvae_posterior(output):
     """``output`` of a posterior method with each diffusers posterior in it made a fastvae one."""
-    posterior_class = _diffusers_posterior_class()
+    posterior_classes = _posterior_classes()
     if isinstance(output, tuple):
-        return type(output)(_to_fastvae(item, posterior_class) for item in output)
+        return type(output)(_to_fastvae(item, posterior_classes) for item in output)
     latent_dist = getattr(output, "latent_dist", None)
-    if type(latent_dist) is posterior_class:
-        output.latent_dist = _to_fastvae(latent_dist, posterior_class)
+    if type(latent_dist) in posterior_classes:
+        output.latent_dist = _to_fastvae(latent_dist, posterior_classes)
         return output
-    return _to_fastvae(output, posterior_class)
+    return _to_fastvae(output, posterior_classes)
 
 
 def _class_method(original: Callable, inherited: bool) -> Callable:
@@ -148,6 +153,7 @@ def _check_target(target) -> tuple[bool, tuple[str, ...]]:
         hint = "" if is_class else " (to compile a patched model, patch it before torch.compile)"
         raise TypeError(
             "expected a diffusers autoencoder whose encode builds diffusers' DiagonalGaussianDistribution "
+            "or OobleckDiagonalGaussianDistribution "
             f"(AutoencoderKL, AutoencoderKLWan, ...; an instance or the class), got {what}: no method of "
             f"{cls.__name__} builds one, so there is no posterior to replace{hint}"
         )
