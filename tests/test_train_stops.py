@@ -1,0 +1,123 @@
+"""How a training run ends when it is stopped from outside: Ctrl-C, with DataLoader workers or in
+the middle of a checkpoint's write, and a kill of the run that must take its workers with it."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastvae import checkpoint
+from test_train import REPO, TINY, same_run, start_run, train, wait_for
+
+
+def children(pid):
+    """The pids of the live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _state(int(entry.name)) not in (None, "Z"):
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+    return found
+
+
+def _state(pid):
+    """The process state letter of ``pid`` (Z for a zombie), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def saved_step(out):
+    path = Path(out) / "ckpt.pt"
+    return checkpoint.load(path)["step"] if path.exists() else 0
+
+
+def test_ctrl_c_with_workers_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    run, log = tmp_path / "run", tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        process = start_run(run, "--workers", 2, stderr=stderr)
+        try:
+            wait_for(process, lambda: saved_step(run) >= 5 and len(children(process.pid)) >= 2)
+            # A terminal signals every process of the group, in no set order: here the workers
+            # get it first, and the run must not die of their absence before its own Ctrl-C.
+            for worker in children(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker, signal.SIGINT)
+            time.sleep(1)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGINT)
+            process.wait(timeout=60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert process.returncode == 130, text[-3000:]
+    assert text.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
+    assert "Traceback" not in text
+    saved = saved_step(run)
+    assert saved >= 5 and saved % 5 == 0
+    assert train(run, "--steps", saved + 5, "--every", 5, "--resume") == 0
+    assert train(tmp_path / "whole", "--steps", saved + 5, "--every", 5) == 0
+    same_run(run, tmp_path / "whole")
+
+
+# `fastvae train` whose first torch.save is interrupted by Ctrl-C after its first few writes: the
+# signal lands in the middle of a checkpoint's write.
+CTRL_C_WHILE_SAVING = """
+import itertools, os, signal, sys, torch
+real_save, writes = torch.save, itertools.count(1)
+class Interrupted:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        written = self.f.write(data)
+        if next(writes) == 3:
+            os.killpg(0, signal.SIGINT)
+        return written
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+torch.save = lambda payload, f, **kwargs: real_save(payload, Interrupted(f), **kwargs)
+from fastvae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    assert train(run, "--steps", 4, "--every", 2) == 0
+    command = [sys.executable, "-c", CTRL_C_WHILE_SAVING, "train", *TINY, "--out", str(run), "--steps", "8",
+               "--every", "2", "--resume"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
+    assert "Traceback" not in result.stderr
+    assert not list(run.glob("*.tmp"))
+    # The write that Ctrl-C landed in was finished, and the run stopped right after it.
+    assert saved_step(run) == 6
+    assert train(run, "--steps", 8, "--every", 2, "--resume") == 0
+    assert train(tmp_path / "whole", "--steps", 8, "--every", 2) == 0
+    same_run(run, tmp_path / "whole")
+
+
+def test_a_killed_run_takes_its_workers_with_it(tmp_path):
+    process = start_run(tmp_path, "--workers", 2)
+    try:
+        wait_for(process, lambda: saved_step(tmp_path) >= 5 and len(children(process.pid)) >= 2)
+        workers = children(process.pid)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    # At once: not after the seconds that a worker waiting for its next batch takes to notice.
+    deadline = time.monotonic() + 2
+    while any(_state(pid) not in (None, "Z") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in workers if _state(pid) not in (None, "Z")]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left
