@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import signal
 import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 try:
     import fcntl
@@ -28,21 +31,63 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A kill or an error at any point leaves either the old file or the new one, whole, and no
-    temporary file after an error.
+    temporary file after an error. A Ctrl-C meanwhile takes effect once the new file is in place:
+    landing inside a writer such as torch.save's, it would leave that writer's own error instead.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _sync_folder(path.parent)
+    with _ctrl_c_deferred():
+        try:
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _sync_folder(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: Path, names: re.Pattern) -> None:
+    """Delete the temporaries that write_atomically left in ``folder`` for files named as ``names``
+    matches, where their writer has died (a kill -9 mid-write). A live writer's (a `fastvae sample`
+    writing into the folder) is its to finish."""
+    for path in folder.iterdir():
+        match = re.fullmatch(rf"(?P<name>.+){TEMPORARY_SUFFIX.pattern}", path.name)
+        if match and names.fullmatch(match["name"]) and path.is_file() and not _alive(int(match["writer"])):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    # Signal 0 asks whether a process exists; only POSIX has it (on Windows os.kill would end it).
+    if os.name != "posix" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+@contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold back SIGINT for the block and deliver it after, to the handler there was before."""
+    # Only the main thread may set handlers; one installed outside Python could not be put back.
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 def hold(path: str | Path) -> BinaryIO | None:

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from fastvae._workers import init_worker
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
 
@@ -285,7 +287,9 @@ def stack_on(dataset: Dataset, device: torch.device, *, workers: int = 0, chunk:
     ``workers`` decode image files in parallel."""
     # Its own generator: starting the loader draws a seed, which must not come from torch's global
     # generator, the training noise.
-    loader = DataLoader(dataset, batch_size=chunk, num_workers=workers, generator=torch.Generator())
+    loader = DataLoader(
+        dataset, batch_size=chunk, num_workers=workers, worker_init_fn=init_worker, generator=torch.Generator()
+    )
     images = None
     for i, batch in enumerate(loader):
         if images is None:

@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from fastvae import checkpoint
+import pytest
+
+from fastvae import _files, checkpoint
 from test_train import REPO, TINY, same_run, start_run, train, wait_for
 
 
@@ -103,6 +105,20 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_chec
     assert train(run, "--steps", 8, "--every", 2, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", 8, "--every", 2) == 0
     same_run(run, tmp_path / "whole")
+
+
+def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tmp_path):
+    def interrupted(f):
+        f.write(b"first half, ")
+        os.kill(os.getpid(), signal.SIGINT)
+        f.write(b"second half")
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        _files.write_atomically(tmp_path / "file", interrupted)
+    assert (tmp_path / "file").read_bytes() == b"first half, second half"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_killed_run_takes_its_workers_with_it(tmp_path):
