@@ -165,7 +165,10 @@ def extensions_and_cmdclass():
 if __name__ == "__main__":
     ext_modules, cmdclass = extensions_and_cmdclass()
     setup(
-        packages=["fastvae", "fastvae.backends", "fastvae.integrations", "fastvae.kernels"],
+        packages=[
+            "fastvae", "fastvae.backends", "fastvae.benchmarks", "fastvae.integrations", "fastvae.kernels",
+            "fastvae.training",
+        ],
         package_dir={"fastvae.kernels": "kernels"},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

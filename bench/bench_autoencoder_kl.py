@@ -23,8 +23,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastvae import benchmark as fb
 from fastvae import ops
+from fastvae.benchmarks.case import Case, compiled, passes
 from fastvae.distributions import DiagonalGaussian
 from fastvae.integrations.diffusers import patch
 
@@ -63,7 +63,7 @@ def fused_loss(x_hat, x, posterior) -> torch.Tensor:
     )[0]
 
 
-def _step_cases(device: torch.device, label: str, config: dict, batch: int, image_size: int) -> list[fb.Case]:
+def _step_cases(device: torch.device, label: str, config: dict, batch: int, image_size: int) -> list[Case]:
     cases = []
     for method, patched, loss_fn in (("eager", False, diffusers_loss), ("fused", True, fused_loss)):
         state: list = []
@@ -88,7 +88,7 @@ def _step_cases(device: torch.device, label: str, config: dict, batch: int, imag
             optimizer.step()
 
         size = f"{label} b{batch} {image_size}px"
-        cases.append(fb.Case("autoencoder_kl_step", method, "step", size, batch, None, setup, step))
+        cases.append(Case("autoencoder_kl_step", method, "step", size, batch, None, setup, step))
     return cases
 
 
@@ -100,12 +100,12 @@ def _posterior(distribution: type, loss_fn):
     return forward
 
 
-def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -> list[fb.Case]:
+def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -> list[Case]:
     methods = {
         "eager": _posterior(DiagonalGaussianDistribution, diffusers_loss),
-        "compile": fb._compiled(_posterior(DiagonalGaussianDistribution, diffusers_loss)),
+        "compile": compiled(_posterior(DiagonalGaussianDistribution, diffusers_loss)),
         "fused": _posterior(DiagonalGaussian, fused_loss),
-        "fused+compile": fb._compiled(_posterior(DiagonalGaussian, fused_loss)),
+        "fused+compile": compiled(_posterior(DiagonalGaussian, fused_loss)),
     }
     cases = []
     for b, h, w in shapes:
@@ -127,13 +127,13 @@ def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -
         forward, backward = 3 * n + 2 * pixels, 4 * n + pixels
         moved = {"fwd": forward * 4, "bwd": backward * 4, "fwd+bwd": (forward + backward) * 4}
         for method, fn in methods.items():
-            for pass_, (setup, target) in fb._passes(fn, make, scalar).items():
+            for pass_, (setup, target) in passes(fn, make, scalar).items():
                 size = f"{b}x8x{h}x{w} + {b}x3x{8 * h}x{8 * w}"
-                cases.append(fb.Case("autoencoder_kl_posterior", method, pass_, size, n, moved[pass_], setup, target))
+                cases.append(Case("autoencoder_kl_posterior", method, pass_, size, n, moved[pass_], setup, target))
     return cases
 
 
-def cases(device: torch.device, quick: bool) -> list[fb.Case]:
+def cases(device: torch.device, quick: bool) -> list[Case]:
     if device.type == "cuda":
         step = _step_cases(device, "SD VAE", SD_VAE, batch=8, image_size=256)
         shapes = [(8, 32, 32)] if quick else [(8, 32, 32), (16, 64, 64), (64, 64, 64)]

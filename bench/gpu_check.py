@@ -247,12 +247,13 @@ def _benchmark_table(paths: list[str]) -> str:
     if not found:
         return "No benchmark results were written."
     try:
-        from fastvae import benchmark
+        from fastvae.benchmarks.measure import Row
+        from fastvae.benchmarks.report import format_table, row_order
 
         with open(found[0]) as f:
             results = json.load(f)
-        rows = sorted((benchmark.Row(**row) for row in results["rows"]), key=benchmark.row_order)
-        table = benchmark.format_table(rows, results.get("copy_bandwidth_bytes_per_s"))
+        rows = sorted((Row(**row) for row in results["rows"]), key=row_order)
+        table = format_table(rows, results.get("copy_bandwidth_bytes_per_s"))
     except Exception as exc:  # the summary is still written, saying why the table is not there
         return f"The benchmark results in {os.path.basename(found[0])} could not be read: {exc!r}"
     return f"{results['device']}, `{results['command']}`, {len(rows)} cases:\n\n```\n{table}\n```"

@@ -139,7 +139,21 @@ def check_vae_loss(
         raise ValueError(f"x has batch size {x.shape[0]} but mu has {mu.shape[0]}")
     if x.device != mu.device:
         raise ValueError(f"x is on {x.device} but mu is on {mu.device}")
+    check_averaged("reconstruction", "x", x, recon_reduction)
+    check_averaged("KL", "mu", mu, kl_reduction)
     check_beta(beta)
+
+
+def check_averaged(term: str, name: str, t: torch.Tensor, reduction: str) -> None:
+    """A loss term averaged over none of ``t``'s elements ("mean") or samples ("batchmean") would
+    be 0 / 0: NaN, which a training step takes in without a word. torch's losses return that NaN;
+    a loss of fastvae refuses it, so that an empty batch is seen where it came from."""
+    over = {"mean": ("elements", t.numel()), "batchmean": ("samples", t.shape[0])}.get(reduction)
+    if over is not None and over[1] == 0:
+        raise ValueError(
+            f"reduction {reduction!r} of the {term} term averages over the {over[0]} of {name}, but {name} has "
+            f"shape {shape_str(t)}: there are none, and their mean is undefined; use 'sum' (0 for none)"
+        )
 
 
 def check_beta(beta: object) -> None:

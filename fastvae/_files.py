@@ -3,13 +3,13 @@ holding a folder so that a second process cannot write into it meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import signal
 import socket
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -20,7 +20,8 @@ except ImportError:  # Windows
 
 # What write_atomically appends to a name for its temporary: unique per process and call, so two
 # writers of one file (two runs, two `fastvae sample`) never write into each other's temporary.
-TEMPORARY_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
+# ``writer`` is the writing process's pid.
+TEMPORARY_SUFFIX = re.compile(r"\.(?P<writer>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 class HeldError(RuntimeError):
@@ -31,8 +32,10 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """Call ``write`` on a temporary file beside ``path``, then rename it over ``path``.
 
     A kill or an error at any point leaves either the old file or the new one, whole, and no
-    temporary file after an error. A Ctrl-C meanwhile takes effect once the new file is in place:
-    landing inside a writer such as torch.save's, it would leave that writer's own error instead.
+    temporary file after an error. An OSError of the write (a full disk, a file too large, a
+    folder refusing the temporary) names ``path``, not the temporary nor no file at all. A Ctrl-C
+    meanwhile takes effect once the new file is in place: landing inside a writer such as
+    torch.save's, it would leave that writer's own error instead.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -43,6 +46,11 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
+                raise
+            raise _naming(exc, path) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -73,7 +81,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@contextmanager
+@contextlib.contextmanager
 def _ctrl_c_deferred() -> Iterator[None]:
     """Hold back SIGINT for the block and deliver it after, to the handler there was before."""
     # Only the main thread may set handlers; one installed outside Python could not be put back.
@@ -112,11 +120,22 @@ def hold(path: str | Path) -> BinaryIO | None:
         raise
     # Written over the last holder's words in place and then cut: the file is never empty once
     # written, so a process refused meanwhile can always name the holder.
-    f.seek(0)
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
-    f.truncate()
-    f.flush()
+    try:
+        f.seek(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        f.truncate()
+        f.flush()
+    except OSError as exc:  # a full disk: the file was made, but its words do not fit
+        with contextlib.suppress(OSError):  # the flush on close fails again, yet closes the file
+            f.close()
+        raise _naming(exc, path) from exc
     return f
+
+
+def _naming(exc: OSError, path: str | Path) -> OSError:
+    """``exc`` naming ``path``: a failed write of an open file names no file at all. OSError(errno,
+    ...) comes back as the same subclass (FileNotFoundError, ...)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def _sync_folder(folder: Path) -> None:

@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 def save(payload: dict, path: str | Path) -> None:
     """Write atomically: a crash mid-write leaves the previous checkpoint in place. A write that
-    fails (a full disk) raises the OSError that stopped it."""
+    fails (a full disk) raises the OSError that stopped it, naming ``path``."""
 
     def write(f) -> None:
         try:
@@ -45,8 +45,7 @@ def save(payload: dict, path: str | Path) -> None:
             # torch's zip writer still closes the archive after the file's write failed, and its
             # own position check then fails ("unexpected pos"), hiding the OSError behind it.
             if isinstance(exc.__context__, OSError):
-                cause = exc.__context__
-                raise OSError(cause.errno, cause.strerror, str(path)) from None
+                raise exc.__context__ from None
             raise
 
     write_atomically(path, write)

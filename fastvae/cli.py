@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 def check_image_out(path: str) -> None:
     """--out of sample and reconstruct, checked before any work: a file named in a format Pillow writes."""
     from fastvae.images import image_format
-    from fastvae.train import ConfigError
+    from fastvae.training.errors import ConfigError
 
     if Path(path).is_dir():
         raise ConfigError(f"--out {path} is a folder; name an image file, such as {Path(path) / 'grid.png'}")
@@ -52,7 +52,7 @@ def check_image_out(path: str) -> None:
 
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.train import positive_int, seed_int
+    from fastvae.training.options import positive_int, seed_int
 
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
     parser.add_argument("--n", type=positive_int, default=64, help="number of samples (default: 64)")
@@ -66,7 +66,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from fastvae.checkpoint import load_model
     from fastvae.images import save_grid
-    from fastvae.train import check_images_fit, resolve_device
+    from fastvae.training.options import check_images_fit, resolve_device
 
     check_image_out(args.out)
     device = resolve_device(args.device)
@@ -78,7 +78,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def add_reconstruct_arguments(parser: argparse.ArgumentParser) -> None:
-    from fastvae.train import positive_int
+    from fastvae.training.options import positive_int
 
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
     parser.add_argument("--data", metavar="DIR",
@@ -94,7 +94,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from fastvae.checkpoint import load_model
     from fastvae.data import ImageFolder, Shapes
     from fastvae.images import save_grid, side_by_side
-    from fastvae.train import check_images_fit, resolve_device
+    from fastvae.training.options import check_images_fit, resolve_device
 
     check_image_out(args.out)
     device = resolve_device(args.device)
@@ -118,7 +118,7 @@ def _command(name: str) -> tuple[Callable, Callable]:
         return add_sample_arguments, run_sample
     if name == "reconstruct":
         return add_reconstruct_arguments, run_reconstruct
-    modules = {"train": "fastvae.train", "info": "fastvae.info", "bench": "fastvae.benchmark"}
+    modules = {"train": "fastvae.training", "info": "fastvae.info", "bench": "fastvae.benchmarks.command"}
     module = importlib.import_module(modules[name])
     return module.add_arguments, module.run
 
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fastvae.checkpoint import CheckpointError
     from fastvae.data import DataError
-    from fastvae.train import ConfigError, DivergedError, RankZeroFailed, Stopped
+    from fastvae.training.errors import ConfigError, DivergedError, RankZeroFailed, Stopped
 
     try:
         return run(args)

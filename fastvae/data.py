@@ -26,6 +26,11 @@ TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
 # allocation.
 MAX_IMAGE_SIZE = 4096
 
+# An image is resized whole and then cropped, as long as its resized size is at most this many
+# times the crop's: every photograph's aspect ratio (up to 4:1). Beyond, only its crop's part is
+# resized, bounding the work and memory of an image by its crop, not by its aspect ratio.
+RESIZE_AREA_BOUND = 4
+
 SHAPE_KINDS = ("square", "ellipse", "triangle")
 
 # Per-image draws, in this order, as columns of the uniform numbers behind each image.
@@ -148,20 +153,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray((values * (255 / top)).round().astype(np.uint8)).convert("RGB")
 
 
+def _resize_and_crop(image: Image.Image, image_size: int) -> Image.Image:
+    """The centre S x S of ``image`` resized, bicubic, so that its shorter side is S."""
+    width, height = image.size
+    ratio = image_size / min(width, height)
+    resized = (max(image_size, round(width * ratio)), max(image_size, round(height * ratio)))
+    left = (resized[0] - image_size) // 2
+    top = (resized[1] - image_size) // 2
+    if resized[0] * resized[1] <= RESIZE_AREA_BOUND * image_size**2:
+        return image.resize(resized, Image.Resampling.BICUBIC).crop((left, top, left + image_size, top + image_size))
+    # Resized whole, a strip of extreme aspect ratio would be far larger than its crop (a 40000x1
+    # PNG at 32 would be 1280000x32): only the source pixels under the crop, and the filter's reach
+    # around them, are resized instead. The window's offset keeps the box's corners small, as Pillow
+    # rounds them to float32; Pillow may also take its two passes in the other order than for the
+    # whole image, so pixels can differ from the whole-image path by a few levels.
+    box, window = [], []
+    for size, first, resized_size in zip((width, height), (left, top), resized):
+        scale = size / resized_size
+        reach = 2 * max(scale, 1.0) + 1  # bicubic's support, widened by a downscale as Pillow's is
+        low, high = first * scale, (first + image_size) * scale
+        window.append((max(0, math.floor(low - reach)), min(size, math.ceil(high + reach))))
+        box.append((low - window[-1][0], high - window[-1][0]))
+    (x0, x1), (y0, y1) = window
+    (left_in, right_in), (top_in, bottom_in) = box
+    part = image.crop((x0, y0, x1, y1))
+    return part.resize((image_size, image_size), Image.Resampling.BICUBIC, box=(left_in, top_in, right_in, bottom_in))
+
+
 def load_image(path: Path, image_size: int) -> torch.Tensor:
     """An image file as RGB (3, S, S) in [0, 1]: shorter side resized to S, then centre-cropped."""
     try:
         with Image.open(path) as image:
-            image = _to_rgb(image)
-            width, height = image.size
-            ratio = image_size / min(width, height)
-            resized = (max(image_size, round(width * ratio)), max(image_size, round(height * ratio)))
-            image = image.resize(resized, Image.Resampling.BICUBIC)
+            image = _resize_and_crop(_to_rgb(image), image_size)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None
-    left = (image.width - image_size) // 2
-    top = (image.height - image_size) // 2
-    image = image.crop((left, top, left + image_size, top + image_size))
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 

@@ -128,6 +128,13 @@ class VAE(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         expected = (self.in_channels, self.image_size, self.image_size)
+        # The dtype is the tensor's metadata: checking it asks nothing of the device, and a
+        # compiled model checks it once, while tracing.
+        if not x.is_floating_point():
+            raise TypeError(
+                f"x must be floating-point images in [0, 1] of shape (N, {', '.join(map(str, expected))}), "
+                f"got a {x.dtype} tensor (for 8-bit pixels, pass x.float() / 255)"
+            )
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images (N, {', '.join(map(str, expected))}), got shape {shape_str(x)}")
         if x.shape[1] != self.in_channels:

@@ -116,6 +116,8 @@ def vae_loss(
     The BCE forms take targets ``x`` in [0, 1]; others are computed by the same formula, as torch
     does. ``recon_reduction`` and ``kl_reduction`` ("sum", "batchmean" or "mean") override
     ``reduction`` for their term. Pairs of different dtypes are promoted, as torch's losses do.
+    A term averaged ("mean", "batchmean") over no elements or samples raises ValueError, where
+    torch's losses return NaN; "sum" of nothing is 0.
     """
     x_hat, x = promote_pair(x_hat, x)
     mu, logvar = promote_pair(mu, logvar)

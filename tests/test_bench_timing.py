@@ -1,9 +1,9 @@
-"""fastvae.benchmark's split of a step's time into the host's and the device's, on a GPU."""
+"""fastvae.benchmarks.timing's split of a step's time into the host's and the device's, on a GPU."""
 
 import torch
 
 from conftest import skip_unless_backend_runs
-from fastvae import benchmark
+from fastvae.benchmarks.timing import host_and_device_time
 
 
 def _needs_cuda():
@@ -25,7 +25,7 @@ def test_device_time_is_the_kernels_and_host_time_the_launches():
     _needs_cuda()
     cycles = 1 << 24  # milliseconds of GPU time, launched in microseconds
     busy = _events_time(lambda: torch.cuda._sleep(cycles))
-    host, device = benchmark.host_and_device_time(lambda: (), lambda: torch.cuda._sleep(cycles), torch.device("cuda"), 5)
+    host, device = host_and_device_time(lambda: (), lambda: torch.cuda._sleep(cycles), torch.device("cuda"), 5)
     assert abs(device - busy) < 0.2 * busy, (device, busy)
     assert host < 0.2 * busy, (host, busy)
 
@@ -37,4 +37,4 @@ def test_a_step_that_syncs_has_no_split_time():
         torch.cuda._sleep(1 << 16)
         torch.cuda.synchronize()
 
-    assert benchmark.host_and_device_time(lambda: (), syncing, torch.device("cuda"), 3) == (None, None)
+    assert host_and_device_time(lambda: (), syncing, torch.device("cuda"), 3) == (None, None)

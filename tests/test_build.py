@@ -1,6 +1,7 @@
 """How fastvae is built and versioned: the version's one source, the CUDA archs and their PTX, and
 what a stale extension says when it fails to load after a torch change."""
 
+import ast
 import importlib
 import importlib.metadata
 import os
@@ -34,6 +35,21 @@ def test_version_is_written_once():
     assert re.fullmatch(r"\d+\.\d+\.\d+", fastvae.__version__)
     # The installed metadata came from the same constant (a mismatch means: reinstall).
     assert importlib.metadata.version("fastvae") == fastvae.__version__
+
+
+def test_setup_py_lists_every_package():
+    # setup.py names its packages: one left out is missing from a wheel while the tests, run from
+    # the source tree, still pass.
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    setup_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup")
+    keywords = {k.arg: ast.literal_eval(k.value) for k in setup_call.keywords if k.arg in ("packages", "package_dir")}
+    found = {
+        os.path.relpath(folder, ROOT).replace(os.sep, ".")
+        for folder, _, files in os.walk(os.path.join(ROOT, "fastvae"))  # does not follow a kernels symlink
+        if "__init__.py" in files
+    }
+    assert sorted(keywords["packages"]) == sorted(found | set(keywords["package_dir"]))
 
 
 def _arch_numbers(arch_list: str) -> list[float]:

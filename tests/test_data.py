@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +10,9 @@ from fastvae.data import (
     DataError,
     EpochBatches,
     ImageFolder,
+    RESIZE_AREA_BOUND,
     Shapes,
+    load_image,
     render_shapes,
     stack_on,
     train_eval_split,
@@ -122,6 +127,77 @@ def test_image_folder_reads_recursively_resizes_and_centre_crops(tmp_path):
         assert folder[i].min() >= 0 and folder[i].max() <= 1
     assert folder[0][:, :, 2:-2].min() > 0.95
     assert folder[1].sub(128 / 255).abs().max() < 0.02
+
+
+def resized_whole_and_cropped(path, size):
+    """The shorter side resized to ``size`` over the whole image, bicubic, then the centre crop: as
+    fastvae has always read an image, written out here with Pillow alone."""
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = size / min(image.size)
+        whole = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+        left, top = (whole[0] - size) // 2, (whole[1] - size) // 2
+        image = image.resize(whole, Image.Resampling.BICUBIC).crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
+
+
+@pytest.mark.parametrize(
+    "width, height, size",
+    # Landscape, portrait, square, odd sizes, one pixel, and 4:1, the last aspect ratio resized whole.
+    [(64, 48, 32), (48, 64, 32), (640, 480, 64), (100, 37, 16), (37, 111, 16), (50, 50, 16), (1, 1, 16), (3, 12, 16)],
+)
+def test_ordinary_images_are_read_as_ever_bit_for_bit(tmp_path, width, height, size):
+    assert width * height <= RESIZE_AREA_BOUND * min(width, height) ** 2
+    pixels = np.random.default_rng([width, height]).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    _save(tmp_path / "image.png", pixels)
+    assert torch.equal(load_image(tmp_path / "image.png", size), resized_whole_and_cropped(tmp_path / "image.png", size))
+
+
+@pytest.mark.parametrize("width, height, size", [(2000, 1, 16), (1, 2000, 16), (900, 40, 32), (25, 700, 16)])
+def test_a_strip_resizes_only_its_crop_and_agrees_with_the_whole_image(tmp_path, width, height, size):
+    # Beyond the bound Pillow may take its two passes in the other order: on a smooth image that
+    # moves a pixel by a level or two of 255, no more.
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([127.5 + 127 * np.sin(x / 9 + y / 13 + c) for c in range(3)], -1).astype(np.uint8)
+    _save(tmp_path / "strip.png", pixels)
+    assert width * height > RESIZE_AREA_BOUND * min(width, height) ** 2
+    loaded = load_image(tmp_path / "strip.png", size)
+    torch.testing.assert_close(loaded, resized_whole_and_cropped(tmp_path / "strip.png", size), atol=2 / 255, rtol=0)
+
+
+# Reads one image in a process of its own and prints the growth of its peak memory (KiB) over a
+# warm-up read, and the mean pixel. The address space is capped 1 GiB above what the warm-up left
+# mapped, so a read that would resize a strip whole fails there instead of taking the machine's memory.
+PEAK_MEMORY_PROBE = """
+import resource, sys
+from pathlib import Path
+from fastvae.data import load_image
+load_image(Path(sys.argv[1]), 16)
+mapped = int(next(line for line in open("/proc/self/status") if line.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+image = load_image(Path(sys.argv[2]), int(sys.argv[3]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, tuple(image.shape), image.mean().item(), sep="|")
+"""
+
+
+@pytest.mark.parametrize("width, height, size", [(40000, 1, 32), (1, 10**6, 256)])
+def test_a_strip_of_extreme_aspect_ratio_is_read_in_little_memory(tmp_path, width, height, size):
+    # Resized whole, the 40000x1 strip would be 1280000x32 (about 160 MB), the 1x10^6 one 256x256000000.
+    # A ramp from 0 to 255 along the strip: the crop, at its middle, is mid-grey.
+    ramp = (np.arange(max(width, height)) * 255 // max(width, height)).astype(np.uint8)
+    _save(tmp_path / "strip.png", np.repeat(ramp.reshape(height, width, 1), 3, axis=2))
+    _save(tmp_path / "warm.png", np.zeros((20, 30, 3), np.uint8))
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MEMORY_PROBE, tmp_path / "warm.png", tmp_path / "strip.png", str(size)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    growth_kib, shape, mean = result.stdout.strip().split("|")
+    assert shape == f"(3, {size}, {size})"
+    assert abs(float(mean) - 127.5 / 255) < 2 / 255
+    # The decoded file (4 bytes a pixel) and the window under the crop; not the strip resized whole.
+    assert int(growth_kib) < 4 * width * height / 1024 + 16 * 1024
 
 
 def test_image_folder_errors(tmp_path):

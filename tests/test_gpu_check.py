@@ -67,12 +67,13 @@ def test_dry_run_writes_a_summary_with_each_steps_result(tmp_path):
 
 
 def test_the_summary_carries_the_benchmark_table(tmp_path):
-    from fastvae import benchmark
+    from fastvae.benchmarks.measure import Row
+    from fastvae.benchmarks.report import write_results
 
-    rows = [benchmark.Row("vae_loss", method, "fwd+bwd", "256x3x64x64", 3 << 16, median, 4 << 20)
+    rows = [Row("vae_loss", method, "fwd+bwd", "256x3x64x64", 3 << 16, median, 4 << 20)
             for method, median in (("eager", 4e-4), ("fused", 1e-4))]
     path = tmp_path / "nvidia-h200.json"
-    benchmark.write_results(str(path), rows, 4.25e12, {"device": "NVIDIA H200", "command": "pytest bench"})
+    write_results(str(path), rows, 4.25e12, {"device": "NVIDIA H200", "command": "pytest bench"})
     table = gpu_check._benchmark_table([str(path)])
     assert table.startswith("NVIDIA H200, `pytest bench`, 2 cases")
     assert re.search(r"vae_loss .* fused .* 100\.0 us +4\.00x", table), table

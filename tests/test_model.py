@@ -102,6 +102,32 @@ def test_bad_images_raise(x, message):
         model(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, torch.complex64])
+def test_images_that_are_not_floating_point_raise_type_error(dtype):
+    model = VAE(image_size=16, backend="reference", **SMALL)
+    x = torch.zeros(2, 3, 16, 16, dtype=dtype)
+    message = rf"x must be floating-point images in \[0, 1\] of shape \(N, 3, 16, 16\), got a {dtype} tensor"
+    for method in (model, model.reconstruct, lambda x: model.interpolate(x, x)):
+        with pytest.raises(TypeError, match=message):
+            method(x)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_the_model_compiles_into_one_graph(training):
+    # The images' checks read only metadata: no graph break, no host sync.
+    model = VAE(image_size=16, backend="cpp", **SMALL).train(training)
+    x = torch.rand(4, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    actual = compiled(x)
+    torch.manual_seed(0)
+    for a, e in zip(actual, model(x)):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    # Under fullgraph, dynamo reports an exception raised while tracing as Unsupported, with ours in it.
+    with pytest.raises((TypeError, torch._dynamo.exc.Unsupported), match="x must be floating-point images"):
+        compiled(x.to(torch.uint8))
+
+
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [

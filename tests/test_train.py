@@ -15,12 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
+import fastvae
 from fastvae import _files, checkpoint, ops
-from fastvae import train as train_module
 from fastvae.cli import main
 from fastvae.images import save_grid
 from fastvae.reference import kl_divergence
-from fastvae.train import beta_at, free_bits_kl
+from fastvae.training import evaluation as evaluation_module
+from fastvae.training import inputs as inputs_module
+from fastvae.training.options import resolve_device
+from fastvae.training.errors import ConfigError
+from fastvae.training.step import beta_at, free_bits_kl
 
 # A model and data small enough for a step to take milliseconds on a CPU.
 TINY = [
@@ -30,7 +34,7 @@ TINY = [
 REPO = Path(__file__).resolve().parents[1]
 # fastvae's own source files, as a traceback or a warning names them (not a venv that merely
 # lives in a folder called fastvae, as the oldest-stack CI's does).
-OWN_SOURCE = re.escape(str(Path(train_module.__file__).resolve().parent)) + r"[/\\][\w/\\]*\.py"
+OWN_SOURCE = re.escape(str(Path(fastvae.__file__).resolve().parent)) + r"[/\\][\w/\\]*\.py"
 
 
 def train(out, *options):
@@ -107,6 +111,26 @@ def test_resume_gives_the_same_run_bit_for_bit(tmp_path):
     assert train(tmp_path / "parts", "--steps", 10, *options) == 0
     assert train(tmp_path / "parts", "--steps", 15, "--resume", *options) == 0
     same_run(tmp_path / "parts", tmp_path / "whole")
+
+
+def test_a_pre_split_checkpoint_resumes_bit_for_bit(tmp_path):
+    # Written by the code before fastvae/train.py became fastvae/training/ (tests/data/README.md says how).
+    pre_split = REPO / "tests" / "data" / "pre_split_run"
+    options = ("--backend", "reference", "--every", 5, "--beta-schedule", "cyclical", "--beta-period", 6)
+    assert train(tmp_path / "whole", "--steps", 10, *options) == 0
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for name in ("ckpt.pt", "metrics.jsonl"):
+        (parts / name).write_bytes((pre_split / name).read_bytes())
+    assert train(parts, "--steps", 10, "--resume", *options) == 0
+    same_run(parts, tmp_path / "whole")
+    resumed, whole = (checkpoint.load(out / "ckpt.pt") for out in (parts, tmp_path / "whole"))
+    assert resumed["step"] == whole["step"] == 10
+    assert resumed["args"] == {**whole["args"], "out": str(parts), "resume": True}
+    for a, b in zip(resumed["optimizer"]["state"].values(), whole["optimizer"]["state"].values(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert resumed["scaler"] == whole["scaler"]
+    assert torch.equal(resumed["rng"]["torch"], whole["rng"]["torch"])
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -305,10 +329,10 @@ def test_a_nan_held_out_loss_stops_every_process_in_one_line(tmp_path):
     script = tmp_path / "nan_held_out_loss.py"
     script.write_text(
         "import sys\n"
-        "from fastvae import train\n"
+        "from fastvae.training import evaluation\n"
         "from fastvae.cli import main\n"
-        "real_evaluate = train.evaluate\n"
-        "train.evaluate = lambda *a: {**real_evaluate(*a), 'eval_loss': float('nan')}\n"
+        "real_evaluate = evaluation.evaluate\n"
+        "evaluation.evaluate = lambda *a: {**real_evaluate(*a), 'eval_loss': float('nan')}\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     result = run_on_two_processes(tmp_path / "run", "--steps", 4, "--every", 2, program=(str(script),))
@@ -406,8 +430,8 @@ def test_a_good_checkpoint_is_not_replaced_by_nan_weights(tmp_path, monkeypatch,
 
 
 def test_a_nan_held_out_loss_is_never_checkpointed(tmp_path, monkeypatch, capsys):
-    real_evaluate = train_module.evaluate
-    monkeypatch.setattr(train_module, "evaluate", lambda *a: {**real_evaluate(*a), "eval_loss": float("nan")})
+    real_evaluate = evaluation_module.evaluate
+    monkeypatch.setattr(evaluation_module, "evaluate", lambda *a: {**real_evaluate(*a), "eval_loss": float("nan")})
     assert train(tmp_path, "--steps", 2, "--every", 2) == 1
     assert "held-out loss is nan at step 2" in capsys.readouterr().err
     assert not (tmp_path / "ckpt.pt").exists()
@@ -493,9 +517,9 @@ def test_an_overflowed_optimizer_state_is_never_checkpointed(tmp_path, capsys):
 def test_a_cuda_device_index_past_the_last_gpu_is_a_config_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert train_module.resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(train_module.ConfigError, match=r"--device cuda:7: there are 2 CUDA device\(s\) here"):
-        train_module.resolve_device("cuda:7")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"--device cuda:7: there are 2 CUDA device\(s\) here"):
+        resolve_device("cuda:7")
 
 
 def test_resume_cuts_the_metrics_back_in_place(tmp_path):
@@ -555,15 +579,19 @@ def test_two_writers_of_one_file_never_share_a_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
 
 
-def train_with_file_size_limit(limit, out, *options):
-    """``fastvae train`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
+def fastvae_with_file_size_limit(limit, *argv):
+    """``fastvae *argv`` in a process whose writes stop at ``limit`` bytes a file, as on a full disk."""
     code = (
         "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
         "from fastvae.cli import main; sys.exit(main(sys.argv[1:]))"
     )
-    command = [sys.executable, "-c", code, "train", *TINY, "--out", str(out), *map(str, options)]
+    command = [sys.executable, "-c", code, *map(str, argv)]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def train_with_file_size_limit(limit, out, *options):
+    return fastvae_with_file_size_limit(limit, "train", *TINY, "--out", out, *options)
 
 
 def test_a_checkpoint_is_renamed_into_place_durably(tmp_path, monkeypatch):
@@ -712,7 +740,7 @@ def test_data_kept_on_the_device_gives_the_loader_run(tmp_path, monkeypatch, cap
     assert train(tmp_path / "loader", "--steps", 10, "--every", 10) == 0
     assert "data kept on" not in capsys.readouterr().out
     # A CPU stands in for a GPU with room for the data.
-    monkeypatch.setattr(train_module, "data_fits_on", lambda *args: True)
+    monkeypatch.setattr(inputs_module, "data_fits_on", lambda *args: True)
     assert train(tmp_path / "kept", "--steps", 10, "--every", 10) == 0  # 8 batches an epoch: 2 epochs
     assert "data kept on cpu" in capsys.readouterr().out
     # The same batches in the same order; shapes rendered many at a time may differ in an ulp.

@@ -4,7 +4,7 @@ session leaves to CI (bench/gpu_check.py's CPU_ONLY_TESTS), so that these run th
 import torch
 
 from conftest import skip_unless_backend_runs
-from fastvae import train as train_module
+from fastvae.training import step as step_module
 from fastvae.cli import main
 
 TINY = [
@@ -18,7 +18,7 @@ def test_reduce_overhead_replays_the_step_from_cuda_graphs_without_syncing(tmp_p
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
-    real_compile_step = train_module.compile_step
+    real_compile_step = step_module.compile_step
     calls = []
 
     def sync_checked(step, mode):
@@ -36,7 +36,7 @@ def test_reduce_overhead_replays_the_step_from_cuda_graphs_without_syncing(tmp_p
 
         return run
 
-    monkeypatch.setattr(train_module, "compile_step", sync_checked)
+    monkeypatch.setattr(step_module, "compile_step", sync_checked)
     counters.clear()
     code = main(["train", *TINY, "--out", str(tmp_path), "--steps", "8", "--every", "8", "--log-every", "8",
                  "--compile", "reduce-overhead"])

@@ -7,6 +7,7 @@ or twice when the incoming weight of the image term is not 1 and the backward sc
 gradient the forward wrote. Float32 sums differ from the reference's by summation order only.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from fastvae import ops, reference
 pytestmark = pytest.mark.skipif(fastvae.extension_error is not None, reason="fastvae._C is not built")
 
 from fastvae.backends import cpp_ops  # noqa: E402  (registers fakes and autograd once _C is loaded)
+from float64_math import float64_kl  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -440,15 +442,61 @@ def test_avx2_and_baseline_builds_agree(tmp_path):
 @pytest.mark.parametrize("recon", RECONS)
 def test_edge_sizes(device, image, latent, reduction, recon):
     inputs = sample_inputs(device, True, torch.float32, image, latent, recon=recon)
+    if image[0] == 0 and reduction != "sum":  # see test_the_mean_of_nothing_is_refused_by_every_backend
+        for vae_loss in (reference.vae_loss, functools.partial(ops.vae_loss, backend="cpp")):
+            with pytest.raises(ValueError, match="there are none, and their mean is undefined"):
+                vae_loss(*inputs, beta=0.5, reduction=reduction, recon=recon)
+        return
     outputs = ops.vae_loss(*inputs, beta=0.5, reduction=reduction, recon=recon, backend="cpp")
     expected = reference.vae_loss(*inputs, beta=0.5, reduction=reduction, recon=recon)
     for o, e in zip(outputs, expected):
-        # The mean of nothing is nan, as in torch.
-        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5, equal_nan=True)
-    if outputs[0].isfinite():
-        grads = torch.autograd.grad(outputs[0], inputs)
-        for g, e in zip(grads, torch.autograd.grad(expected[0], inputs)):
-            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(outputs[0], inputs)
+    for g, e in zip(grads, torch.autograd.grad(expected[0], inputs)):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
+def vae_loss_of_every_backend(device):
+    """fastvae.reference's vae_loss and fastvae.ops' with each backend that has one on ``device``."""
+    backends = [b for b in ops.BACKENDS if ops.unavailable_reason(b, "vae_loss", torch.device(device)) is None]
+    assert "cpp" in backends and "reference" in backends  # the checks below must reach the fused one
+    return [reference.vae_loss] + [functools.partial(ops.vae_loss, backend=b) for b in backends]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "image, latent, reductions, message",
+    [
+        ((0, 3, 4, 4), (0, 8), dict(reduction="mean"),
+         r"reduction 'mean' of the reconstruction term averages over the elements of x, but x has shape \(0, 3, 4, 4\)"),
+        ((0, 3, 4, 4), (0, 8), dict(reduction="batchmean"),
+         r"reduction 'batchmean' of the reconstruction term averages over the samples of x, but x has shape \(0, 3, 4, 4\)"),
+        ((0, 3, 4, 4), (0, 8), dict(recon_reduction="sum", kl_reduction="batchmean"),
+         r"reduction 'batchmean' of the KL term averages over the samples of mu, but mu has shape \(0, 8\)"),
+        ((2, 0), (2, 3), dict(recon_reduction="mean", kl_reduction="sum"), "averages over the elements of x"),
+        ((2, 3), (2, 0), dict(recon_reduction="sum", kl_reduction="mean"), "averages over the elements of mu"),
+    ],
+)
+def test_the_mean_of_nothing_is_refused_by_every_backend(device, image, latent, reductions, message):
+    # torch's losses return NaN there, which a training step would take in without a word.
+    inputs = sample_inputs(device, True, torch.float32, image, latent)
+    for vae_loss in vae_loss_of_every_backend(device):
+        with pytest.raises(ValueError, match=message + r".*: there are none, and their mean is undefined; use 'sum'"):
+            vae_loss(*inputs, **reductions)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_what_an_empty_batch_can_be_reduced_to(device):
+    # A sum of nothing is 0, and so is the per-sample mean of samples that have no elements.
+    empty = sample_inputs(device, True, torch.float32, (0, 3, 4, 4), (0, 8))
+    no_pixels = sample_inputs(device, True, torch.float32, (2, 0), (2, 3))
+    expected_kl = float64_kl(*no_pixels[2:], "batchmean").item()
+    for vae_loss in vae_loss_of_every_backend(device):
+        for inputs, reduction, kl_value in ((empty, "sum", 0.0), (no_pixels, "batchmean", expected_kl)):
+            loss, recon, kl = vae_loss(*inputs, beta=0.5, reduction=reduction)
+            assert recon.item() == 0.0
+            assert kl.item() == pytest.approx(kl_value, rel=1e-6) and loss.item() == pytest.approx(0.5 * kl_value)
+            assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(loss, inputs), inputs))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,25 @@
+"""How a training run ends other than done: each maps to one line and an exit status in fastvae.cli."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Options that cannot make a run (bad sizes, a device or backend that is not there)."""
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class RankZeroFailed(RuntimeError):
+    """Under DDP, rank 0, the one that writes the run's files, could not (it says why): the other
+    ranks stop with it rather than in their next collective."""
+
+
+class Stopped(Exception):
+    """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
+    the status of a process the signal killed, so that a scheduler sees what it expects."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
