@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastvae import data
+from fastvae._workers import init_worker
 from fastvae.training.distributed import World
 from fastvae.training.options import image_bytes
-from fastvae.training.sigterm import ignore_sigterm
 
 # The training set is kept whole on a GPU, and batches gathered there, when it takes at most this
 # fraction of the device's free memory; the rest is left to the model, its activations and Adam.
@@ -43,7 +43,7 @@ class Inputs:
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
         # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
         eval_loader = DataLoader(
-            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=ignore_sigterm,
+            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=init_worker,
             generator=torch.Generator().manual_seed(args.seed),
         )
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
@@ -61,7 +61,7 @@ class Inputs:
             self.train_set,
             batch_sampler=self.batches,
             num_workers=args.workers,
-            worker_init_fn=ignore_sigterm,
+            worker_init_fn=init_worker,
             pin_memory=device.type == "cuda",
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),
