@@ -13,6 +13,10 @@ import pytest
 
 from fastvae import _files, checkpoint
 from test_train import REPO, TINY, same_run, start_run, train, wait_for
+from test_train_options import usable_cpus
+
+# Two where the machine lets a run start two (--workers is at most the usable CPUs).
+WORKERS = min(2, usable_cpus())
 
 
 def children(pid):
@@ -43,9 +47,9 @@ def saved_step(out):
 def test_ctrl_c_with_workers_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     run, log = tmp_path / "run", tmp_path / "stderr"
     with open(log, "w") as stderr:
-        process = start_run(run, "--workers", 2, stderr=stderr)
+        process = start_run(run, "--workers", WORKERS, stderr=stderr)
         try:
-            wait_for(process, lambda: saved_step(run) >= 5 and len(children(process.pid)) >= 2)
+            wait_for(process, lambda: saved_step(run) >= 5 and len(children(process.pid)) >= WORKERS)
             # A terminal signals every process of the group, in no set order: here the workers
             # get it first, and the run must not die of their absence before its own Ctrl-C.
             for worker in children(process.pid):
@@ -122,9 +126,9 @@ def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tm
 
 
 def test_a_killed_run_takes_its_workers_with_it(tmp_path):
-    process = start_run(tmp_path, "--workers", 2)
+    process = start_run(tmp_path, "--workers", WORKERS)
     try:
-        wait_for(process, lambda: saved_step(tmp_path) >= 5 and len(children(process.pid)) >= 2)
+        wait_for(process, lambda: saved_step(tmp_path) >= 5 and len(children(process.pid)) >= WORKERS)
         workers = children(process.pid)
     finally:
         os.kill(process.pid, signal.SIGKILL)
