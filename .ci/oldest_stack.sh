@@ -33,7 +33,7 @@ py="$venv/bin/python"
 # 2.4 made an error ("only 0-dimensional arrays can be converted to Python scalars"; triton 3.8
 # no longer does it); GPUs do not use the interpreter, so this pin is for the CPU run only.
 "$py" -m pip install -q "$torch_pin" "$triton_pin" "numpy<2.4" "setuptools>=70.1" wheel ninja \
-  pillow tqdm pytest pytest-benchmark scipy matplotlib
+  pillow tqdm safetensors pytest pytest-benchmark scipy matplotlib
 "$py" -c "import sys, torch, triton; print('oldest_stack: python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 copy="$(mktemp -d "${TMPDIR:-/tmp}/fastvae-oldest.XXXXXX")"

@@ -1,8 +1,8 @@
 """`make gpu-check`: everything a GPU session must verify, in one run of under 8 minutes.
 
 On a CUDA machine with torch, triton, pytest and pytest-benchmark already installed and no
-network (it creates no venv and downloads nothing). The short steps run first, so that a run
-cut short still has them, and the two long ones last:
+network (it creates no venv and downloads nothing). The steps run in the order of what a GPU
+session needs most, so that a run cut short has the numbers first and the sanitizers last:
 
 1. env        nvidia-smi, the versions, the toolkit
 2. build      fastvae._C for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), with all cores, offline,
@@ -11,27 +11,33 @@ cut short still has them, and the two long ones last:
               Python (each case in its own process; gdb's native backtrace of any that crash),
               with the compilers, torch's build configuration and C++ ABI flag, ldd and the ELF
               notes of the extension, and the C++ runtimes the process mapped
-4. host       bench/host_overhead.py: the host time of a fused call, kernels stubbed out
+4. bench      pytest bench/ --benchmark --bench-scope core: the sizes the project's GPU goals
+              name, forward + backward, and the training step's cases, CUDA events over
+              back-to-back calls, CUDA graphs at small sizes; bench/results/<gpu>.json rewritten
+              after every case, so a step cut short keeps what it measured
 5. profile    bench/profile_ops.py: each fused op and its eager version, host time, wall time,
               kernel time and launches per call, and torch.profiler's view of the host side
-6. train      `fastvae train` on CUDA with fp16 autocast and its GradScaler, a few dozen steps
-7. memcheck   compute-sanitizer over bench/kernel_smoke.py: every kernel, once, small, with
+6. host       bench/host_overhead.py: the host time of a fused call, kernels stubbed out
+7. tests      the suite on CUDA (Triton kernels and the CUDA loss for real, the CPU-vs-GPU
+              sampling comparison, the in-place backward, >2^31 elements where memory allows,
+              those one at a time in one xdist group), less the files that never touch a GPU,
+              which CI runs in full (CPU_ONLY_TESTS)
+8. train      `fastvae train` on CUDA with fp16 autocast and its GradScaler, a few dozen steps
+9. warm       bench/kernel_smoke.py without the sanitizer: Triton compiles the kernels of the
+              sanitizer steps into its cache here, not inside their time limits
+10. memcheck  compute-sanitizer over bench/kernel_smoke.py: every kernel, once, small, with
               torch's caching allocator off (a pooled block hides an out-of-bounds access)
-8. racecheck, 9. synccheck   compute-sanitizer's other tools over the same smoke run
-10. tests     the suite on CUDA (Triton kernels and the CUDA loss for real, the CPU-vs-GPU
-              sampling comparison, the in-place backward, >2^31 elements where memory allows),
-              less the files that never touch a GPU, which CI runs in full (CPU_ONLY_TESTS)
-11. bench     pytest bench/ --benchmark --bench-scope core: the sizes the project's GPU goals
-              name, forward + backward, CUDA events over back-to-back calls, CUDA graphs at
-              small sizes; bench/results/<gpu>.json rewritten after every case, so a step cut
-              short keeps what it measured
+11. racecheck, 12. synccheck   compute-sanitizer's other tools over the same smoke run
 
-Each step has its own timeout, the whole run a budget (--budget, default 455 s: inside 8
-minutes with the grace a timed-out step gets); a step that fails or times out does not stop the
-next, and steps left when the budget is spent are reported as not run. Everything goes to one
-folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output),
-summary.md (each step's status and one-line result, and the benchmark table), and the
-benchmark's JSON and plot: four files, as few as the device tool fetches back.
+Each step has its own time limit, and the limits add up to the whole run's budget (--budget,
+default 455 s: inside 8 minutes with the grace a timed-out step gets): a step may run until the
+sum of its limit and those before it has passed, so a step that ends early leaves its time to
+the next, and none takes the time of those after it. A step that fails or times out does not
+stop the next, and steps left when the budget is spent are reported as not run. Everything goes
+to one folder (--out, else $OUT, else gpu-check-out/): gpu-check.log (every step's output),
+summary.md (each step's status and one-line result, and the benchmark table; rewritten after
+every step, so a run killed part way keeps it), and the benchmark's JSON and plot: four files,
+as few as the device tool fetches back.
 
 --dry-run rehearses it on a machine without a GPU (CI does): every step that needs no GPU runs
 for real (the build's plan, the probe, the suite's collection, the smoke run on CPU, the
@@ -60,6 +66,8 @@ PY = sys.executable
 INTERRUPT_GRACE_S = 20
 # Seconds for all steps together: with a last step's grace, within the 8 minutes a GPU run has.
 BUDGET_S = 455
+# Seconds each step of a dry run may take.
+DRY_RUN_STEP_S = 300
 # Test files that run no GPU code (training and the CLI on CPU, the data, the static checks of
 # the cubins, this script): CI runs them in full, and on the GPU they would take the time the
 # GPU tests need.
@@ -120,48 +128,52 @@ def steps(cores: int) -> list[Step]:
     }
     # Triton compiles each test's kernels on the host: more workers than 8 shorten the suite on a
     # 16-core machine, the GPU being idle most of the time.
-    pytest_workers = ["-n", str(min(12, cores))] if _has_module("xdist") else []
+    # --dist loadgroup: the tests of more than 2**31 elements (xdist_group "over_2_31_elements")
+    # run one after another on one worker, each freeing its memory before the next.
+    pytest_workers = ["-n", str(min(12, cores)), "--dist", "loadgroup"] if _has_module("xdist") else []
     # A test file whose import fails (a missing optional module) must not stop the others.
     pytest_args = ["-q", "-p", "no:cacheprovider", "--continue-on-collection-errors"]
     cpu_only = [arg for path in CPU_ONLY_TESTS for arg in ("--ignore", path)]
     bench = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench", "--benchmark", "--bench-scope", "core"]
     train = [PY, "-m", "fastvae", "train", "--every", "1000", "--out", TRAIN_OUT, "--overwrite"]
+    warm_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # as under the sanitizer: the same specializations
     return [
-        Step("env", [PY, "bench/gpu_check.py", "--report-env"], 60, {}, [PY, "bench/gpu_check.py", "--report-env"]),
+        Step("env", [PY, "bench/gpu_check.py", "--report-env"], 10, {}, [PY, "bench/gpu_check.py", "--report-env"]),
         Step(
             "build",
             [PY, "-m", "pip", "install", "-v", "--no-index", "--no-deps", "--no-build-isolation", "-e", "."],
-            240,
+            90,
             build_env,
             # The plan only: the toolkit is found and the arch list is what the GPU build uses.
             [PY, "-c", "import setup; print(setup._cuda_plan())"],
         ),
-        Step("probe", [PY, "bench/exception_probe.py", "--facts"], 90, {}, [PY, "bench/exception_probe.py", "--facts"]),
-        Step("host", [PY, "bench/host_overhead.py", "--rounds", "2000"], 60, {},
-             [PY, "bench/host_overhead.py", "--rounds", "20"]),
-        Step("profile", [PY, "bench/profile_ops.py", "--calls", "200"], 60, {},
+        Step("probe", [PY, "bench/exception_probe.py", "--facts"], 25, {}, [PY, "bench/exception_probe.py", "--facts"]),
+        Step("bench", bench, 140, {"FASTVAE_BENCH_BUDGET_S": "0.3"}, bench + ["--collect-only"]),
+        Step("profile", [PY, "bench/profile_ops.py", "--calls", "200"], 20, {},
              [PY, "bench/profile_ops.py", "--calls", "3", "--top", "3"]),
+        Step("host", [PY, "bench/host_overhead.py", "--rounds", "2000"], 10, {},
+             [PY, "bench/host_overhead.py", "--rounds", "20"]),
+        Step(
+            "tests",
+            [PY, "-m", "pytest", *pytest_args, "-rfEsx", "--durations", "20", *pytest_workers, *cpu_only, "tests"],
+            90,
+            {},
+            [PY, "-m", "pytest", *pytest_args, "--collect-only", *cpu_only, "tests"],
+        ),
         Step(
             "train",
             train + ["--device", "cuda", "--amp", "fp16", "--steps", "40", "--batch-size", "128",
                      "--train-size", "2048"],
-            60,
+            20,
             {},
             # fp16 needs CUDA: the rehearsal trains a little with bf16 on CPU instead.
             train + ["--device", "cpu", "--amp", "bf16", "--steps", "2", "--image-size", "16", "--hidden-dims", "8,16",
                      "--train-size", "64", "--eval-size", "16", "--batch-size", "8"],
         ),
-        _sanitizer("memcheck", 60),
-        _sanitizer("racecheck", 50),
-        _sanitizer("synccheck", 40),
-        Step(
-            "tests",
-            [PY, "-m", "pytest", *pytest_args, "-rfEsx", "--durations", "20", *pytest_workers, *cpu_only, "tests"],
-            180,
-            {},
-            [PY, "-m", "pytest", *pytest_args, "--collect-only", *cpu_only, "tests"],
-        ),
-        Step("bench", bench, 150, {"FASTVAE_BENCH_BUDGET_S": "0.3"}, bench + ["--collect-only"]),
+        Step("warm", [PY, "bench/kernel_smoke.py", "--device", "cuda"], 15, warm_env, None),
+        _sanitizer("memcheck", 15),
+        _sanitizer("racecheck", 10),
+        _sanitizer("synccheck", 10),
     ]
 
 
@@ -288,39 +300,55 @@ def main(argv: list[str] | None = None) -> int:
         tool = step.command[0]
         if tool != PY and not os.path.isabs(tool) and shutil.which(tool) is None and not args.dry_run:
             print(f"gpu-check: {tool} not found; step {step.name} will fail", file=sys.stderr)
-    started, deadline = time.time(), time.monotonic() + args.budget
-    rows = []
+    started = time.time()
+    start = time.monotonic()
+    deadline = start + args.budget
+    rows, copied = [], []
     with open(os.path.join(args.out, "gpu-check.log"), "w") as log:
         log.write(f"gpu-check {'--dry-run ' if args.dry_run else ''}in {ROOT}, python {sys.version.split()[0]}\n")
-        for step in plan:
-            left = deadline - time.monotonic()
+        step_deadline = start
+        for i, step in enumerate(plan):
+            step_deadline += step.timeout_s
+            # A rehearsal times nothing: its steps get what a slow machine needs, whatever the budget.
+            left = DRY_RUN_STEP_S if args.dry_run else min(step_deadline, deadline) - time.monotonic()
             command = step.dry_command if args.dry_run else step.command
-            if left < 10:
+            if left < 5:
                 status, elapsed, last = "not run: the budget was spent", 0.0, ""
             elif command is None:
                 log.write(f"\n===== {step.name} (needs a GPU; would run): {shlex.join(step.command)}\n")
                 status, elapsed, last = "dry run: needs a GPU, command printed", 0.0, ""
             else:
-                status, elapsed, last = _run(step, command, min(step.timeout_s, left), log)
+                status, elapsed, last = _run(step, command, left, log)
             rows.append((step, status, elapsed, last))
             print(f"gpu-check: {step.name:10} {status} ({elapsed:.0f} s) {last}", flush=True)
-    copied = [] if args.dry_run else _copy_results(args.out, started)
-    failed = [step.name for step, status, _, _ in rows if not (status == "ok" or status.startswith("dry run"))]
-    with open(os.path.join(args.out, "summary.md"), "w") as f:
-        f.write(f"# gpu-check{' --dry-run' if args.dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n")
+            copied = [] if args.dry_run else _copy_results(args.out, started)
+            _write_summary(args.out, rows, plan[i + 1:], copied, args.dry_run)
+    failed = [step.name for step, status, _, _ in rows if not _passed(status)]
+    print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps ok'}; see {args.out}/summary.md")
+    return 1 if failed else 0
+
+
+def _passed(status: str) -> bool:
+    return status == "ok" or status.startswith("dry run")
+
+
+def _write_summary(out: str, rows: list, pending: list[Step], copied: list[str], dry_run: bool) -> None:
+    """summary.md of the steps run so far (``rows``), and those still to run: written after every
+    step, so that a run killed part way keeps it."""
+    failed = [step.name for step, status, _, _ in rows if not _passed(status)]
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(f"# gpu-check{' --dry-run' if dry_run else ''}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n\n")
         f.write("| step | status | seconds | result | command |\n| --- | --- | ---: | --- | --- |\n")
-        for step, status, elapsed, last in rows:
-            command = step.dry_command if args.dry_run and step.dry_command else step.command
+        for step, status, elapsed, last in rows + [(step, "pending", 0.0, "") for step in pending]:
+            command = step.dry_command if dry_run and step.dry_command else step.command
             env = " ".join(f"{k}={v}" for k, v in step.env.items())
             result = last.replace("|", "\\|")
             f.write(f"| {step.name} | {status} | {elapsed:.0f} | {result} | "
                     f"`{(env + ' ' if env else '') + shlex.join(command)}` |\n")
         f.write(f"\nTotal {sum(row[2] for row in rows):.0f} s. Failed: {', '.join(failed) or 'none'}. "
                 f"Results copied: {', '.join(copied) or 'none'}. Full output: gpu-check.log.\n")
-        if any(step.name == "bench" for step, *_ in rows) and not args.dry_run:
-            f.write("\n## Benchmarks\n\n" + _benchmark_table([os.path.join(args.out, c) for c in copied]) + "\n")
-    print(f"gpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all steps ok'}; see {args.out}/summary.md")
-    return 1 if failed else 0
+        if any(step.name == "bench" for step, *_ in rows) and not dry_run:
+            f.write("\n## Benchmarks\n\n" + _benchmark_table([os.path.join(out, c) for c in copied]) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
             tmp.unlink(missing_ok=True)
             if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
                 raise
-            raise _naming(exc, path) from exc
+            raise naming(exc, path) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -128,11 +128,11 @@ def hold(path: str | Path) -> BinaryIO | None:
     except OSError as exc:  # a full disk: the file was made, but its words do not fit
         with contextlib.suppress(OSError):  # the flush on close fails again, yet closes the file
             f.close()
-        raise _naming(exc, path) from exc
+        raise naming(exc, path) from exc
     return f
 
 
-def _naming(exc: OSError, path: str | Path) -> OSError:
+def naming(exc: OSError, path: str | Path) -> OSError:
     """``exc`` naming ``path``: a failed write of an open file names no file at all. OSError(errno,
     ...) comes back as the same subclass (FileNotFoundError, ...)."""
     return OSError(exc.errno, exc.strerror or str(exc), str(path))

@@ -1,4 +1,4 @@
-"""The ``fastvae`` command: train | sample | reconstruct | info | bench (also ``python -m fastvae``).
+"""The ``fastvae`` command: train | sample | reconstruct | export | info | bench (also ``python -m fastvae``).
 
 Each command is a pair ``add_arguments(parser)`` / ``run(args) -> int``. Only the chosen
 command's module is imported, so ``fastvae sample`` does not pay for the benchmark's imports.
@@ -6,7 +6,9 @@ Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an 
 cannot be written, one that another run holds) end in one line on stderr and exit status 2; a
 diverged run ends in one line and exit status 1; a run stopped by SIGTERM, after its checkpoint,
 in one line (under torchrun, rank 0's) and exit status 143 (128 + 15, as if the signal had killed
-it); Ctrl-C, at any moment, in one line and exit status 130, keeping the last whole checkpoint.
+it); Ctrl-C, at any moment, in one line and exit status 130, keeping the last whole checkpoint. A
+checkpoint written before checkpoints carried a digest is used with one line on stderr,
+``fastvae COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import importlib
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,6 +25,7 @@ COMMANDS = {
     "train": "train the conv VAE on built-in shapes or a folder of images",
     "sample": "decode samples from the prior of a checkpoint into an image grid",
     "reconstruct": "write images beside their reconstructions by a checkpoint as an image grid",
+    "export": "write a checkpoint's model as config.json and model.safetensors, for VAE.from_pretrained",
     "info": "show the versions, devices and the backend each op dispatches to",
     "bench": "time the fused ops against the reference",
 }
@@ -65,13 +69,13 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     import torch
 
-    from fastvae.checkpoint import load_model
     from fastvae.images import save_grid
+    from fastvae.model import VAE
     from fastvae.training.options import check_images_fit, resolve_device
 
     check_image_out(args.out)
     device = resolve_device(args.device)
-    model, _ = load_model(args.checkpoint, device=device)
+    model = VAE.from_checkpoint(args.checkpoint, device=device)
     check_images_fit("--n", args.n, args.n, model.image_size, device)
     samples = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     print(save_grid(samples, args.out, nrow=math.ceil(math.sqrt(args.n))))
@@ -113,12 +117,41 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="folder to write into: a new or empty one, or one that holds only an earlier "
+                             "export (config.json, model.safetensors), which is replaced; any other is refused")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from fastvae import pretrained
+    from fastvae.model import VAE
+    from fastvae.training.errors import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; name a folder")
+    export_files = {pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME}
+    others = sorted(p.name for p in out.iterdir() if p.name not in export_files) if out.is_dir() else []
+    if others:
+        raise ConfigError(
+            f"--out {out} holds files other than an export's ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); name a new or empty folder"
+        )
+    folder = VAE.from_checkpoint(args.checkpoint).save_pretrained(out)
+    print(f"wrote {folder / pretrained.WEIGHTS_NAME} and {folder / pretrained.CONFIG_NAME}")
+    return 0
+
+
 def _command(name: str) -> tuple[Callable, Callable]:
     """The (add_arguments, run) pair of a command."""
     if name == "sample":
         return add_sample_arguments, run_sample
     if name == "reconstruct":
         return add_reconstruct_arguments, run_reconstruct
+    if name == "export":
+        return add_export_arguments, run_export
     modules = {"train": "fastvae.training", "info": "fastvae.info", "bench": "fastvae.benchmarks.command"}
     module = importlib.import_module(modules[name])
     return module.add_arguments, module.run
@@ -130,6 +163,22 @@ def _one_line(exc: BaseException) -> str:
     line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
     return line.removeprefix(prefix)
+
+
+def _checkpoint_warnings_in_one_line(command: str) -> None:
+    """Show a CheckpointWarning as the command's other lines are, not as Python's two-line warning
+    with a source line; leave every other warning to the way it was shown."""
+    from fastvae.checkpoint import CheckpointWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CheckpointWarning):
+            print(f"fastvae {command}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -158,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastvae.training.errors import ConfigError, DivergedError, RankZeroFailed, Stopped
 
     try:
-        return run(args)
+        with warnings.catch_warnings():
+            _checkpoint_warnings_in_one_line(args.command)
+            return run(args)
     except (ConfigError, DataError, CheckpointError, RankZeroFailed) as exc:
         print(f"fastvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -249,8 +249,27 @@ def train_eval_split(
     return Subset(images, sorted(order[n_eval:])), Subset(images, sorted(order[:n_eval]))
 
 
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+    return _permutation(n, seed, epoch).tolist()
+
+
+def device_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """epoch_permutation's order as an int64 tensor on ``device``.
+
+    The order is drawn on the host, so a run keeps one order whichever way its data reaches the
+    device (kept there, or a DataLoader) and whichever GPU it resumes on: a generator on the GPU
+    would give each path, and each GPU model (torch sizes the draw by the SM count), its own. The
+    copy leaves from pinned memory without blocking, so the host never waits for the GPU's queue;
+    the pinned allocator holds the buffer until the copy has run.
+    """
+    order = torch.from_numpy(_permutation(n, seed, epoch).astype(np.int64, copy=False))
+    if device.type == "cuda":
+        return order.pin_memory().to(device, non_blocking=True)
+    return order.to(device)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -288,11 +307,9 @@ class EpochBatches(Sampler[list[int]]):
         return self._slices(lambda epoch: epoch_permutation(self.num_items, self.seed, epoch))
 
     def on_device(self, device: torch.device) -> Iterator[torch.Tensor]:
-        """The same batches of indices as int64 tensors on ``device``: each epoch's permutation is
-        copied there once, and a batch is a slice of it, so a step asks nothing of the host."""
-        return self._slices(
-            lambda epoch: torch.tensor(epoch_permutation(self.num_items, self.seed, epoch)).to(device)
-        )
+        """The batches ``iter`` yields, as int64 tensors on ``device`` (device_permutation): no
+        epoch waits on a copy from the host, and no step asks anything of it."""
+        return self._slices(lambda epoch: device_permutation(self.num_items, self.seed, epoch, device))
 
     def _slices(self, permutation):
         k = self.start

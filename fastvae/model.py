@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
@@ -238,3 +239,35 @@ class VAE(nn.Module):
 
         out = self._inference(run, x1, x2)
         return out[0] if single else out
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu"
+    ) -> VAE:
+        """The trained model in a checkpoint of ``fastvae train`` (its ``--out``/ckpt.pt), in eval mode.
+
+        The checkpoint's digest is checked first. A file that is damaged, not a checkpoint, or
+        holds weights its config does not describe raises
+        :class:`fastvae.checkpoint.CheckpointError` (a ValueError), in one line naming the file.
+        """
+        from fastvae.checkpoint import load_model
+
+        return load_model(path, backend=backend, device=device)[0]
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` (:attr:`config`) and ``model.safetensors`` (the weights) into
+        ``folder``, made if missing, as diffusers and the Hub lay out a model; returns the folder."""
+        from fastvae import pretrained
+
+        return pretrained.save(self, folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, *, backend: str = "auto", device: str | torch.device = "cpu"
+    ) -> VAE:
+        """The model :meth:`save_pretrained` (or ``fastvae export``) wrote into ``folder``, in eval
+        mode. The weights load without pickle; a missing, damaged or mismatched file raises
+        :class:`fastvae.checkpoint.CheckpointError`, in one line naming it."""
+        from fastvae import pretrained
+
+        return pretrained.load(folder, backend=backend, device=device)

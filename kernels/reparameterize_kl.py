@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 
 from fastvae._checks import accumulate_dtype, latent_memory_format
@@ -315,6 +318,24 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _outside_graph_pools(allocate):
+    """What ``allocate()`` returns, allocated where no CUDA-graph memory pool can take it.
+
+    A cached counter outlives the call that allocates it, so it must come from torch's general
+    pool: a block of a graph's private pool is recycled behind the back of a module-level dict
+    (cudagraph trees free and reassign their pool's blocks by their own bookkeeping), and a
+    counter read back non-zero would keep every program from seeing itself last, the KL never
+    written. torch routes allocations to a graph pool either by thread (cudagraph trees' warm-up
+    in torch.compile(mode="reduce-overhead"), where no stream is capturing, and
+    torch.cuda.use_mem_pool: ``_cuda_beginAllocateCurrentThreadToPool``) or by stream, when it is
+    being captured (torch.cuda.graph). A thread of its own is on neither: its current stream is
+    the device's default stream, which CUDA never captures. torch 2.11 has no way to ask whether
+    the caller's allocations are routed, so the counter is never allocated by the caller.
+    """
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(allocate).result()
+
+
 def _counter(device: torch.device) -> torch.Tensor:
     """A zeroed arrival counter that no launch running at the same time can touch.
 
@@ -326,9 +347,13 @@ def _counter(device: torch.device) -> torch.Tensor:
         return torch.zeros(1, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream)
-    if key not in _counters:
-        _counters[key] = torch.zeros(1, dtype=torch.int32, device=device)
-    return _counters[key]
+    counter = _counters.get(key)
+    if counter is None:
+        # Zeroed here, on the stream that will use it: the allocating thread's stream is another.
+        # The block is never freed, so the stream it was allocated on does not matter.
+        counter = _outside_graph_pools(lambda: torch.empty(1, dtype=torch.int32, device=device)).zero_()
+        _counters[key] = counter
+    return counter
 
 
 def _check_seed_device(seed: torch.Tensor | None, device: torch.device) -> None:
@@ -369,6 +394,28 @@ def _splits(batch: int, sample_size: int) -> int:
 _compiled: dict[tuple, object] = {}
 
 
+# Launch keys whose direct launch raised: they go through the JIT from then on.
+_jit_keys: set[tuple] = set()
+
+
+def _jit_only(kernel) -> bool:
+    """Whether a launch of ``kernel`` must go through Triton's JIT even when its key has a kernel.
+
+    JITFunction.run (triton 3.6 and 3.8) compiles another variant when debug is on (TRITON_DEBUG,
+    ``knobs.runtime.debug`` or the kernel's own ``debug=``) or an instrumentation mode is
+    (TRITON_INSTRUMENTATION_MODE), keys on a stages-inspection hook (3.8), and calls the
+    kernel's pre-run hooks before every launch: a direct launch would skip all of these. The
+    launch enter and exit hooks (proton, for one) are called on both paths.
+    """
+    return bool(
+        knobs.runtime.debug
+        or getattr(kernel, "debug", None)
+        or knobs.compilation.instrumentation_mode
+        or kernel.pre_run_hooks
+        or getattr(knobs.runtime, "add_stages_inspection_hook", None) is not None
+    )
+
+
 def _launch_key(kernel, device: torch.device, tensors: tuple, ints: tuple, flags: tuple) -> tuple | None:
     """The key of a launch's compiled kernel (see _launch for the arguments), or None where only
     Triton's JIT can tell it.
@@ -394,11 +441,29 @@ def _launch(kernel, grid: int, device: torch.device, tensors: tuple, ints: tuple
 
 
 def _run(kernel, grid: int, key: tuple | None, args: tuple, constexprs: dict) -> None:
-    """Launches through the compiled kernel of ``key`` when there is one, else through the JIT."""
+    """Launches through the compiled kernel of ``key`` when there is one, else through the JIT.
+
+    A direct launch that raises falls back to the JIT, for this launch and every later one of its
+    key, with one warning per key. Running the kernel again is safe if the failed launch did run
+    it: both kernels only write their outputs, and the reducing forward leaves its counter at zero.
+    """
+    if key is not None and (key in _jit_keys or _jit_only(kernel)):
+        key = None
     compiled = _compiled.get(key)
     if compiled is not None:
-        compiled[(grid, 1, 1)](*args, *constexprs.values())
-        return
+        try:
+            compiled[(grid, 1, 1)](*args, *constexprs.values())
+            return
+        except Exception as exc:
+            del _compiled[key]
+            _jit_keys.add(key)
+            warnings.warn(
+                f"fastvae: launching the compiled {kernel.fn.__name__} directly failed ({type(exc).__name__}: {exc}); "
+                "launches of this variant go through Triton's JIT from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            key = None
     compiled = kernel[(grid,)](*args, **constexprs, num_warps=NUM_WARPS)
     if key is not None:
         _compiled[key] = compiled

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from fastvae import checkpoint
 from fastvae.cli import _one_line, main
 from fastvae.data import DataError, ImageFolder
 from test_train import REPO, TINY, train
@@ -112,7 +113,7 @@ def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": torch.zeros(1)}, tmp_path / "dict.pt")
     config = {"in_channels": 3, "image_size": 16, "latent_dim": 4, "hidden_dims": [8, 16]}
-    torch.save({"model": {"weights": torch.zeros(1)}, "config": config, "step": 1}, tmp_path / "other.pt")
+    checkpoint.save({"model": {"weights": torch.zeros(1)}, "config": config, "step": 1}, tmp_path / "other.pt")
     (tmp_path / "zip.pt").write_bytes(b"PK\x03\x04 not a zip archive")
     (tmp_path / "ckpt_folder" / "ckpt.pt").mkdir(parents=True)
     (tmp_path / "metrics_folder" / "metrics.jsonl").mkdir(parents=True)

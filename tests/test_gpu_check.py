@@ -1,12 +1,16 @@
 """bench/gpu_check.py, the first GPU session's script: its runner keeps going after a failed or
 timed-out step, and its dry run works here (CI also runs the whole dry run: `.ci/run`)."""
 
+import ast
+import glob
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -38,10 +42,11 @@ def test_a_step_that_fails_or_hangs_is_reported_and_ended(tmp_path):
 def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
     steps = gpu_check.steps(cores=16)
     names = [s.name for s in steps]
-    assert names[:3] == ["env", "build", "probe"] and len(set(names)) == len(names)
-    # The short steps first, the suite and the benchmarks last: a run cut short keeps the rest.
-    assert names[-2:] == ["tests", "bench"]
-    assert {"memcheck", "racecheck", "synccheck", "host", "train"} <= set(names[3:-2])
+    # What a GPU session needs most first: the numbers, then the suite, the sanitizers last.
+    assert names == ["env", "build", "probe", "bench", "profile", "host", "tests", "train", "warm", "memcheck",
+                     "racecheck", "synccheck"]
+    # Every step gets its whole limit within the budget.
+    assert sum(s.timeout_s for s in steps) <= gpu_check.BUDGET_S
     assert gpu_check.BUDGET_S + gpu_check.INTERRUPT_GRACE_S <= 8 * 60
     build = steps[names.index("build")]
     assert build.env["TORCH_CUDA_ARCH_LIST"] == "9.0" and build.env["MAX_JOBS"] == "16"
@@ -53,6 +58,68 @@ def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
         for arg in step.command + (step.dry_command or []):
             if arg.endswith(".py"):
                 assert os.path.isfile(os.path.join(ROOT, arg)), f"{step.name}: {arg} does not exist"
+
+
+def test_the_bench_step_times_the_training_step():
+    from fastvae import benchmark
+
+    core = benchmark.cases(torch.device("cuda"), "core")
+    assert {c.op for c in core} == {"reparameterize_kl", "vae_loss", "train_step"}
+
+
+def test_triton_compiles_the_sanitized_kernels_before_the_sanitizers():
+    steps = {s.name: s for s in gpu_check.steps(cores=16)}
+    warm, memcheck = steps["warm"], steps["memcheck"]
+    smoke = memcheck.command[memcheck.command.index(gpu_check.PY):]
+    # The same run, allocator setting included (pointer alignment is part of a kernel's key).
+    assert warm.command == smoke and warm.env == memcheck.env
+
+
+def test_the_tests_over_2_31_elements_run_one_at_a_time(monkeypatch):
+    monkeypatch.setattr(gpu_check, "_has_module", lambda name: True)
+    tests = {s.name: s for s in gpu_check.steps(cores=16)}["tests"].command
+    assert tests[tests.index("--dist") + 1] == "loadgroup"
+    # Each test that checks the free GPU memory is in the group, and gives its memory back.
+    found = 0
+    for path in glob.glob(os.path.join(ROOT, "tests", "test_*.py")):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            if any(isinstance(n, ast.Attribute) and n.attr == "mem_get_info" for n in ast.walk(node)):
+                found += 1
+                decorators = [ast.unparse(d) for d in node.decorator_list]
+                assert "pytest.mark.xdist_group('over_2_31_elements')" in decorators, (path, node.name)
+                assert "gpu_memory_freed_after" in [a.arg for a in node.args.args], (path, node.name)
+    assert found
+
+
+def test_a_step_ending_early_leaves_its_time_to_the_next_and_none_takes_more(tmp_path, monkeypatch):
+    plan = [
+        _step("quick", "pass", timeout_s=20),
+        _step("sleeper", "import time; time.sleep(3)", timeout_s=1),  # on the time quick left
+        _step("hog", "import time; time.sleep(60)", timeout_s=1),  # on what is left of 21 s
+        _step("after", "pass", timeout_s=20),
+    ]
+    monkeypatch.setattr(gpu_check, "steps", lambda cores: plan)
+    start = time.monotonic()
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    assert time.monotonic() - start < 21 + gpu_check.INTERRUPT_GRACE_S + 10
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| sleeper | ok |" in summary and "| after | ok |" in summary
+    assert re.search(r"\| hog \| timed out after 1[0-9] s \|", summary), summary
+
+
+def test_the_summary_is_written_after_every_step(tmp_path, monkeypatch):
+    # The second step reads the summary as a killed run would leave it.
+    summary = tmp_path / "summary.md"
+    check = (f"text = open({str(summary)!r}).read(); "
+             "assert '| first | ok |' in text and '| second | pending |' in text and '| third | pending |' in text")
+    plan = [_step("first", "pass"), _step("second", check), _step("third", "pass")]
+    monkeypatch.setattr(gpu_check, "steps", lambda cores: plan)
+    assert gpu_check.main(["--out", str(tmp_path)]) == 0
+    assert "| second | ok |" in summary.read_text() and "| third | ok |" in summary.read_text()
 
 
 def test_dry_run_writes_a_summary_with_each_steps_result(tmp_path):

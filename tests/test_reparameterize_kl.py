@@ -5,19 +5,25 @@ excepted: see kernel_eps), so z and its gradients are checked element by element
 interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
+import gc
 import os
 import re
 import subprocess
 import sys
+import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import TRITON_DEVICES as DEVICES  # Triton takes CPU tensors only under its interpreter
 from conftest import skip_unless_backend_runs
 
 import philox
-from float64_math import float64_kl, float64_z, philox_eps
+from float64_math import float64_kl, float64_kl_per_sample, float64_z, philox_eps
+
 from fastvae import ops, reference
 
 # CPU-only torch wheels come without triton; the Triton backend then has nothing to test.
@@ -580,6 +586,160 @@ def test_one_launch_key_is_one_jit_specialization(monkeypatch):
     assert 0 < keyless < len(launches) and len(by_key) < len(launches) - keyless and len(by_key) > 50
 
 
+class _FakeKernel:
+    """What _jit_only reads of a JITFunction (test_the_fake_kernel_reads_like_triton_s checks it)."""
+
+    def __init__(self):
+        self.debug = None
+        self.pre_run_hooks = []
+
+
+def _plain_kernel(x_ptr):
+    pass
+
+
+def test_the_fake_kernel_reads_like_triton_s():
+    real = triton.runtime.jit.JITFunction(_plain_kernel)
+    assert real.debug is None and real.pre_run_hooks == []
+    hook = lambda *args, **kwargs: None  # noqa: E731
+    real.add_pre_run_hook(hook)
+    assert real.pre_run_hooks == [hook]
+
+
+def test_the_jit_takes_launches_while_triton_debugs_or_instruments(monkeypatch):
+    # Each of these makes triton's JITFunction.run compile another variant or run code before the
+    # launch, which a launch through the kept compiled kernel would skip.
+    knobs = triton.knobs
+    kernel = _FakeKernel()
+    assert not kernels._jit_only(kernel)
+    for owner, name, value in (
+        (knobs.runtime, "debug", True),  # TRITON_DEBUG=1
+        (knobs.compilation, "instrumentation_mode", "consan"),  # TRITON_INSTRUMENTATION_MODE
+        (knobs.runtime, "add_stages_inspection_hook", lambda: ("key", "hash")),
+    ):
+        with monkeypatch.context() as patched:
+            patched.setattr(owner, name, value)
+            assert kernels._jit_only(kernel), name
+    assert not kernels._jit_only(kernel)
+    kernel.debug = True  # @triton.jit(debug=True)
+    assert kernels._jit_only(kernel)
+    kernel.debug = None
+    kernel.pre_run_hooks.append(lambda *args, **kwargs: None)
+    assert kernels._jit_only(kernel)
+
+
+class _BrokenLaunch:
+    """A compiled kernel whose launch raises, as a launcher that rejects its arguments would."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __getitem__(self, grid):
+        def launch(*args):
+            self.calls += 1
+            raise RuntimeError("launcher says no")
+
+        return launch
+
+
+def _recorded_reduction_launch(monkeypatch, mu, logvar):
+    """(kernel, grid, args, constexprs) of a reduced KL's forward launch, recorded, not run."""
+    launches = []
+    monkeypatch.setattr(kernels, "_run", lambda kernel, grid, key, args, constexprs: launches.append(
+        (kernel, grid, args, constexprs)))
+    kernels.reparameterize_kl_forward(mu, logvar, None, write_z=False, reduction="sum")
+    monkeypatch.undo()
+    ((kernel, grid, args, constexprs),) = launches
+    return kernel, grid, args, constexprs
+
+
+def _fastvaes(caught):
+    # Not the interpreter's own (triton 3.6's warns of numpy deprecations).
+    return [w for w in caught if str(w.message).startswith("fastvae:")]
+
+
+def test_a_failing_direct_launch_falls_back_to_the_jit_and_says_so_once(monkeypatch):
+    skip_unless_backend_runs("triton", "kl_divergence", "cpu")
+    mu, logvar = sample_inputs("cpu", torch.float32, (41, 401))
+    kernel, grid, args, constexprs = _recorded_reduction_launch(monkeypatch, mu, logvar)
+    kl = args[3]
+    key = ("a key",)
+    broken = _BrokenLaunch()
+    monkeypatch.setattr(kernels, "_compiled", {key: broken})
+    monkeypatch.setattr(kernels, "_jit_keys", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the once is fastvae's, not the warnings filter's
+        for _ in range(3):
+            kl.fill_(float("nan"))
+            kernels._run(kernel, grid, key, args, constexprs)
+            # The JIT ran the launch the compiled kernel refused.
+            assert_close(kl, float64_kl(mu, logvar, "sum"), KL_TOL[torch.float32])
+    assert broken.calls == 1 and key not in kernels._compiled and key in kernels._jit_keys
+    (warning,) = _fastvaes(caught)
+    assert warning.category is RuntimeWarning
+    assert str(warning.message) == (
+        "fastvae: launching the compiled _reparameterize_kl_forward_kernel directly failed "
+        "(RuntimeError: launcher says no); launches of this variant go through Triton's JIT from now on"
+    )
+
+
+def test_a_debugging_triton_gets_every_launch_and_keeps_none(monkeypatch):
+    skip_unless_backend_runs("triton", "kl_divergence", "cpu")
+    mu, logvar = sample_inputs("cpu", torch.float32, (3, 1000))
+    kernel, grid, args, constexprs = _recorded_reduction_launch(monkeypatch, mu, logvar)
+    kept = _BrokenLaunch()
+    monkeypatch.setattr(kernels, "_compiled", {("kept",): kept})
+    monkeypatch.setattr(triton.knobs.runtime, "debug", True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels._run(kernel, grid, ("kept",), args, constexprs)
+        kernels._run(kernel, grid, ("new",), args, constexprs)
+    assert not _fastvaes(caught)
+    assert_close(args[3], float64_kl(mu, logvar, "sum"), KL_TOL[torch.float32])
+    # The kept kernel was not launched, and the debug variant the JIT made was not kept.
+    assert kept.calls == 0 and kernels._compiled == {("kept",): kept}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", (None, *REDUCTIONS, "per_sample"))
+def test_direct_launches_give_the_jits_bits(dtype, reduction, monkeypatch):
+    mu, logvar = sample_inputs("cuda", dtype, (4, 4, 32, 32), requires_grad=True)
+    generator = torch.Generator(device="cuda")
+
+    def run():
+        if reduction is None:
+            outputs = (ops.reparameterize(mu, logvar, seed=13, backend="triton"),)
+        else:
+            outputs = ops.reparameterize_kl(mu, logvar, reduction=reduction, seed=13, backend="triton")
+        generator.manual_seed(2)
+        grad_outputs = tuple(torch.randn(o.shape, generator=generator, device="cuda").to(o.dtype) for o in outputs)
+        return (*outputs, *torch.autograd.grad(outputs, (mu, logvar), grad_outputs))
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_jit_keys", set())
+    with monkeypatch.context() as patched:
+        patched.setattr(kernels, "_jit_only", lambda kernel: True)
+        through_jit = run()
+    assert kernels._compiled == {}
+    run()  # keeps the kernels the JIT compiled
+    launched = []
+
+    class Counted:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.compiled[grid]
+
+    kernels._compiled.update({key: Counted(compiled) for key, compiled in kernels._compiled.items()})
+    direct = run()
+    assert len(launched) == 2  # forward and backward, both direct
+    for a, e in zip(direct, through_jit, strict=True):
+        assert torch.equal(a, e)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs
 
@@ -673,9 +833,20 @@ def test_tile_count_at_the_int32_edge(device, numel):
     assert out.item() == -(-numel // kernels.BLOCK)
 
 
+@pytest.fixture
+def gpu_memory_freed_after():
+    """Gives the caching allocator's blocks back to the GPU once the test's tensors are gone."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+# About 26 GB each: under pytest-xdist (`make gpu-check` runs --dist loadgroup) the cases run one
+# after another on one worker, each freeing its memory before the next checks what is free.
+@pytest.mark.xdist_group("over_2_31_elements")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("numel", [2**31 - 500, 2**31 + 3000])
-def test_around_2_31_elements(numel):
+def test_around_2_31_elements(numel, gpu_memory_freed_after):
     # Six float16 tensors of numel elements: mu, logvar, z, grad_z, grad_mu, grad_logvar.
     if torch.cuda.mem_get_info()[0] < 6 * 2 * numel + 2**30:
         pytest.skip(f"needs {6 * 2 * numel / 2**30 + 1:.0f} GiB of free GPU memory")
@@ -718,6 +889,108 @@ def test_a_captured_reduction_gets_a_counter_of_its_own(device, monkeypatch):
     assert used[1] is not shared and used[2] is not shared and used[1] is not used[2]
     # Every launch leaves its counter at zero.
     assert all(c.item() == 0 for c in used)
+
+
+class _ThreadRoutedPool(TorchDispatchMode):
+    """Stands in for a CUDA-graph pool that takes the allocations of the thread it is entered on, as
+    torch 2.11's cudagraph trees do while they warm up under torch.compile(mode="reduce-overhead")
+    (no stream is capturing then). A dispatch mode is per thread too: it records the address of
+    every tensor the ops it sees create, and holds the tensors so that none is reused meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.taken = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # New storage only: not a view, nor what an in-place op (set_ included) returns.
+        if not func._schema.is_mutable and all(r.alias_info is None for r in func._schema.returns):
+            self.taken += [(t.untyped_storage().data_ptr(), t) for t in pytree.tree_leaves(out)
+                           if isinstance(t, torch.Tensor)]
+        return out
+
+    def holds(self, tensor) -> bool:
+        return tensor.untyped_storage().data_ptr() in {address for address, _ in self.taken}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cached_counter_is_never_allocated_in_a_graph_pool(device, monkeypatch):
+    # The counter outlives the call: allocated in a graph's pool, it would be handed out again
+    # while cached, and a non-zero counter would leave the KL unwritten.
+    monkeypatch.setattr(kernels, "_counters", {})
+    mu, logvar = sample_inputs(device, torch.float32, (41, 401))
+    with _ThreadRoutedPool() as pool:
+        kl = ops.kl_divergence(mu, logvar, reduction="sum", backend="triton")
+    (counter,) = kernels._counters.values()
+    assert pool.holds(kl)  # the call's own allocations went to the pool
+    assert not pool.holds(counter)
+    assert counter.item() == 0
+    assert_close(kl, float64_kl(mu, logvar, "sum"), KL_TOL[torch.float32])
+    # Cached: a later call on the stream reuses it.
+    assert_close(ops.kl_divergence(mu, logvar, reduction="sum", backend="triton"), kl, KL_TOL[torch.float32])
+    assert list(kernels._counters.values()) == [counter]
+
+
+def test_an_allocation_outside_graph_pools_raises_what_it_raised():
+    def allocate():
+        raise MemoryError("out of memory")
+
+    with pytest.raises(MemoryError, match="out of memory"):
+        kernels._outside_graph_pools(allocate)
+    assert kernels._outside_graph_pools(threading.get_ident) != threading.get_ident()
+
+
+def _every_reducing_form(mu, logvar):
+    """Each launch that counts arrivals: the reduced KL with and without z, per sample split across programs."""
+    _, kl_sum = ops.reparameterize_kl(mu, logvar, reduction="sum", seed=None, backend="triton")
+    return {
+        "sum": kl_sum,
+        "batchmean": ops.kl_divergence(mu, logvar, reduction="batchmean", backend="triton"),
+        "mean": ops.kl_divergence(mu, logvar, reduction="mean", backend="triton"),
+        "per_sample": ops.kl_divergence(mu, logvar, reduction="per_sample", backend="triton"),
+    }
+
+
+def _assert_float64_kl(kls, mu, logvar):
+    assert kernels._splits(mu.shape[0], mu[0].numel()) > 1  # per sample goes through the counter
+    for reduction, kl in kls.items():
+        expected = float64_kl_per_sample(mu, logvar) if reduction == "per_sample" else float64_kl(mu, logvar, reduction)
+        torch.testing.assert_close(kl.cpu().double(), expected, atol=0, rtol=1e-5, msg=reduction)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reduce_overhead_step_of_every_reducing_form_passes_cudagraph_asserts(monkeypatch):
+    # The slow-path asserts check, before each recording, that the graph pool holds only what the
+    # tree tracks: a counter cached during the warm-up would be an untracked live block there.
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_counters", {})  # the warm-up caches its stream's counter
+    mu, logvar = sample_inputs("cuda", torch.float32, (4, 4, 64, 64))
+    step = torch.compile(_every_reducing_form, mode="reduce-overhead", fullgraph=True)
+    with inductor_config.patch({"triton.slow_path_cudagraph_asserts": True}):
+        for _ in range(4):
+            _assert_float64_kl(step(mu, logvar), mu, logvar)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_eager_then_reduce_overhead_then_eager_reductions_match_float64(monkeypatch):
+    skip_unless_backend_runs("triton", "reparameterize_kl", "cuda")
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_counters", {})
+    shapes = ((4, 4, 64, 64), (2, 4, 32, 32))
+    inputs = [sample_inputs("cuda", torch.float32, shape, seed=i) for i, shape in enumerate(shapes)]
+    for mu, logvar in inputs:
+        _assert_float64_kl(_every_reducing_form(mu, logvar), mu, logvar)
+    step = torch.compile(_every_reducing_form, mode="reduce-overhead")
+    # A second shape warms up again on the tree's stream, after the first one's graph took its
+    # blocks from the pool: a counter left in the pool would be one of them by then.
+    for mu, logvar in inputs + inputs + inputs:
+        _assert_float64_kl(step(mu, logvar), mu, logvar)
+    torch.cuda.synchronize()
+    for mu, logvar in inputs:
+        _assert_float64_kl(_every_reducing_form(mu, logvar), mu, logvar)
 
 
 def test_the_final_sum_is_the_same_on_every_gpu_model(monkeypatch):

@@ -487,7 +487,7 @@ def test_resume_keeps_the_default_beta_period_of_the_run_it_continues(tmp_path):
 def test_resume_from_a_model_only_checkpoint_is_one_line(tmp_path, capsys):
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     saved = checkpoint.load(tmp_path / "ckpt.pt")
-    torch.save({key: saved[key] for key in ("model", "config", "step")}, tmp_path / "ckpt.pt")
+    checkpoint.save({key: saved[key] for key in ("model", "config", "step")}, tmp_path / "ckpt.pt")
     capsys.readouterr()
     assert train(tmp_path, "--steps", 4, "--resume") == 2
     err = capsys.readouterr().err
@@ -654,7 +654,7 @@ def test_resume_from_a_malformed_checkpoint_is_one_line(tmp_path, capsys, spoil,
     assert train(tmp_path, "--steps", 2, "--every", 2) == 0
     saved = checkpoint.load(tmp_path / "ckpt.pt")
     spoil(saved)
-    torch.save(saved, tmp_path / "ckpt.pt")
+    checkpoint.save(saved, tmp_path / "ckpt.pt")
     spoiled = (tmp_path / "ckpt.pt").read_bytes()
     capsys.readouterr()
     assert train(tmp_path, "--steps", 4, "--resume") == 2
@@ -736,7 +736,7 @@ def test_compiled_training_follows_eager_and_resumes_either_way(tmp_path):
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (run, a["step"], key)
 
 
-def test_data_kept_on_the_device_gives_the_loader_run(tmp_path, monkeypatch, capsys):
+def test_data_kept_on_the_device_gives_the_loader_run_and_resumes_mid_epoch_exactly(tmp_path, monkeypatch, capsys):
     assert train(tmp_path / "loader", "--steps", 10, "--every", 10) == 0
     assert "data kept on" not in capsys.readouterr().out
     # A CPU stands in for a GPU with room for the data.

@@ -61,3 +61,12 @@ def test_a_lock_that_does_not_fit_is_named(tmp_path):
     out = tmp_path / "run"
     result = fastvae_with_file_size_limit(5, "train", *TINY, "--out", out, "--steps", 1)
     assert_one_line(result, "train", f"{out / '.fastvae.lock'}: File too large")
+
+
+def test_metrics_that_do_not_fit_are_named(tmp_path):
+    # The lock's few words fit, the first record of metrics.jsonl (written line by line) does not.
+    out = tmp_path / "run"
+    result = fastvae_with_file_size_limit(150, "train", *TINY, "--out", out, "--steps", 4, "--every", 2)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == f"fastvae train: error: {out / 'metrics.jsonl'}: File too large"
+    assert "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastvae import checkpoint
-from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold, remove_stale_temporaries
+from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold, naming, remove_stale_temporaries
 from fastvae.training.errors import ConfigError
 
 try:  # optional: TensorBoard events beside metrics.jsonl when tensorboard is installed
@@ -185,14 +185,18 @@ class MetricsLog:
     def __init__(self, out: Path, step: int, *, overwrite: bool) -> None:
         if overwrite:
             remove_run(out)
-        self._file = _open_metrics(out / METRICS_NAME, step)
+        self._path = out / METRICS_NAME
+        self._file = _open_metrics(self._path, step)
         self._writer = SummaryWriter(str(out)) if SummaryWriter is not None else None
 
     def log(self, record: dict) -> None:
         # NaN and Infinity are not JSON, and strict readers refuse them: each is null, named with its value.
         non_finite = {key: str(v) for key, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
         line = {**record, **dict.fromkeys(non_finite), "non_finite": non_finite} if non_finite else record
-        self._file.write(json.dumps(line, allow_nan=False) + "\n")
+        try:
+            self._file.write(json.dumps(line, allow_nan=False) + "\n")
+        except OSError as exc:  # a full disk: the open file's error names no file
+            raise naming(exc, self._path) from exc
         if self._writer is not None:
             for key, value in record.items():
                 if key != "step":
@@ -204,7 +208,10 @@ class MetricsLog:
             self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise naming(exc, self._path) from exc
         if self._writer is not None:
             self._writer.close()
 
