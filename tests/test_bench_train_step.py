@@ -15,10 +15,28 @@ def test_the_methods_on_each_device():
     assert list(train_step.methods(CPU, compile_=False)) == ["eager", "fused"]
     assert list(train_step.methods(CPU, compile_=True)) == ["eager", "fused", "compile", "fused+compile"]
     cuda = list(train_step.methods(torch.device("cuda"), compile_=True))
-    assert cuda == ["eager", "fused", "compile", "compile-ro", "fused+compile-ro"]
+    assert cuda == ["eager", "fused", "compile", "compile-ro", "fused+compile-ro", "fused+graph"]
     backends = {name: backend for name, (backend, _) in train_step.methods(torch.device("cuda"), compile_=True).items()}
     assert backends == {"eager": "reference", "fused": "auto", "compile": "reference", "compile-ro": "reference",
-                        "fused+compile-ro": "auto"}
+                        "fused+compile-ro": "auto", "fused+graph": "auto"}
+    assert train_step.methods(torch.device("cuda"), compile_=True)["fused+graph"][1] is train_step.graphed_step
+
+
+def test_the_graphed_method_steps_as_the_eager_one_bit_for_bit_where_it_runs_uncaptured():
+    # On a CPU the graphed step is its static-buffer twin: the gather, the ring of losses and the
+    # counter around the very step the eager method times.
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for build in (train_step.eager_step, train_step.graphed_step):
+        torch.manual_seed(1)
+        model = VAE(3, 16, 4, (8, 16)).train()
+        step = build(model, x)
+        losses = torch.stack([step(x).clone() for _ in range(3)])
+        runs.append((losses, model.state_dict()))
+    (eager_losses, eager_state), (graphed_losses, graphed_state) = runs
+    assert torch.equal(graphed_losses, eager_losses) and len(set(eager_losses.tolist())) == 3  # it trained
+    for name, value in eager_state.items():
+        assert torch.equal(graphed_state[name], value), name
 
 
 def test_a_new_method_is_built_once_timed_and_reported(monkeypatch):

@@ -22,6 +22,8 @@ from fastvae.images import save_grid
 from fastvae.reference import kl_divergence
 from fastvae.training import evaluation as evaluation_module
 from fastvae.training import inputs as inputs_module
+from fastvae.training import options as options_module
+from fastvae.training import step as step_module
 from fastvae.training.options import resolve_device
 from fastvae.training.errors import ConfigError
 from fastvae.training.step import beta_at, free_bits_kl
@@ -752,3 +754,103 @@ def test_data_kept_on_the_device_gives_the_loader_run_and_resumes_mid_epoch_exac
     assert train(tmp_path / "parts", "--steps", 10, "--every", 10, "--resume") == 0
     assert step_losses(tmp_path / "parts") == step_losses(tmp_path / "kept")
 
+
+
+def test_compile_cuts_the_training_step_into_three_graphs_at_zero_grad_and_backward(tmp_path, monkeypatch):
+    # What --help and the README say --compile is. A change of torch or of the step that joins or
+    # splits graphs shows here.
+    steps = []
+    real_compile_step = step_module.compile_step
+
+    def keep(step, mode, **options):
+        steps.append(step)
+        return real_compile_step(step, mode, **options)
+
+    monkeypatch.setattr(step_module, "compile_step", keep)
+    assert train(tmp_path, "--steps", 1, "--every", 1) == 0
+    explained = torch._dynamo.explain(steps[0])(torch.rand(8, 3, 16, 16), torch.tensor(1.0))
+    assert (explained.graph_count, explained.graph_break_count) == (3, 2)
+    assert "Optimizer.zero_grad" in explained.break_reasons[0].reason
+    forward, adam, losses = ({str(node.target) for node in graph.graph.nodes} for graph in explained.graphs)
+    assert any("conv2d" in target for target in forward) and any("batch_norm" in target for target in forward)
+    assert any("addcdiv" in target for target in adam) and not any("conv2d" in target for target in adam)
+    assert any("stack" in target for target in losses) and len(losses) < 20
+
+
+def test_help_says_what_compile_and_cuda_graph_are(capsys):
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "It is three graphs, not one: the forward with the loss, Adam's update and the stack of the losses" in text
+    assert "Optimizer.zero_grad, which Dynamo does not trace, and at Tensor.backward" in text
+    assert "--cuda-graph capture the whole step" in text
+
+
+@pytest.mark.parametrize(
+    "options, environment, line",
+    [
+        (("--compile", "reduce-overhead"), {}, "--cuda-graph with --compile reduce-overhead: that mode replays CUDA "
+         "graphs of its own, which cannot be captured inside the step's; use --compile default"),
+        (("--compile", "max-autotune"), {}, "--cuda-graph with --compile max-autotune: that mode replays CUDA "
+         "graphs of its own, which cannot be captured inside the step's; use --compile default"),
+        (("--amp", "fp16"), {}, "--cuda-graph with --amp fp16: GradScaler decides on the host whether each step is "
+         "skipped, which a replay cannot; use --amp bf16, which needs no scaler"),
+        ((), {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, "--cuda-graph runs in one process, not 2: the "
+         "graph would hold the collectives of DDP; run without torchrun"),
+    ],
+)
+def test_cuda_graph_with_what_a_replay_cannot_do_is_refused_in_one_line(tmp_path, capsys, monkeypatch, options,
+                                                                       environment, line):
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert train(tmp_path, "--steps", 2, "--cuda-graph", *options) == 2
+    assert capsys.readouterr().err == f"fastvae train: error: {line}\n"
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_cuda_graph_on_a_cpu_is_refused_in_one_line():
+    command = [sys.executable, "-m", "fastvae", "train", *TINY, "--out", "unused", "--cuda-graph"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "fastvae train: error: --cuda-graph needs a CUDA device, not cpu\n"
+
+
+def test_cuda_graph_needs_the_training_set_kept_on_the_device(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(options_module, "check_graphable", lambda *args: None)  # a CPU stands in for a GPU
+    assert train(tmp_path, "--steps", 2, "--cuda-graph") == 2
+    assert capsys.readouterr().err == (
+        "fastvae train: error: --cuda-graph needs the training set kept on cpu, and its 64 images of 16x16 would "
+        "take 0.000183 GiB, more than 25% of its free memory; lower --train-size or run without --cuda-graph\n"
+    )
+
+
+def test_the_graphed_step_in_the_loop_gives_the_eager_run_bit_for_bit_and_resumes_either_way(tmp_path, monkeypatch,
+                                                                                            capsys):
+    # A CPU stands in for a GPU with room for the data, and --cuda-graph runs its uncaptured twin
+    # there: the static buffers, the ring of losses the loop reads at its checks (every 3 steps,
+    # and at the evaluations every 5) and Adam's state set for the step, through the CLI.
+    monkeypatch.setattr(options_module, "check_graphable", lambda *args: None)
+    monkeypatch.setattr(inputs_module, "data_fits_on", lambda *args: True)
+    options = ("--every", 5, "--log-every", 3, "--beta-schedule", "cyclical", "--beta-period", 4)
+    assert train(tmp_path / "eager", "--steps", 10, *options) == 0
+    capsys.readouterr()
+    assert train(tmp_path / "graphed", "--steps", 10, *options, "--cuda-graph") == 0
+    assert "one CUDA graph a step" in capsys.readouterr().out
+    expected = step_losses(tmp_path / "eager")
+    assert step_losses(tmp_path / "graphed") == expected
+    eager, graphed = (checkpoint.load(tmp_path / run / "ckpt.pt") for run in ("eager", "graphed"))
+    assert graphed.keys() == eager.keys() and graphed["args"].keys() == eager["args"].keys()
+    for name, value in eager["model"].items():
+        assert torch.equal(graphed["model"][name], value), name
+    # Each resumes the other, and a checkpoint of a GPU's graphed run (capturable Adam) resumes on a CPU.
+    assert train(tmp_path / "graphed_then_eager", "--steps", 5, *options, "--cuda-graph") == 0
+    assert train(tmp_path / "graphed_then_eager", "--steps", 10, *options, "--resume") == 0
+    assert train(tmp_path / "eager_then_graphed", "--steps", 5, *options) == 0
+    assert train(tmp_path / "eager_then_graphed", "--steps", 10, *options, "--resume", "--cuda-graph") == 0
+    assert train(tmp_path / "from_a_gpu", "--steps", 5, *options) == 0
+    saved = checkpoint.load(tmp_path / "from_a_gpu" / "ckpt.pt")
+    for group in saved["optimizer"]["param_groups"]:
+        group["capturable"] = True
+    checkpoint.save(saved, tmp_path / "from_a_gpu" / "ckpt.pt")
+    assert train(tmp_path / "from_a_gpu", "--steps", 10, *options, "--resume") == 0
+    for run in ("graphed_then_eager", "eager_then_graphed", "from_a_gpu"):
+        assert step_losses(tmp_path / run) == expected, run

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from fastvae import data
 from fastvae._workers import init_worker
 from fastvae.training.distributed import World
+from fastvae.training.errors import ConfigError
 from fastvae.training.options import image_bytes
 
 # The training set is kept whole on a GPU, and batches gathered there, when it takes at most this
@@ -50,13 +51,23 @@ class Inputs:
         return cls(train_set, eval_set, eval_loader, grid_images, batches, record)
 
     def batches_from(self, step: int, device: torch.device,
-                     args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], bool]:
+                     args: argparse.Namespace) -> tuple[Iterator[torch.Tensor], torch.Tensor | None]:
         """This rank's training batches on ``device`` from ``step`` on (the data order depends on
-        (seed, epoch) only, so the step fixes the position), and whether the set is kept on ``device``."""
+        (seed, epoch) only, so the step fixes the position), and the training set when it is kept
+        whole on ``device`` (else None). With --cuda-graph, which needs it kept there, the batches
+        are their indices into it: the graph gathers them."""
         self.batches.start = step
         if data_fits_on(device, len(self.train_set), args.image_size):
             images = data.stack_on(self.train_set, device, workers=args.workers)
-            return (images.index_select(0, indices) for indices in self.batches.on_device(device)), True
+            indices = self.batches.on_device(device)
+            return (indices if args.cuda_graph else (images.index_select(0, i) for i in indices)), images
+        if args.cuda_graph:
+            raise ConfigError(
+                f"--cuda-graph needs the training set kept on {device}, and its {len(self.train_set)} images of "
+                f"{args.image_size}x{args.image_size} would take "
+                f"{image_bytes(len(self.train_set), args.image_size) / 2**30:.3g} GiB, more than "
+                f"{DATA_ON_DEVICE_FRACTION:.0%} of its free memory; lower --train-size or run without --cuda-graph"
+            )
         loader = DataLoader(
             self.train_set,
             batch_sampler=self.batches,
@@ -66,7 +77,7 @@ class Inputs:
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),
         )
-        return (x.to(device, non_blocking=True) for x in loader), False
+        return (x.to(device, non_blocking=True) for x in loader), None
 
 
 def data_fits_on(device: torch.device, num_images: int, image_size: int) -> bool:

@@ -60,13 +60,14 @@ def run(args: argparse.Namespace) -> int:
                                                  say=world.master)
             # The default period follows the run's length, which a resume may extend: it keeps the first one's.
             beta_period = args.beta_period or saved_args.get("beta_period") or max(1, total_steps // 4)
-            batches, on_device = inputs.batches_from(step, device, args)
+            batches, kept = inputs.batches_from(step, device, args)
             net = world.wrap(model, device)
-            train_step = build_step(args.compile, net, optimizer, scaler, autocast, loss, device)
+            train_step = build_step(args.compile, net, optimizer, scaler, autocast, loss, device,
+                                    graph_on=kept if args.cuda_graph else None, rows=args.log_every)
             log = resources.enter_context(closing(run_folder.MetricsLog(out, step, overwrite=args.overwrite))) \
                 if world.master else None
             if world.master:
-                print(_banner(args, device, world, model, inputs, step, total_steps, on_device))
+                print(_banner(args, device, world, model, inputs, step, total_steps, kept is not None))
             if step >= total_steps:
                 if world.master:
                     print(f"nothing to do: {ckpt_path} is at step {step} of {total_steps}")
@@ -128,6 +129,7 @@ def _banner(args: argparse.Namespace, device: torch.device, world: World, model:
         f"({params / 1e6:.2f}M params), batch {args.batch_size}, steps {step} -> {total_steps}, into {Path(args.out)}"
         f"{'; data kept on ' + str(device) if on_device else ''}"
         f"{'; compiled, ' + args.compile if args.compile != 'off' else ''}"
+        f"{'; one CUDA graph a step' if args.cuda_graph else ''}"
     )
 
 

@@ -33,6 +33,9 @@ IMAGE_COPIES = 8
 # --compile's choices: torch.compile's modes, and off. reduce-overhead and max-autotune replay the
 # step from CUDA graphs on a GPU.
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# The modes whose step --cuda-graph can capture: the others replay CUDA graphs of their own, which
+# cannot be captured inside another.
+GRAPHABLE_COMPILE_MODES = ("off", "default")
 # Channel counts and the latent dimension stay under this: far wider than any conv VAE (Stable
 # Diffusion's has 512 channels), yet narrow enough that no tensor of the widest model at the
 # largest image size has more elements than torch counts in an int64, so the memory check, not
@@ -154,7 +157,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="autocast dtype; fp16 needs CUDA and uses a GradScaler (default: off)")
     group.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
                        help="torch.compile the training step in this mode; --compile alone is default "
-                            "(default: off)")
+                            "(default: off). It is three graphs, not one: the forward with the loss, Adam's "
+                            "update and the stack of the losses, with Python between them at "
+                            "Optimizer.zero_grad, which Dynamo does not trace, and at Tensor.backward, where "
+                            "autograd runs the compiled backward; reduce-overhead and max-autotune replay each "
+                            "from CUDA graphs. For one graph of the whole step, --cuda-graph")
+    group.add_argument("--cuda-graph", action="store_true",
+                       help="capture the whole step (the batch gathered from the training set kept on the GPU, "
+                            "forward, loss, backward, Adam) into one CUDA graph after 3 warm-up steps and replay "
+                            "it: one process on a GPU, --amp off or bf16, --compile off or default (the step "
+                            "compiled inside the graph)")
 
     group = parser.add_argument_group("run")
     group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
@@ -241,6 +253,22 @@ def check_sizes_fit(args: argparse.Namespace, device: torch.device) -> None:
                           f"images; at most {MAX_EVAL_SIZE} (2**20)")
 
 
+def check_graphable(args: argparse.Namespace, device: torch.device, world_size: int) -> None:
+    """Refuse --cuda-graph with what a replay cannot do, naming it. (The training set must also be
+    kept on the GPU, which is known once it is read.)"""
+    if args.compile not in GRAPHABLE_COMPILE_MODES:
+        raise ConfigError(f"--cuda-graph with --compile {args.compile}: that mode replays CUDA graphs of its own, "
+                          "which cannot be captured inside the step's; use --compile default")
+    if args.amp == "fp16":
+        raise ConfigError("--cuda-graph with --amp fp16: GradScaler decides on the host whether each step is "
+                          "skipped, which a replay cannot; use --amp bf16, which needs no scaler")
+    if world_size > 1:
+        raise ConfigError(f"--cuda-graph runs in one process, not {world_size}: the graph would hold the "
+                          "collectives of DDP; run without torchrun")
+    if device.type != "cuda":
+        raise ConfigError(f"--cuda-graph needs a CUDA device, not {device}")
+
+
 def check_run_options(args: argparse.Namespace, device: torch.device, world_size: int) -> None:
     """Refuse options that cannot make a run on ``device`` with ``world_size`` processes, naming them."""
     if args.batch_size % world_size:
@@ -249,6 +277,8 @@ def check_run_options(args: argparse.Namespace, device: torch.device, world_size
         data.check_image_size(args.image_size)
     except ValueError as exc:
         raise ConfigError(f"--image-size: {exc}") from None
+    if args.cuda_graph:
+        check_graphable(args, device, world_size)
     if args.amp == "fp16" and device.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
     try:

@@ -1,8 +1,8 @@
-"""The training step: one optimizer step on a batch, eager or under torch.compile.
+"""The training step: one optimizer step on a batch, eager, under torch.compile, or captured
+whole into one CUDA graph (graphed_step.py).
 
 The loop calls the step built by ``build_step`` once per batch with the step's KL weight and gets the
-step's (objective, recon, kl) back, on the device. A new way of stepping (a CUDA graph of the whole
-step, say) is another choice in ``build_step``, taking the same parts and keeping that contract.
+step's (objective, recon, kl) back, on the device.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from fastvae import ops
+from fastvae.training.adam_state import needs_capturable, set_capturable
 from fastvae.training.distributed import World, all_reduce_sum
+from fastvae.training.graphed_step import GraphedStep
 
 
 def beta_at(step: int, beta: float, schedule: str, period: int) -> float:
@@ -116,25 +118,43 @@ def eager_step(net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.a
 
 
 def build_step(mode: str, net: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               autocast, loss: Loss, device: torch.device) -> Callable[[torch.Tensor, float], torch.Tensor]:
+               autocast, loss: Loss, device: torch.device, *, graph_on: torch.Tensor | None = None,
+               rows: int = 1) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """The loop's step, built once: a function of (batch, beta) that takes one optimizer step and
-    returns its (objective, recon, kl), float32, on ``device``; eager, or compiled in --compile's ``mode``."""
-    step = compile_step(eager_step(net, optimizer, scaler, autocast, loss), mode)
+    returns its (objective, recon, kl), float32, on ``device``; eager, or compiled in --compile's ``mode``.
+
+    With ``graph_on``, the training set kept on the GPU, the step (compiled or not) is captured
+    whole into one CUDA graph (--cuda-graph, see graphed_step.py): the batch it takes is then the
+    indices into that set, and its losses a row of a ring of ``rows``, which the loop reads at
+    least that often. Adam is made capturable wherever the step runs from CUDA graphs, also when
+    a checkpoint of another run filled it.
+    """
+    graphed = graph_on is not None
+    set_capturable(optimizer, needs_capturable(device, mode != "off", graphed))
+    step = compile_step(eager_step(net, optimizer, scaler, autocast, loss), mode, graphed=graphed)
+    if graphed:
+        return GraphedStep(step, graph_on, loss.global_batch, history_size=rows)
     beta_tensor = torch.empty((), device=device)
     return lambda x, beta: step(x, beta_tensor.fill_(beta))
 
 
-def compile_step(step, mode: str):
+def compile_step(step, mode: str, *, graphed: bool = False):
     """``step`` under torch.compile in ``mode`` (--compile), or itself when "off".
 
     Random ops run as in eager (inductor's fallback_random), so a compiled run draws the noise
     of the eager one and either can resume the other's checkpoint. The model is not wrapped, so
-    its state_dict keys stay those of an eager run.
+    its state_dict keys stay those of an eager run. Dynamo cuts the step into three graphs (the
+    forward with the loss, Adam's update, the stack of the losses), with Python between them at
+    Optimizer.zero_grad, which it does not trace, and at Tensor.backward, where autograd runs the
+    compiled backward; reduce-overhead replays each from CUDA graphs. Inside --cuda-graph's one
+    graph (``graphed``) the compiled step is captured as it is.
     """
     if mode == "off":
         return step
     options = {**torch._inductor.list_mode_options(mode), "fallback_random": True}
     compiled = torch.compile(step, dynamic=False, options=options)
+    if graphed:
+        return compiled
 
     def run(*inputs):
         # Each call is one whole iteration to CUDA graph trees, which then reuse its memory on the
