@@ -64,6 +64,8 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", "--image-size", "24"], "power of two"),
         (["train", "--hidden-dims", "8,x"], "comma-separated ints"),
         (["train", "--batch-size", "0"], "expected int >= 1 and < 2**63, got '0'"),
+        (["bench", "--rounds", "0"], "argument --rounds: expected int >= 1 and < 2**63, got '0'"),
+        (["bench", "--rounds", "99999999999999999999999"], "argument --rounds: expected int >= 1 and < 2**63"),
         (["train", "--lr", "0"], "expected float > 0"),
         (["train", "--seed", "-3"], "expected int >= 0"),
         (["train", "--free-bits", "-1"], ">= 0"),
