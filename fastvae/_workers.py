@@ -37,7 +37,8 @@ def init_worker(worker_id: int) -> None:
 def _die_with_parent() -> None:
     # DataLoader's own watchdog notices a dead parent only between batches, seconds later, and not
     # at all while a worker is blocked writing a batch the parent will never read. Linux can kill
-    # the worker the moment its parent dies, kill -9 included.
+    # the worker the moment its parent dies, kill -9 included (strictly, when the parent's thread
+    # that started it ends: the one iterating the loader).
     if not sys.platform.startswith("linux"):
         return
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
