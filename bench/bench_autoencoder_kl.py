@@ -100,6 +100,25 @@ def _posterior(distribution: type, loss_fn):
     return forward
 
 
+def posterior_loss_cases(op: str, methods: dict, make, n: int, pixels: int, size: str) -> list[Case]:
+    """Each pass of each ``methods[name](moments, x_hat, x) -> (z, loss)``, the gradient taken of
+    ``z.sum() + loss``, for ``n`` latents and ``pixels`` image values from ``make()``."""
+
+    def scalar(out):
+        z, loss = out
+        return z.sum() + loss
+
+    # The floor, in float32: the forward reads the moments (two values a latent), x_hat and x,
+    # and writes z; the backward reads the moments and writes their gradient and x_hat's.
+    forward, backward = 3 * n + 2 * pixels, 4 * n + pixels
+    moved = {"fwd": forward * 4, "bwd": backward * 4, "fwd+bwd": (forward + backward) * 4}
+    cases = []
+    for method, fn in methods.items():
+        for pass_, (setup, target) in passes(fn, make, scalar).items():
+            cases.append(Case(op, method, pass_, size, n, moved[pass_], setup, target))
+    return cases
+
+
 def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -> list[Case]:
     methods = {
         "eager": _posterior(DiagonalGaussianDistribution, diffusers_loss),
@@ -109,7 +128,6 @@ def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -
     }
     cases = []
     for b, h, w in shapes:
-        n, pixels = b * 4 * h * w, b * 3 * 8 * h * 8 * w
 
         def make(b=b, h=h, w=w):
             moments = torch.randn(b, 8, h, w, device=device)
@@ -118,18 +136,8 @@ def _posterior_cases(device: torch.device, shapes: list[tuple[int, int, int]]) -
             x_hat = (x + 0.1 * torch.randn_like(x)).requires_grad_()
             return moments.requires_grad_(), x_hat, x
 
-        def scalar(out):
-            z, loss = out
-            return z.sum() + loss
-
-        # The floor, in float32: the forward reads the moments (two values a latent), x_hat and x,
-        # and writes z; the backward reads the moments and writes their gradient and x_hat's.
-        forward, backward = 3 * n + 2 * pixels, 4 * n + pixels
-        moved = {"fwd": forward * 4, "bwd": backward * 4, "fwd+bwd": (forward + backward) * 4}
-        for method, fn in methods.items():
-            for pass_, (setup, target) in passes(fn, make, scalar).items():
-                size = f"{b}x8x{h}x{w} + {b}x3x{8 * h}x{8 * w}"
-                cases.append(Case("autoencoder_kl_posterior", method, pass_, size, n, moved[pass_], setup, target))
+        size = f"{b}x8x{h}x{w} + {b}x3x{8 * h}x{8 * w}"
+        cases += posterior_loss_cases("autoencoder_kl_posterior", methods, make, b * 4 * h * w, b * 3 * 64 * h * w, size)
     return cases
 
 

@@ -118,19 +118,25 @@ def test_kl_is_per_sample_and_matches_float64(backend, dtype, shape):
         torch.testing.assert_close(grad.double(), expected_grad.to(dtype).double(), atol=atol, rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else rtol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_kl_is_one_per_sample_reduction(backend, monkeypatch):
-    # 4-D latents: one call of the per-sample KL, no elementwise KL summed afterwards. Moments in
-    # channels_last give the same bits from the C++ backend (it reduces row-major copies); Triton
-    # reduces in storage order, as torch's sum does, so to float32 rounding.
-    reductions = []
+@pytest.fixture
+def reductions(monkeypatch):
+    """The reduction of each call of ops.kl_divergence while the test runs."""
+    calls = []
     kl_divergence = ops.kl_divergence
 
     def recording(*args, **kwargs):
-        reductions.append(kwargs["reduction"])
+        calls.append(kwargs["reduction"])
         return kl_divergence(*args, **kwargs)
 
     monkeypatch.setattr(ops, "kl_divergence", recording)
+    return calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_is_one_per_sample_reduction(backend, reductions):
+    # 4-D latents: one call of the per-sample KL, no elementwise KL summed afterwards. Moments in
+    # channels_last give the same bits from the C++ backend (it reduces row-major copies); Triton
+    # reduces in storage order, as torch's sum does, so to float32 rounding.
     parameters = moments((3, 4, 5, 7), torch.float32)
     kl = DiagonalGaussian(parameters, backend=backend).kl()
     assert reductions == ["per_sample"]
@@ -143,16 +149,41 @@ def test_kl_is_one_per_sample_reduction(backend, monkeypatch):
         torch.testing.assert_close(kl_channels_last, kl)
 
 
+# (latents shape, dims): video latents with diffusers' dims (B, W) and each sample's total; audio
+# latents (B, C, T); dims that keep the batch out or in; an empty batch.
+DIMS_CASES = (((2, 3, 4, 5, 6), (1, 2, 3)), ((2, 3, 4, 5, 6), (1, 2, 3, 4)), ((3, 4, 9), (1, 2)),
+              ((3, 4, 9), (1,)), ((2, 3, 4, 5), (0, 2)), ((2, 3, 4, 5), (0, 1, 2, 3)), ((0, 3, 2, 2, 2), (1, 2, 3)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_kl_of_5d_latents_sums_dims_1_to_3_as_diffusers(backend):
-    # diffusers sums dims 1, 2 and 3 whatever the rank: (B, C, T, H, W) gives (B, W).
-    mean = torch.randn(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    logvar = torch.rand(2, 3, 4, 5, 6, generator=torch.Generator().manual_seed(6), dtype=torch.float64) - 0.5
-    kl = DiagonalGaussian(torch.cat([mean, logvar], dim=1).float(), backend=backend).kl()
-    mean, logvar = mean.float().double(), logvar.float().double()
-    expected = 0.5 * (mean**2 + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
-    assert kl.shape == (2, 6)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape,dims", DIMS_CASES, ids=str)
+def test_kl_over_any_dims_matches_float64(backend, channels_last, shape, dims, reductions):
+    # diffusers sums dims 1, 2 and 3 whatever the rank: (B, C, T, H, W) gives (B, W). Each
+    # sample's total (of any rank and layout) is one call of the fused per-sample KL, all dims
+    # the fused sum; other dims the fused elementwise KL, summed.
+    generator = torch.Generator().manual_seed(5)
+    mean = torch.randn(shape, generator=generator, dtype=torch.float64)
+    logvar = torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1.5
+    parameters = torch.cat([mean, logvar], dim=1).float()
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}
+    if channels_last and len(shape) in layouts:
+        parameters = parameters.to(memory_format=layouts[len(shape)])
+    parameters.requires_grad_()
+    kl = DiagonalGaussian(parameters, backend=backend).kl(dims=dims)
+    if dims == tuple(range(1, len(shape))):
+        assert reductions == ["per_sample"]
+    else:
+        assert reductions == ["sum" if len(dims) == len(shape) else "none"]
+    mean64, logvar64 = torch.chunk(parameters.double(), 2, dim=1)
+    expected = 0.5 * (mean64**2 + logvar64.exp() - 1.0 - logvar64).sum(dim=dims)
+    assert kl.shape == expected.shape and kl.dtype == torch.float32
     torch.testing.assert_close(kl.double(), expected, atol=1e-4, rtol=1e-5)
+    if kl.numel():
+        weights = torch.linspace(0.5, 1.5, kl.numel(), dtype=torch.float64).view(kl.shape)
+        (grad,) = torch.autograd.grad((kl.double() * weights).sum(), parameters)
+        (expected_grad,) = torch.autograd.grad((expected * weights).sum(), parameters)
+        torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -285,13 +316,35 @@ def test_bad_inputs_name_what_was_expected():
         DiagonalGaussian(torch.zeros(8))
     with pytest.raises(TypeError, match="deterministic must be a bool, got int"):
         DiagonalGaussian(torch.zeros(2, 8, 4, 4), deterministic=1)
-    with pytest.raises(ValueError, match=r"needs 4-D latents, got \(2, 4, 4\)"):
-        DiagonalGaussian(torch.zeros(2, 8, 4)).kl()
+    audio = DiagonalGaussian(torch.zeros(2, 8, 4))
+    with pytest.raises(ValueError, match=r"kl sums over dims \(1, 2, 3\), which latents of shape \(2, 4, 4\) \(3 dims\) do not have; pass dims=, e.g. dims=\(1, 2\)"):
+        audio.kl()
+    with pytest.raises(ValueError, match=r"nll sums over dims \(1, 2, 3\), which latents of shape \(2, 4, 4\)"):
+        audio.nll(torch.zeros(2, 4, 4))
     posterior = DiagonalGaussian(torch.zeros(2, 8, 4, 4))
     with pytest.raises(ValueError, match=r"other has latents of shape \(2, 4, 2, 2\) but self has \(2, 4, 4, 4\)"):
         posterior.kl(DiagonalGaussian(torch.zeros(2, 8, 2, 2)))
     with pytest.raises(ValueError, match="other is deterministic"):
         posterior.kl(DiagonalGaussian(torch.zeros(2, 8, 4, 4), deterministic=True))
+    with pytest.raises(TypeError, match=r"other must be a Gaussian with mean and logvar tensors .* or None for N\(0, 1\), got int"):
+        posterior.kl(3)
+    with pytest.raises(ValueError, match=r"sample has shape \(2, 4, 4\) but the latents have \(2, 4, 4, 4\)"):
+        posterior.nll(torch.zeros(2, 4, 4))
+    with pytest.raises(TypeError, match="sample must be a torch.Tensor, got float"):
+        posterior.nll(1.0)
+    with pytest.raises(TypeError, match="kl dims must be a sequence of ints, got 'ab'"):
+        posterior.kl(dims="ab")
+    with pytest.raises(TypeError, match=r"nll dims must be a sequence of ints, got \(1.0,\)"):
+        posterior.nll(torch.zeros(2, 4, 4, 4), dims=(1.0,))
+    with pytest.raises(ValueError, match=r"kl dims name a dim twice: \(1, -3\)"):
+        posterior.kl(dims=(1, -3))
+    with pytest.raises(ValueError, match=r"kl dims must name at least one dim, got \(\)"):
+        posterior.kl(dims=())
+    with pytest.raises(ValueError, match=r"kl sums over dims \(1, 4\), which latents of shape \(2, 4, 4, 4\) \(4 dims\)"):
+        posterior.kl(dims=(1, 4))
+    # Checked before the shortcut of a deterministic posterior, which computes nothing.
+    with pytest.raises(TypeError, match="got int"):
+        DiagonalGaussian(torch.zeros(2, 8, 4, 4), deterministic=True).kl(3)
     with pytest.raises(TypeError, match="generator must be a torch.Generator, got int"):
         posterior.sample(generator=0)
     with pytest.raises(ValueError, match="backend must be one of"):

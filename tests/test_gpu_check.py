@@ -61,9 +61,9 @@ def test_every_step_has_a_timeout_within_the_budget_and_its_files_exist():
 
 
 def test_the_bench_step_times_the_training_step():
-    from fastvae import benchmark
+    from fastvae.benchmarks.scopes import cases
 
-    core = benchmark.cases(torch.device("cuda"), "core")
+    core = cases(torch.device("cuda"), "core")
     assert {c.op for c in core} == {"reparameterize_kl", "vae_loss", "train_step"}
 
 

@@ -15,7 +15,7 @@ from fastvae.benchmarks.measure import Row
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-_METHOD_ORDER = ("eager", "compile", "compile-ro", "fused", "fused+compile", "fused+compile-ro", "fused+graph", "floor")
+_METHOD_ORDER = ("eager", "compile", "compile-ro", "patched", "fused", "fused+compile", "fused+compile-ro", "fused+graph", "floor")
 _METHOD_RANK = {method: i for i, method in enumerate(_METHOD_ORDER)}
 _PASS_ORDER = ("fwd", "bwd", "fwd+bwd", "step")
 
