@@ -7,11 +7,11 @@ import contextlib
 import os
 import re
 import secrets
-import signal
 import socket
-import threading
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
+
+from fastvae._signals import ctrl_c_deferred
 
 try:
     import fcntl
@@ -39,7 +39,7 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    with _ctrl_c_deferred():
+    with ctrl_c_deferred():
         try:
             with open(tmp, "xb") as f:
                 write(f)
@@ -79,23 +79,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's
         pass
     return True
-
-
-@contextlib.contextmanager
-def _ctrl_c_deferred() -> Iterator[None]:
-    """Hold back SIGINT for the block and deliver it after, to the handler there was before."""
-    # Only the main thread may set handlers; one installed outside Python could not be put back.
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            signal.raise_signal(signal.SIGINT)
 
 
 def hold(path: str | Path) -> BinaryIO | None:

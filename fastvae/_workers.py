@@ -8,6 +8,11 @@ import multiprocessing
 import os
 import signal
 import sys
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+
+from fastvae._signals import ctrl_c_deferred
 
 # prctl's option (linux/prctl.h): the signal the kernel sends a process when its parent dies.
 _PR_SET_PDEATHSIG = 1
@@ -19,6 +24,17 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def start(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, which forks its workers, with Ctrl-C held back until they are started.
+
+    A KeyboardInterrupt raised in Python's at-fork hooks, which run in the forking process, is
+    reported there and dropped: the run would go on as if Ctrl-C had never come. And a worker gets
+    to init_worker, which ignores it, only some time after its fork.
+    """
+    with ctrl_c_deferred():
+        return iter(loader)
 
 
 def init_worker(worker_id: int) -> None:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from fastvae._workers import init_worker
+from fastvae._workers import init_worker, start
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
@@ -333,7 +333,7 @@ def stack_on(dataset: Dataset, device: torch.device, *, workers: int = 0, chunk:
         dataset, batch_size=chunk, num_workers=workers, worker_init_fn=init_worker, generator=torch.Generator()
     )
     images = None
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(start(loader)):
         if images is None:
             images = torch.empty(len(dataset), *batch.shape[1:], dtype=batch.dtype, device=device)
         images[i * chunk : i * chunk + len(batch)] = batch

@@ -111,6 +111,32 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_chec
     same_run(run, tmp_path / "whole")
 
 
+# `fastvae train` that gets Ctrl-C, to its whole process group, as it forks its first DataLoader worker.
+CTRL_C_AT_THE_FIRST_FORK = """
+import os, signal, sys
+forks = []
+def ctrl_c_once():
+    if not forks:
+        forks.append(os.killpg(0, signal.SIGINT))
+os.register_at_fork(before=ctrl_c_once)
+from fastvae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_the_workers_start_is_one_line_not_lost(tmp_path):
+    # Python runs its at-fork hooks in the forking process; a KeyboardInterrupt raised in one is
+    # reported there and dropped, and the run would go on as if Ctrl-C had never come.
+    assert train(tmp_path, "--steps", 5, "--every", 5) == 0
+    command = [sys.executable, "-c", CTRL_C_AT_THE_FIRST_FORK, "train", *TINY, "--out", str(tmp_path),
+               "--steps", "10", "--every", "5", "--resume", "--workers", str(WORKERS)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
+    assert saved_step(tmp_path) == 5
+
+
 def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tmp_path):
     def interrupted(f):
         f.write(b"first half, ")

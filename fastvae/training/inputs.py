@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastvae import data
-from fastvae._workers import init_worker
+from fastvae._workers import init_worker, start
 from fastvae.training.distributed import World
 from fastvae.training.errors import ConfigError
 from fastvae.training.options import image_bytes
@@ -77,7 +77,7 @@ class Inputs:
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),
         )
-        return (x.to(device, non_blocking=True) for x in loader), None
+        return (x.to(device, non_blocking=True) for x in start(loader)), None
 
 
 def data_fits_on(device: torch.device, num_images: int, image_size: int) -> bool:
