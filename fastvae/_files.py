@@ -11,6 +11,8 @@ import socket
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from fastvae._signals import ctrl_c_deferred
+
 try:
     import fcntl
 except ImportError:  # Windows
@@ -18,7 +20,8 @@ except ImportError:  # Windows
 
 # What write_atomically appends to a name for its temporary: unique per process and call, so two
 # writers of one file (two runs, two `fastvae sample`) never write into each other's temporary.
-TEMPORARY_SUFFIX = re.compile(r"\.\d+\.[0-9a-f]{8}\.tmp")
+# ``writer`` is the writing process's pid.
+TEMPORARY_SUFFIX = re.compile(r"\.(?P<writer>\d+)\.[0-9a-f]{8}\.tmp")
 
 
 class HeldError(RuntimeError):
@@ -30,26 +33,52 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
 
     A kill or an error at any point leaves either the old file or the new one, whole, and no
     temporary file after an error. An OSError of the write (a full disk, a file too large, a
-    folder refusing the temporary) names ``path``, not the temporary nor no file at all.
+    folder refusing the temporary) names ``path``, not the temporary nor no file at all. A Ctrl-C
+    meanwhile takes effect once the new file is in place: landing inside a writer such as
+    torch.save's, it would leave that writer's own error instead.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
+    with ctrl_c_deferred():
+        try:
+            with open(tmp, "xb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.filename not in (None, str(tmp)):  # another file's error, raised by ``write``
+                raise
+            raise naming(exc, path) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
-        raise naming(exc, path) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _sync_folder(path.parent)
+        _sync_folder(path.parent)
     return path
+
+
+def remove_stale_temporaries(folder: Path, names: re.Pattern) -> None:
+    """Delete the temporaries that write_atomically left in ``folder`` for files named as ``names``
+    matches, where their writer has died (a kill -9 mid-write). A live writer's (a `fastvae sample`
+    writing into the folder) is its to finish."""
+    for path in folder.iterdir():
+        match = re.fullmatch(rf"(?P<name>.+){TEMPORARY_SUFFIX.pattern}", path.name)
+        if match and names.fullmatch(match["name"]) and path.is_file() and not _alive(int(match["writer"])):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    # Signal 0 asks whether a process exists; only POSIX has it (on Windows os.kill would end it).
+    if os.name != "posix" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def hold(path: str | Path) -> BinaryIO | None:

@@ -5,8 +5,10 @@ command's module is imported, so ``fastvae sample`` does not pay for the benchma
 Mistakes of the user (bad options, a missing folder, an unusable checkpoint, an --out that
 cannot be written, one that another run holds) end in one line on stderr and exit status 2; a
 diverged run ends in one line and exit status 1; a run stopped by SIGTERM, after its checkpoint,
-in one line and exit status 143 (128 + 15, as if the signal had killed it). A checkpoint written
-before checkpoints carried a digest is used with one line on stderr, ``fastvae COMMAND: warning: ...``.
+in one line (under torchrun, rank 0's) and exit status 143 (128 + 15, as if the signal had killed
+it); Ctrl-C, at any moment, in one line and exit status 130, keeping the last whole checkpoint. A
+checkpoint written before checkpoints carried a digest is used with one line on stderr,
+``fastvae COMMAND: warning: ...``.
 """
 
 from __future__ import annotations
@@ -219,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastvae {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
     except Stopped as exc:
-        print(f"fastvae {args.command}: {exc}", file=sys.stderr)
+        if exc.message is not None:
+            print(f"fastvae {args.command}: {exc.message}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"fastvae {args.command}: interrupted", file=sys.stderr)

@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from fastvae._workers import init_worker, start
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TIFF_BITS_PER_SAMPLE = 258  # the TIFF tag
 
@@ -327,9 +329,11 @@ def stack_on(dataset: Dataset, device: torch.device, *, workers: int = 0, chunk:
     ``workers`` decode image files in parallel."""
     # Its own generator: starting the loader draws a seed, which must not come from torch's global
     # generator, the training noise.
-    loader = DataLoader(dataset, batch_size=chunk, num_workers=workers, generator=torch.Generator())
+    loader = DataLoader(
+        dataset, batch_size=chunk, num_workers=workers, worker_init_fn=init_worker, generator=torch.Generator()
+    )
     images = None
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(start(loader)):
         if images is None:
             images = torch.empty(len(dataset), *batch.shape[1:], dtype=batch.dtype, device=device)
         images[i * chunk : i * chunk + len(batch)] = batch

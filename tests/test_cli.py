@@ -63,7 +63,9 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", "--no-such-option"], "unrecognized arguments"),
         (["train", "--image-size", "24"], "power of two"),
         (["train", "--hidden-dims", "8,x"], "comma-separated ints"),
-        (["train", "--batch-size", "0"], "expected int >= 1, got '0'"),
+        (["train", "--batch-size", "0"], "expected int >= 1 and < 2**63, got '0'"),
+        (["bench", "--rounds", "0"], "argument --rounds: expected int >= 1 and < 2**63, got '0'"),
+        (["bench", "--rounds", "99999999999999999999999"], "argument --rounds: expected int >= 1 and < 2**63"),
         (["train", "--lr", "0"], "expected float > 0"),
         (["train", "--seed", "-3"], "expected int >= 0"),
         (["train", "--free-bits", "-1"], ">= 0"),
@@ -96,11 +98,9 @@ def test_reconstruct_writes_originals_beside_reconstructions(trained, folder, tm
         (["train", *TINY, "--out", "{ckpt_dir}"], "holds a run (ckpt.pt, metrics.jsonl): pass --resume"),
         (["train", *TINY, "--out", ""], 'expected a folder, got ""'),
         # Sizes that cannot fit, refused before anything is allocated.
-        (["train", *TINY, "--latent-dim", str(10**12), "--out", "{tmp}/run"],
-         "--latent-dim 1000000000000 and --hidden-dims 8,16 at --image-size 16: a model of 7.7e+14 parameters and its "
-         "training state would take about 1.15e+07 GiB, more than the"),
-        (["train", *TINY, "--hidden-dims", f"{10**11},16", "--out", "{tmp}/run"],
-         "--hidden-dims 100000000000,16 at --image-size 16: a model of"),
+        (["train", *TINY, "--latent-dim", "65535", "--hidden-dims", "65535,65535", "--out", "{tmp}/run"],
+         "--latent-dim 65535 and --hidden-dims 65535,65535 at --image-size 16: a model of 3.44e+11 parameters and its "
+         "training state would take about 5.12e+03 GiB, more than the"),
         (["train", *TINY, "--train-size", str(10**15), "--out", "{tmp}/run"],
          "--train-size 1000000000000000: the order of an epoch of that many shapes would take about 4.47e+07 GiB"),
         (["train", *TINY, "--eval-size", str(10**15), "--out", "{tmp}/run"],

@@ -10,12 +10,13 @@ from fastvae.benchmarks.measure import measure
 from fastvae.benchmarks.report import device_name, format_table, row_order
 from fastvae.benchmarks.scopes import cases
 from fastvae.benchmarks.timing import copy_bandwidth
+from fastvae.training.options import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = "Time the fused ops and the training step against eager PyTorch and torch.compile."
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=10, help="timed runs per case (median reported)")
+    parser.add_argument("--rounds", type=positive_int, default=10, help="timed runs per case (median reported)")
     parser.add_argument("--full", action="store_true", help="every size and the compiled training step (slow on a CPU)")
 
 

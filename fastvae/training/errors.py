@@ -18,8 +18,9 @@ class RankZeroFailed(RuntimeError):
 
 class Stopped(Exception):
     """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
-    the status of a process the signal killed, so that a scheduler sees what it expects."""
+    the status of a process the signal killed, so that a scheduler sees what it expects. The
+    ``message``, None for a process with nothing to add (a DDP rank that did not save), is its line."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str | None, signum: int) -> None:
         super().__init__(message)
-        self.signum = signum
+        self.message, self.signum = message, signum

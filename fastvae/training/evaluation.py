@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from fastvae import ops
+from fastvae._workers import start
 from fastvae.images import save_grid, side_by_side
 from fastvae.model import VAE
 from fastvae.training.distributed import World
@@ -27,7 +28,7 @@ def evaluate(model: VAE, loader: DataLoader, device: torch.device, autocast, bac
     model.eval()
     recon = kl = 0.0
     means = []
-    for i, x in enumerate(loader):
+    for i, x in enumerate(start(loader)):
         x = x.to(device)
         with autocast():
             mu, logvar = model.encode(x)

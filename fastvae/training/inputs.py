@@ -11,10 +11,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastvae import data
+from fastvae._workers import init_worker, start
 from fastvae.training.distributed import World
 from fastvae.training.errors import ConfigError
 from fastvae.training.options import image_bytes
-from fastvae.training.sigterm import ignore_sigterm
 
 # The training set is kept whole on a GPU, and batches gathered there, when it takes at most this
 # fraction of the device's free memory; the rest is left to the model, its activations and Adam.
@@ -44,7 +44,7 @@ class Inputs:
         # Evaluation has its own generator (the loader draws a seed for its workers), so that it
         # leaves torch's global one, the training noise, alone: under DDP only rank 0 evaluates.
         eval_loader = DataLoader(
-            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=ignore_sigterm,
+            eval_set, batch_size=args.batch_size, num_workers=args.workers, worker_init_fn=init_worker,
             generator=torch.Generator().manual_seed(args.seed),
         )
         grid_images = torch.stack([eval_set[i] for i in range(min(16, len(eval_set)))]).to(device)
@@ -72,12 +72,12 @@ class Inputs:
             self.train_set,
             batch_sampler=self.batches,
             num_workers=args.workers,
-            worker_init_fn=ignore_sigterm,
+            worker_init_fn=init_worker,
             pin_memory=device.type == "cuda",
             # its own generator, so that starting the iterator leaves torch's global RNG alone
             generator=torch.Generator().manual_seed(args.seed),
         )
-        return (x.to(device, non_blocking=True) for x in loader), None
+        return (x.to(device, non_blocking=True) for x in start(loader)), None
 
 
 def data_fits_on(device: torch.device, num_images: int, image_size: int) -> bool:

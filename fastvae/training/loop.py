@@ -104,9 +104,9 @@ def run(args: argparse.Namespace) -> int:
                                                         step, world, log, ckpt_path)
                 if evaluating or stopping:  # by rank 0; every rank stops if it could not
                     grids = world.on_rank0(lambda: save(with_grids=evaluating), device)
-                if stopping:
+                if stopping:  # said by rank 0, which saved; the other ranks exit with it, quietly
                     message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
-                    raise Stopped(message, signal.SIGTERM)
+                    raise Stopped(message if world.master else None, signal.SIGTERM)
                 progress.restart_clock(step)
             progress.close()
             if world.master:

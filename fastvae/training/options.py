@@ -11,6 +11,7 @@ import torch
 
 from fastvae import data, ops
 from fastvae._checks import LOSS_REDUCTIONS, RECONS
+from fastvae._workers import usable_cpus
 from fastvae.model import VAE
 from fastvae.training.errors import ConfigError
 from fastvae.training.run_folder import CHECKPOINT_NAME
@@ -35,6 +36,13 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 # The modes whose step --cuda-graph can capture: the others replay CUDA graphs of their own, which
 # cannot be captured inside another.
 GRAPHABLE_COMPILE_MODES = ("off", "default")
+# Channel counts and the latent dimension stay under this: far wider than any conv VAE (Stable
+# Diffusion's has 512 channels), yet narrow enough that no tensor of the widest model at the
+# largest image size has more elements than torch counts in an int64, so the memory check, not
+# torch's overflow, refuses what is too wide.
+WIDTH_LIMIT = (2**16, "2**16")
+# Counts (steps, images, batch sizes) reach torch and numpy as int64s.
+COUNT_LIMIT = (2**63, "2**63")
 
 
 def _hidden_dims(text: str) -> tuple[int, ...]:
@@ -42,9 +50,23 @@ def _hidden_dims(text: str) -> tuple[int, ...]:
         dims = tuple(int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints such as 32,64,128, got {text!r}") from None
-    if any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+    if any(not 1 <= d < WIDTH_LIMIT[0] for d in dims):
+        raise argparse.ArgumentTypeError(f"expected channel counts >= 1 and < {WIDTH_LIMIT[1]}, got {text!r}")
     return dims
+
+
+def _workers(text: str) -> int:
+    # More workers than CPUs only compete for them, each a copy of the process: a typo such as
+    # 100000 would fork until the machine stalls.
+    most = usable_cpus()
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= most:
+        raise argparse.ArgumentTypeError(f"expected int >= 0 and <= {most} (the CPUs this process may use), "
+                                         f"got {text!r}")
+    return value
 
 
 def number_at_least(kind: type, low: float, *, strict: bool = False, below: tuple[float, str] | None = None):
@@ -71,8 +93,8 @@ def _folder(text: str) -> str:
     return text
 
 
-positive_int = number_at_least(int, 1)
-non_negative_int = number_at_least(int, 0)
+positive_int = number_at_least(int, 1, below=COUNT_LIMIT)
+width_int = number_at_least(int, 1, below=WIDTH_LIMIT)
 non_negative_float = number_at_least(float, 0)
 # torch.manual_seed and torch.Generator take seeds up to 2**64 - 1.
 seed_int = number_at_least(int, 0, below=(2**64, "2**64"))
@@ -94,15 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-size", type=positive_int, default=512,
                        help=f"held-out images, at most {MAX_EVAL_SIZE}; of --data, at most this many and a tenth "
                             "of the folder (default: 512)")
-    group.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader worker processes (default: 0)")
+    group.add_argument("--workers", type=_workers, default=0,
+                       help=f"DataLoader worker processes, at most the CPUs this process may use ({usable_cpus()} "
+                            "here); each rank under torchrun starts its own (default: 0)")
     group.add_argument("--allow-changed-data", action="store_true",
                        help="with --resume: go on although images of --data were added, removed or changed "
                             "since the checkpoint (refused by default)")
 
     group = parser.add_argument_group("model")
-    group.add_argument("--latent-dim", type=positive_int, default=32, help="(default: 32)")
+    group.add_argument("--latent-dim", type=width_int, default=32, help=f"under {WIDTH_LIMIT[1]} (default: 32)")
     group.add_argument("--hidden-dims", type=_hidden_dims, default=(32, 64, 128, 256),
-                       help="encoder channels per block, comma-separated (default: 32,64,128,256)")
+                       help=f"encoder channels per block, comma-separated, each under {WIDTH_LIMIT[1]} "
+                            "(default: 32,64,128,256)")
     group.add_argument("--backend", choices=ops.BACKENDS, default="auto", help="fastvae.ops backend (default: auto)")
 
     group = parser.add_argument_group("optimisation")

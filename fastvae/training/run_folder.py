@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastvae import checkpoint
-from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold, naming
+from fastvae._files import TEMPORARY_SUFFIX, HeldError, hold, naming, remove_stale_temporaries
 from fastvae.training.errors import ConfigError
 
 try:  # optional: TensorBoard events beside metrics.jsonl when tensorboard is installed
@@ -47,7 +47,10 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
     """Make the --out folder and, with ``lock``, hold it for the run (until the returned file is
     closed, or the process dies), or raise ConfigError saying why the run cannot write there:
     before anything is trained, and before a run already there is touched without --resume or
-    --overwrite, or while another process holds it."""
+    --overwrite, or while another process holds it.
+
+    The run that holds the folder then deletes the temporaries that runs killed mid-write left
+    there: else each kill -9 of a long job could leave a checkpoint-sized file behind."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
     try:
@@ -77,7 +80,9 @@ def prepare_out(out: Path, *, resume: bool, overwrite: bool, lock: bool):
                 f"--out {out} already holds a run ({', '.join(previous)}): "
                 "pass --resume to continue it or --overwrite to replace it"
             )
-    except ConfigError:
+        if lock:
+            remove_stale_temporaries(out, RUN_FILES)
+    except BaseException:
         if held is not None:
             held.close()
         raise
@@ -220,14 +225,15 @@ def _open_metrics(path: Path, step: int):
     killed, the whole history or the kept part. Lines that are not records of ours (JSON added by
     hand) after the last kept record are cut with the rest. A line that is not JSON is tolerated
     past the last kept record only, where a kill mid-write leaves a torn one; before it, it is
-    damage that a resumed run would build on, and ConfigError names its line.
+    damage that a resumed run would build on, and ConfigError names its line. NaN and Infinity,
+    which Python's json reads, are not JSON: the file stays one that any JSON reader takes.
     """
     with open(path, "a+b") as f:
         f.seek(0)
         end, broken = 0, None  # the byte offset after the last kept record; the first line not JSON
         for number, line in enumerate(f, 1):
             try:
-                record = json.loads(line) if line.strip() else None
+                record = json.loads(line, parse_constant=_not_json) if line.strip() else None
             except ValueError:  # not JSON, or not UTF-8
                 broken = broken or number
                 continue
@@ -245,3 +251,7 @@ def _open_metrics(path: Path, step: int):
         f.flush()
         os.fsync(f.fileno())
     return open(path, "a", buffering=1)
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")

@@ -20,10 +20,3 @@ class SigtermCatcher:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous)
-
-
-def ignore_sigterm(worker_id: int) -> None:
-    """A DataLoader's worker_init_fn. A scheduler may signal the whole process group (Slurm's
-    scancel does). A worker that died of it would end the run with an error before its checkpoint;
-    the run stops its workers itself, after the checkpoint."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
