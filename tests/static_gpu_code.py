@@ -1,4 +1,4 @@
-"""Reads the GPU machine code that the build produces, with no GPU: the facts the README claims.
+"""Reads the GPU machine code that the build produces, with no GPU: the facts docs/gpu.md claims.
 
 For each kernel, from its SASS (``cuobjdump -sass``) and resource usage (``cuobjdump -res-usage``):
 the width and number of its global loads and stores, its registers, stack and local memory.

@@ -214,7 +214,7 @@ def test_fake_kernels_give_the_channels_last_strides(backend, device):
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.func: the README says its transforms raise on the fused backends, even for first
+# torch.func: docs/api.md says its transforms raise on the fused backends, even for first
 # derivatives; the reference backend supports them.
 
 LATENT_OPS = {

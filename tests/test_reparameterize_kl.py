@@ -73,7 +73,7 @@ def kernel_eps(seed, like):
 
     The contract's (tests/philox.py) wherever the kernels compute it exactly as the model does,
     including float64 under the interpreter. A GPU draws eps in float32 with its fast approximate
-    log, cos and sqrt for every dtype (README, Seeds), float64 latents included, so that the
+    log, cos and sqrt for every dtype (docs/api.md, Seeds), float64 latents included, so that the
     model is no float64 oracle there: float64 on a GPU takes the GPU's own eps, from reparameterize
     of zeros (z = 0 + exp(0) * eps, exact), after checking it against the model to float32's
     tolerance.

@@ -1,4 +1,4 @@
-"""What the README claims about the GPU kernels, checked in their machine code (sm_90 SASS), with
+"""What docs/gpu.md claims about the GPU kernels, checked in their machine code (sm_90 SASS), with
 no GPU: 128-bit global loads and stores in the loops over the data, no local memory (spills) in
 those loops, registers within the budget of the blocks per SM each launch assumes, and, per
 element, the bytes the loops move against the bytes that must move. A change that breaks
@@ -21,7 +21,7 @@ import pytest
 import static_gpu_code as sgc
 
 ROOT = sgc.ROOT
-# 16-byte accesses: the width the README's "128-bit loads and stores" means.
+# 16-byte accesses: the width docs/gpu.md's "128-bit loads and stores" means.
 VECTOR_BYTES = 16
 _ITEMSIZE = {"c10::Half": 2, "c10::BFloat16": 2, "float": 4, "double": 8}
 

@@ -241,7 +241,7 @@ def test_double_backward_is_refused_not_silently_wrong(device):
 
 
 def test_torch_func_grad_raises_on_the_cpp_backend():
-    # The README's promise: torch.func transforms need the reference backend, even for a first derivative.
+    # docs/api.md's promise (Gradients): torch.func transforms need the reference backend, even for a first derivative.
     x_hat, x, mu, logvar = sample_inputs("cpu", False)
     with pytest.raises(RuntimeError, match="functorch transforms"):
         torch.func.grad(lambda m: ops.vae_loss(x_hat, x, m, logvar, backend="cpp")[0])(mu)

@@ -190,7 +190,7 @@ _reparameterize_kl.register_autograd(_traced.reparameterize_kl, setup_context=_s
 
 # Outside torch.compile the same forward, setup and backward run as plain autograd.Functions
 # that call the kernels directly: on a GPU the custom-op dispatch would take longer than the
-# kernels at a VAE's latent sizes (the README's GPU section has the host times).
+# kernels at a VAE's latent sizes (docs/performance.md has the host times).
 _eager = _Backwards(_backward_kernels)
 
 
