@@ -14,6 +14,7 @@ checkpoint written before checkpoints carried a digest is used with one line on 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import math
 import sys
@@ -225,5 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"fastvae {args.command}: {exc.message}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"fastvae {args.command}: interrupted", file=sys.stderr)
-        return 130
+        pass  # answered below, once this exception and the run's frames it holds are gone
+    # Those frames hold the run's DataLoader iterators: collected before the line, they stop their
+    # workers first, so that no worker's dying output (cut off where the run's exit kills it)
+    # lands after the run's last line.
+    gc.collect()
+    print(f"fastvae {args.command}: interrupted", file=sys.stderr)
+    return 130

@@ -64,7 +64,7 @@ def test_ctrl_c_with_workers_is_one_line_and_keeps_the_last_checkpoint(tmp_path)
                 os.killpg(process.pid, signal.SIGKILL)
     text = log.read_text()
     assert process.returncode == 130, text[-3000:]
-    assert text.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
+    assert text.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted", text[-3000:]
     assert "Traceback" not in text
     saved = saved_step(run)
     assert saved >= 5 and saved % 5 == 0
