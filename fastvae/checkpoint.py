@@ -27,6 +27,7 @@ from typing import Iterator
 
 import torch
 
+from fastvae._checks import first_line
 from fastvae._digest import content_digest
 from fastvae._files import write_atomically
 from fastvae.model import VAE
@@ -162,8 +163,7 @@ def _unusable(path: str | Path, what: str) -> Iterator[None]:
     except KeyError as exc:
         raise CheckpointError(f"{path}: {what} (no {exc.args[0]!r} in it)") from None
     except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, ArithmeticError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: {what} ({reason})") from None
+        raise CheckpointError(f"{path}: {what} ({first_line(exc)})") from None
 
 
 def build_model(

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fastvae import __version__
+from fastvae._checks import first_line
 from fastvae._digest import content_digest
 from fastvae._files import write_atomically
 from fastvae.checkpoint import CheckpointError, build_model
@@ -82,8 +83,7 @@ def _read_weights(path: Path) -> dict:
             metadata = f.metadata() or {}
             weights = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as exc:  # safetensors' own error for a bad header, and torch's for a bad dtype
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
     # A file another tool wrote has no digest: it loads as the format alone allows.
     if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != content_digest(_sorted(weights)):
         raise CheckpointError(f"{path}: damaged: its weights do not match the digest saved with them")

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from fastvae._checks import shape_str
+from fastvae._checks import first_line, shape_str
 from fastvae.training.errors import ConfigError
 
 # Steps run uncaptured before the capture. torch.compile compiles on the first and may recompile
@@ -118,7 +118,7 @@ class GraphedStep:
             with torch.cuda.graph(graph, stream=self.stream):
                 self._static_step()
         except Exception as exc:  # noqa: BLE001  (an op that syncs or allocates on the host fails in many types)
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
             raise CaptureError(
                 f"the training step could not be captured into a CUDA graph ({reason}); run it uncaptured"
             ) from exc
