@@ -2,9 +2,9 @@
 # The oldest supported stack, torch 2.11.0 + triton 3.6.0 (the GPU machine's), on Python 3.12
 # (none found fails the step): a second venv (~/.cache/fastvae/venv-oldest), fastvae built there with its
 # CUDA kernels (torch 2.11.0's PyPI wheel is built for CUDA 13.0, like the toolkit here, so nvcc
-# compiles against its headers), and the whole suite, the Triton cubin compile and the static GPU checks
-# included. It builds and tests in a copy of the tree, so the default .venv's in-place
-# fastvae/_C stays built against the default torch.
+# compiles against its headers), the whole suite, the Triton cubin compile and the static GPU checks
+# included, and a rehearsal of `make gpu-check`. It builds and tests in a copy of the tree, so the
+# default .venv's in-place fastvae/_C stays built against the default torch.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,3 +45,7 @@ cd "$copy"
 FASTVAE_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0+PTX}" \
   "$py" -m pip install -q --no-deps --no-build-isolation -e .
 "$py" -m pytest -q -p no:cacheprovider -rfEsx
+# A GPU session runs `make gpu-check` on this stack, in minutes it cannot get back: rehearse it
+# here, so that a step that cannot start on torch 2.11 / triton 3.6 / Python 3.12 (an import, a
+# test that fails to collect) shows before a GPU is spent on it.
+make gpu-check DRY_RUN=1 GPU_PYTHON="$py" OUT="$copy/gpu-check-out"
