@@ -87,6 +87,63 @@ def _noise_index(offsets, channels, spatial, CHANNELS_LAST: tl.constexpr):
     return index
 
 
+@triton.jit
+def _owned_tiles(pid, num_programs, n_elements, sample_size, PER_SAMPLE: tl.constexpr, INT64: tl.constexpr,
+                 BLOCK: tl.constexpr, SPLITS: tl.constexpr):
+    """The tiles program ``pid`` of the forward reads: tiles ``first_tile, first_tile + tile_step,
+    ...`` below ``num_tiles`` of the elements from ``first`` to ``end``."""
+    if PER_SAMPLE:
+        # SPLITS programs per sample (its elements are contiguous in memory in either layout),
+        # program c of a sample owning its tiles c, c + SPLITS, ...: a batch of few large samples
+        # fills the GPU. Each total is then the sum of the sample's SPLITS partials in index order
+        # (_sum_across_programs): deterministic, like the reduced KL.
+        sample = pid // SPLITS
+        if INT64:
+            first = tl.cast(sample, tl.int64) * sample_size
+        else:
+            first = sample * sample_size
+        end = first + sample_size
+        first_tile, tile_step = pid % SPLITS, SPLITS
+        num_tiles = _num_tiles(sample_size, BLOCK, INT64)
+    else:
+        # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and
+        # with it the reduced KL, depends only on the grid size, never on scheduling.
+        first, end = 0, n_elements
+        first_tile, tile_step = pid, num_programs
+        num_tiles = _num_tiles(n_elements, BLOCK, INT64)
+    return first, end, first_tile, tile_step, num_tiles
+
+
+@triton.jit
+def _sum_across_programs(partial, kl_ptr, partials_ptr, counter_ptr, divisor, pid, num_programs,
+                         PER_SAMPLE: tl.constexpr, MAX_PROGRAMS: tl.constexpr, SPLITS: tl.constexpr):
+    """The reduced KL (``partial`` summed over programs, / ``divisor``), or each sample's total
+    (its SPLITS programs' partials), written in the same launch: a deterministic one-launch
+    reduction. Every program publishes its partial, and the program that arrives last at the
+    counter sums all partials in index order."""
+    tl.store(partials_ptr + pid, partial)
+    # The partial may be stored by a different thread than the one issuing the atomic; the
+    # CTA barrier orders that store before the atomic's release, and release cumulativity
+    # then makes it visible at GPU scope to whoever acquires the counter after us.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_programs - 1:
+        # Every other program's release happened before our acquire. The ".cg" loads read
+        # through L2 (the coherence point) rather than a possibly stale L1 line.
+        if PER_SAMPLE:
+            # Sample s's partials are s * SPLITS ... s * SPLITS + SPLITS - 1: one row each.
+            samples = tl.arange(0, MAX_PROGRAMS // SPLITS)
+            index = samples[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
+            partials = tl.load(partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg")
+            tl.store(kl_ptr + samples, tl.sum(partials, axis=1), mask=samples * SPLITS < num_programs)
+        else:
+            index = tl.arange(0, MAX_PROGRAMS)
+            partials = tl.load(partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg")
+            tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
+        # Ready for the next eager launch on this stream; nobody else touches it in this one.
+        tl.store(counter_ptr, 0)
+
+
 @triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
 def _reparameterize_kl_forward_kernel(
     mu_ptr,
@@ -118,25 +175,9 @@ def _reparameterize_kl_forward_kernel(
         # A tensor on the device, not an argument: the host never reads a drawn seed back, and a
         # captured CUDA graph reads the key its replay's draw wrote.
         seed = tl.load(seed_ptr)
-    if KL_MODE == KL_PER_SAMPLE:
-        # SPLITS programs per sample (its elements are contiguous in memory in either layout),
-        # program c of a sample owning its tiles c, c + SPLITS, ...: a batch of few large samples
-        # fills the GPU. Each total is then the sum of the sample's SPLITS partials in index order,
-        # below: deterministic, like the reduced KL.
-        sample = pid // SPLITS
-        if INT64:
-            first = tl.cast(sample, tl.int64) * sample_size
-        else:
-            first = sample * sample_size
-        end = first + sample_size
-        first_tile, tile_step = pid % SPLITS, SPLITS
-        num_tiles = _num_tiles(sample_size, BLOCK, INT64)
-    else:
-        # Persistent grid: program p owns tiles p, p + P, p + 2P, ... so its partial sum, and
-        # with it the reduced KL, depends only on the grid size, never on scheduling.
-        first, end = 0, n_elements
-        first_tile, tile_step = pid, num_programs
-        num_tiles = _num_tiles(n_elements, BLOCK, INT64)
+    first, end, first_tile, tile_step, num_tiles = _owned_tiles(
+        pid, num_programs, n_elements, sample_size, KL_MODE == KL_PER_SAMPLE, INT64, BLOCK, SPLITS
+    )
     for tile in range(first_tile, num_tiles, tile_step):
         if INT64:  # tl.cast, not .to(): under the interpreter the loop variable is a Python int
             offsets = first + tl.cast(tile, tl.int64) * BLOCK + lanes
@@ -160,33 +201,10 @@ def _reparameterize_kl_forward_kernel(
     if KL_MODE == KL_PER_SAMPLE and SPLITS == 1:
         tl.store(kl_ptr + pid, tl.sum(acc, axis=0))
     elif KL_MODE == KL_REDUCED or KL_MODE == KL_PER_SAMPLE:
-        # Deterministic one-launch reduction: every program publishes its partial, and the
-        # program that arrives last at the counter sums all partials in index order.
-        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
-        # The partial may be stored by a different thread than the one issuing the atomic; the
-        # CTA barrier orders that store before the atomic's release, and release cumulativity
-        # then makes it visible at GPU scope to whoever acquires the counter after us.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_programs - 1:
-            # Every other program's release happened before our acquire. The ".cg" loads read
-            # through L2 (the coherence point) rather than a possibly stale L1 line.
-            if KL_MODE == KL_REDUCED:
-                index = tl.arange(0, MAX_PROGRAMS)
-                partials = tl.load(
-                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
-                )
-                tl.store(kl_ptr, tl.sum(partials, axis=0) / divisor)
-            else:
-                # Sample s's partials are s * SPLITS ... s * SPLITS + SPLITS - 1: one row each.
-                samples = tl.arange(0, MAX_PROGRAMS // SPLITS)
-                index = samples[:, None] * SPLITS + tl.arange(0, SPLITS)[None, :]
-                partials = tl.load(
-                    partials_ptr + index, mask=index < num_programs, other=0.0, cache_modifier=".cg"
-                )
-                tl.store(kl_ptr + samples, tl.sum(partials, axis=1), mask=samples * SPLITS < num_programs)
-            # Ready for the next eager launch on this stream; nobody else touches it in this one.
-            tl.store(counter_ptr, 0)
+        _sum_across_programs(
+            tl.sum(acc, axis=0), kl_ptr, partials_ptr, counter_ptr, divisor, pid, num_programs,
+            KL_MODE == KL_PER_SAMPLE, MAX_PROGRAMS, SPLITS,
+        )
 
 
 @triton.jit(do_not_specialize=["divisor", "channels", "spatial"])
