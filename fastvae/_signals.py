@@ -39,17 +39,18 @@ class HeldSignal:
 
 
 @contextlib.contextmanager
-def ctrl_c_deferred() -> Iterator[None]:
+def ctrl_c_deferred(*, second_stops: bool = True) -> Iterator[None]:
     """Hold back a first SIGINT for the block and deliver it after, to the handler there was
-    before; a second one reaches that handler at once, as the usual "press Ctrl-C again to stop
-    now" expects (for Python's default handler, a KeyboardInterrupt from where the block was)."""
+    before. With ``second_stops``, a second one reaches that handler at once, as the usual "press
+    Ctrl-C again to stop now" expects (for Python's default handler, a KeyboardInterrupt from
+    where the block was); without, every one is held, and one delivered after."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
         yield
         return
-    ctrl_c = HeldSignal(signal.SIGINT, let_through_after=1)
+    ctrl_c = HeldSignal(signal.SIGINT, let_through_after=1 if second_stops else None)
     try:
         with ctrl_c:
             yield
     finally:
-        if ctrl_c.received == 1:
+        if ctrl_c.received and not (second_stops and ctrl_c.received > 1):
             signal.raise_signal(signal.SIGINT)

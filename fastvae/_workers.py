@@ -27,13 +27,14 @@ def usable_cpus() -> int:
 
 
 def start(loader: DataLoader) -> Iterator:
-    """``iter(loader)``, which forks its workers, with Ctrl-C held back until they are started.
+    """``iter(loader)``, which forks its workers, with Ctrl-C held back until they are started,
+    a second one too.
 
     A KeyboardInterrupt raised in Python's at-fork hooks, which run in the forking process, is
     reported there and dropped: the run would go on as if Ctrl-C had never come. And a worker gets
     to init_worker, which ignores it, only some time after its fork.
     """
-    with ctrl_c_deferred():
+    with ctrl_c_deferred(second_stops=False):
         return iter(loader)
 
 

@@ -69,6 +69,17 @@ def test_a_second_ctrl_c_stops_the_block_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_every_ctrl_c_is_held_where_a_second_must_not_stop_the_block():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with ctrl_c_deferred(second_stops=False):
+            for press in range(3):
+                signal.raise_signal(signal.SIGINT)
+                done.append(press)
+    assert done == [0, 1, 2]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_ignored_before_the_block_stays_ignored_in_it():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
