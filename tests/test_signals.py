@@ -47,36 +47,22 @@ def test_a_held_signal_after_the_first_n_reaches_the_handler_at_once():
         signal.signal(signal.SIGUSR1, before)
 
 
-def test_a_first_ctrl_c_takes_effect_after_the_block():
-    done = []
+@pytest.mark.parametrize(
+    ("second_stops", "presses", "pressed_and_went_on"),
+    [
+        (True, 1, [1]),  # the first takes effect after the block
+        (True, 2, [1]),  # the second at once
+        (False, 3, [1, 2, 3]),  # each one held, where a second must not stop the block
+    ],
+)
+def test_ctrl_c_deferred(second_stops, presses, pressed_and_went_on):
+    went_on = []
     with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_deferred():
-            signal.raise_signal(signal.SIGINT)
-            done.append("rest of the block")
-    assert done == ["rest of the block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_a_second_ctrl_c_stops_the_block_at_once():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_deferred():
-            signal.raise_signal(signal.SIGINT)
-            done.append("after the first")
-            signal.raise_signal(signal.SIGINT)
-            done.append("after the second")
-    assert done == ["after the first"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-def test_every_ctrl_c_is_held_where_a_second_must_not_stop_the_block():
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with ctrl_c_deferred(second_stops=False):
-            for press in range(3):
+        with ctrl_c_deferred(second_stops=second_stops):
+            for press in range(1, presses + 1):
                 signal.raise_signal(signal.SIGINT)
-                done.append(press)
-    assert done == [0, 1, 2]
+                went_on.append(press)
+    assert went_on == pressed_and_went_on
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
