@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastvae import _files, checkpoint
+from fastvae import _files, _workers, checkpoint
 from test_train import REPO, TINY, same_run, start_run, train, wait_for
 from test_train_options import usable_cpus
 
@@ -148,6 +148,36 @@ def test_ctrl_c_while_the_workers_start_is_one_line_not_lost(tmp_path, presses):
     assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
     assert saved_step(tmp_path) == 5
+
+
+# `fastvae train` whose DataLoader workers get SIGTERM (as a scheduler's, to the process group)
+# just after torch's worker installs its own SIGTERM handler, which dies, and before init_worker.
+SIGTERM_AS_A_WORKER_STARTS = """
+import os, signal, sys
+from torch.utils.data._utils import signal_handling
+torch_handlers = signal_handling._set_worker_signal_handlers
+def then_sigterm():
+    torch_handlers()
+    os.kill(os.getpid(), signal.SIGTERM)
+signal_handling._set_worker_signal_handlers = then_sigterm
+from fastvae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_as_a_worker_starts_waits_for_it_to_be_ignored(tmp_path):
+    command = [sys.executable, "-c", SIGTERM_AS_A_WORKER_STARTS, "train", *TINY, "--out", str(tmp_path),
+               "--steps", "10", "--every", "5", "--workers", str(WORKERS)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert saved_step(tmp_path) == 10
+
+
+def test_workers_are_started_only_with_their_init():
+    loader = torch.utils.data.DataLoader(range(4), num_workers=1)
+    with pytest.raises(ValueError, match="the loader's worker_init_fn should be init_worker, got None"):
+        _workers.start(loader)
 
 
 def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tmp_path):
