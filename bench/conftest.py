@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from fastvae.benchmarks.case import Case
-from fastvae.benchmarks.measure import Row, saved_bytes, split_times
+from fastvae.benchmarks.measure import Row, row
 from fastvae.benchmarks.report import environment, format_table, plot, row_order, write_results
 from fastvae.benchmarks.scopes import SCOPES, cases
 from fastvae.benchmarks.timing import CALLS_PER_SYNC, copy_bandwidth, cuda_timing, synchronize, time_case
@@ -89,13 +89,7 @@ def run_case(benchmark, request):
         else:
             benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1, iterations=1)
             median, timing = benchmark.stats.stats.median, None
-        _ROWS.append(
-            Row(
-                case.op, case.method, case.pass_, case.size, case.numel, median,
-                case.bytes_moved, saved_bytes(case), _peak_bytes(case), timing,
-                *split_times(case, DEVICE, rounds),
-            )
-        )
+        _ROWS.append(row(case, DEVICE, median, timing, rounds))
         _write_results(request.config)
 
     return run
@@ -120,16 +114,6 @@ def _write_results(config) -> dict:
     write_results(path + ".tmp", sorted(_ROWS, key=row_order), _bandwidth(), env)
     os.replace(path + ".tmp", path)
     return env
-
-
-def _peak_bytes(case: Case) -> int | None:
-    if DEVICE.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats(DEVICE)
-    case.target(*case.setup())
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated(DEVICE)
 
 
 def pytest_terminal_summary(terminalreporter, config):

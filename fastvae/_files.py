@@ -35,7 +35,9 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Pat
     temporary file after an error. An OSError of the write (a full disk, a file too large, a
     folder refusing the temporary) names ``path``, not the temporary nor no file at all. A Ctrl-C
     meanwhile takes effect once the new file is in place: landing inside a writer such as
-    torch.save's, it would leave that writer's own error instead.
+    torch.save's, it would leave that writer's own error instead. A second one stops the write at
+    once, as a KeyboardInterrupt: the old file stays, and the temporary is removed (or, cut off
+    in the removal itself, left for remove_stale_temporaries once this process is gone).
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

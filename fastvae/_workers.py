@@ -3,6 +3,7 @@ is signalled or dies, so that the run alone decides how it ends and no worker ou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -26,15 +27,39 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+# What a worker ignores (see init_worker), and must not die of before it does.
+_RUN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def start(loader: DataLoader) -> Iterator:
-    """``iter(loader)``, which forks its workers, with Ctrl-C held back until they are started.
+    """``iter(loader)``, which forks its workers, with Ctrl-C held back until they are started,
+    a second one too, and Ctrl-C and SIGTERM blocked in each worker until init_worker ignores them
+    (``loader``'s worker_init_fn must be init_worker).
 
     A KeyboardInterrupt raised in Python's at-fork hooks, which run in the forking process, is
     reported there and dropped: the run would go on as if Ctrl-C had never come. And a worker gets
-    to init_worker, which ignores it, only some time after its fork.
+    to init_worker only some time after its fork: torch's worker first installs its own SIGTERM
+    handler, which dies, so that a scheduler's SIGTERM to the group meanwhile would end the run
+    in the DataLoader's traceback.
     """
-    with ctrl_c_deferred():
+    if loader.num_workers and loader.worker_init_fn is not init_worker:
+        raise ValueError(f"the loader's worker_init_fn should be init_worker, got {loader.worker_init_fn!r}")
+    with ctrl_c_deferred(second_stops=False), _blocked(_RUN_SIGNALS):
         return iter(loader)
+
+
+@contextlib.contextmanager
+def _blocked(signums: set[int]) -> Iterator[None]:
+    # A forked process starts with its forking thread's signal mask; a signal blocked here stays
+    # pending until unblocked, and then reaches this process's handlers as usual.
+    if not hasattr(signal, "pthread_sigmask"):  # Windows, where workers are not forked
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def init_worker(worker_id: int) -> None:
@@ -45,8 +70,10 @@ def init_worker(worker_id: int) -> None:
     DataLoader's traceback instead of its own way out (interrupted, or a checkpoint first): the
     workers ignore both, and the run stops them itself.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in _RUN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the fork (see start); one pending is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
     _die_with_parent()
 
 

@@ -61,8 +61,9 @@ def save(payload: dict, path: str | Path) -> None:
             torch.save(payload, f)
         except RuntimeError as exc:
             # torch's zip writer still closes the archive after the file's write failed, and its
-            # own position check then fails ("unexpected pos"), hiding the OSError behind it.
-            if isinstance(exc.__context__, OSError):
+            # own position check then fails ("unexpected pos"), hiding the OSError behind it, or
+            # the KeyboardInterrupt of a second Ctrl-C (see write_atomically).
+            if isinstance(exc.__context__, (OSError, KeyboardInterrupt)):
                 raise exc.__context__ from None
             raise
 

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastvae import _files, checkpoint
+from fastvae import _files, _workers, checkpoint
 from test_train import REPO, TINY, same_run, start_run, train, wait_for
 from test_train_options import usable_cpus
 
@@ -84,7 +85,10 @@ class Interrupted:
     def write(self, data):
         written = self.f.write(data)
         if next(writes) == 3:
-            os.killpg(0, signal.SIGINT)
+            # The run is alone in its process group (its session), so this is a terminal's Ctrl-C,
+            # its handler run at once: two presses are not merged into one pending signal.
+            for _ in range(int(os.environ["CTRL_C_PRESSES"])):
+                signal.raise_signal(signal.SIGINT)
         return written
     def __getattr__(self, name):
         return getattr(self.f, name)
@@ -94,18 +98,21 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_checkpoint(tmp_path):
+# One Ctrl-C: the write it landed in is finished, and the run stops right after it. Two: the run
+# stops at once, and the checkpoint before stays.
+@pytest.mark.parametrize(("presses", "saved"), [(1, 6), (2, 4)])
+def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_checkpoint(tmp_path, presses, saved):
     run = tmp_path / "run"
     assert train(run, "--steps", 4, "--every", 2) == 0
     command = [sys.executable, "-c", CTRL_C_WHILE_SAVING, "train", *TINY, "--out", str(run), "--steps", "8",
                "--every", "2", "--resume"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, start_new_session=True,
+                            env={**os.environ, "CTRL_C_PRESSES": str(presses)})
     assert result.returncode == 130, result.stderr[-3000:]
     assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
     assert not list(run.glob("*.tmp"))
-    # The write that Ctrl-C landed in was finished, and the run stopped right after it.
-    assert saved_step(run) == 6
+    assert saved_step(run) == saved
     assert train(run, "--steps", 8, "--every", 2, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", 8, "--every", 2) == 0
     same_run(run, tmp_path / "whole")
@@ -115,26 +122,62 @@ def test_ctrl_c_while_a_checkpoint_is_written_is_one_line_and_keeps_a_whole_chec
 CTRL_C_AT_THE_FIRST_FORK = """
 import os, signal, sys
 forks = []
-def ctrl_c_once():
+def ctrl_c_at_the_first_fork():
     if not forks:
-        forks.append(os.killpg(0, signal.SIGINT))
-os.register_at_fork(before=ctrl_c_once)
+        forks.append("first")
+        # The group holds only the run yet: this is a terminal's Ctrl-C, its handler run at once.
+        for _ in range(int(os.environ["CTRL_C_PRESSES"])):
+            signal.raise_signal(signal.SIGINT)
+os.register_at_fork(before=ctrl_c_at_the_first_fork)
 from fastvae.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_ctrl_c_while_the_workers_start_is_one_line_not_lost(tmp_path):
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_while_the_workers_start_is_one_line_not_lost(tmp_path, presses):
     # Python runs its at-fork hooks in the forking process; a KeyboardInterrupt raised in one is
-    # reported there and dropped, and the run would go on as if Ctrl-C had never come.
+    # reported there and dropped, and the run would go on as if Ctrl-C had never come. So there
+    # a second Ctrl-C is held back too.
     assert train(tmp_path, "--steps", 5, "--every", 5) == 0
     command = [sys.executable, "-c", CTRL_C_AT_THE_FIRST_FORK, "train", *TINY, "--out", str(tmp_path),
                "--steps", "10", "--every", "5", "--resume", "--workers", str(WORKERS)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True,
+                            env={**os.environ, "CTRL_C_PRESSES": str(presses)})
     assert result.returncode == 130, result.stderr[-3000:]
     assert result.stderr.replace("\r", "\n").strip().splitlines()[-1] == "fastvae train: interrupted"
     assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr, result.stderr[-3000:]
     assert saved_step(tmp_path) == 5
+
+
+# `fastvae train` whose DataLoader workers get SIGTERM (as a scheduler's, to the process group)
+# just after torch's worker installs its own SIGTERM handler, which dies, and before init_worker.
+SIGTERM_AS_A_WORKER_STARTS = """
+import os, signal, sys
+from torch.utils.data._utils import signal_handling
+torch_handlers = signal_handling._set_worker_signal_handlers
+def then_sigterm():
+    torch_handlers()
+    os.kill(os.getpid(), signal.SIGTERM)
+signal_handling._set_worker_signal_handlers = then_sigterm
+from fastvae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_as_a_worker_starts_waits_for_it_to_be_ignored(tmp_path):
+    command = [sys.executable, "-c", SIGTERM_AS_A_WORKER_STARTS, "train", *TINY, "--out", str(tmp_path),
+               "--steps", "10", "--every", "5", "--workers", str(WORKERS)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert saved_step(tmp_path) == 10
+
+
+def test_workers_are_started_only_with_their_init():
+    loader = torch.utils.data.DataLoader(range(4), num_workers=1)
+    with pytest.raises(ValueError, match="the loader's worker_init_fn should be init_worker, got None"):
+        _workers.start(loader)
 
 
 def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tmp_path):
@@ -149,6 +192,49 @@ def test_ctrl_c_during_an_atomic_write_takes_effect_once_the_file_is_in_place(tm
     assert (tmp_path / "file").read_bytes() == b"first half, second half"
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_second_ctrl_c_during_an_atomic_write_stops_it_and_keeps_the_old_file(tmp_path):
+    def interrupted_twice(f):
+        f.write(b"first half, ")
+        signal.raise_signal(signal.SIGINT)
+        f.write(b"second half")
+        signal.raise_signal(signal.SIGINT)
+        f.write(b", never written")
+
+    (tmp_path / "file").write_bytes(b"the old file")
+    with pytest.raises(KeyboardInterrupt):
+        _files.write_atomically(tmp_path / "file", interrupted_twice)
+    assert (tmp_path / "file").read_bytes() == b"the old file"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_inside_torch_save_is_a_keyboard_interrupt_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    # torch's zip writer turns the KeyboardInterrupt raised in its write into its own RuntimeError.
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save({"model": {}, "config": {}, "step": 1}, path)
+    real_save, writes = torch.save, []
+
+    class Interrupting:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            writes.append(len(data))
+            if len(writes) in (2, 3):
+                signal.raise_signal(signal.SIGINT)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(torch, "save", lambda payload, f, **kwargs: real_save(payload, Interrupting(f), **kwargs))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"model": {"weight": torch.ones(1000)}, "config": {}, "step": 2}, path)
+    assert len(writes) == 3
+    assert checkpoint.load(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
 def test_a_killed_run_takes_its_workers_with_it(tmp_path):

@@ -58,15 +58,32 @@ def saved_bytes(case: Case) -> int | None:
     return sum(storages.values())
 
 
+def peak_bytes(case: Case, device: torch.device) -> int | None:
+    """Peak CUDA memory over one call of the case, its inputs included; None on a CPU. Apart from
+    the timing, whose K calls per sync each hold their own inputs."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    case.target(*case.setup())
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def row(case: Case, device: torch.device, median: float, timing: str | None, rounds: int) -> Row:
+    """The Row of ``case``, timed at ``median`` seconds (``timing``: how, on a GPU) over ``rounds``,
+    with the rest it reports, each measured apart: `fastvae bench`'s and `pytest bench/`'s, which
+    time the case each its own way."""
+    return Row(
+        case.op, case.method, case.pass_, case.size, case.numel, median, case.bytes_moved, saved_bytes(case),
+        peak_bytes(case, device), timing, *split_times(case, device, rounds),
+    )
+
+
 def measure(case: Case, device: torch.device, rounds: int, warmup: int) -> Row:
-    timing = None
+    """``case`` timed over ``rounds`` after ``warmup`` calls, into its Row (`fastvae bench`)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         median, timing = cuda_timing(case.setup, case.target, device, rounds, warmup, case.numel)
     else:
-        median = time_case(case.setup, case.target, device, rounds, warmup)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Row(
-        case.op, case.method, case.pass_, case.size, case.numel, median, case.bytes_moved, saved_bytes(case), peak,
-        timing, *split_times(case, device, rounds),
-    )
+        median, timing = time_case(case.setup, case.target, device, rounds, warmup), None
+    return row(case, device, median, timing, rounds)

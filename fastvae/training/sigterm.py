@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import signal
 
+from fastvae._signals import HeldSignal
 
-class SigtermCatcher:
+
+class SigtermCatcher(HeldSignal):
     """Notes SIGTERM instead of dying of it, while entered; ``caught`` says whether it came."""
 
-    def __enter__(self) -> SigtermCatcher:
-        self._signums: list[int] = []
-        self._previous = signal.signal(signal.SIGTERM, lambda signum, frame: self._signums.append(signum))
-        return self
+    def __init__(self) -> None:
+        super().__init__(signal.SIGTERM)
 
     @property
     def caught(self) -> bool:
-        return bool(self._signums)
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        return bool(self.received)
