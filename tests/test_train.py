@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from fastvae.images import save_grid
 from fastvae.reference import kl_divergence
 from fastvae.training import evaluation as evaluation_module
 from fastvae.training import inputs as inputs_module
+from fastvae.training import loop as loop_module
 from fastvae.training import options as options_module
 from fastvae.training import step as step_module
 from fastvae.training.options import resolve_device
@@ -854,3 +856,12 @@ def test_the_graphed_step_in_the_loop_gives_the_eager_run_bit_for_bit_and_resume
     assert train(tmp_path / "from_a_gpu", "--steps", 10, *options, "--resume") == 0
     for run in ("graphed_then_eager", "eager_then_graphed", "from_a_gpu"):
         assert step_losses(tmp_path / run) == expected, run
+
+
+def test_the_loop_fits_on_one_screen_and_reads_top_to_bottom():
+    # The house style (STYLE.md section 4): run() reads as nanoGPT's loop does, and what is not the
+    # loop's own reading (the save at a check, the SIGTERM stop) is called by name.
+    source = inspect.getsource(loop_module.run)
+    assert len(source.splitlines()) <= 80
+    sections = re.findall(r"# ---- (.+?) -+$", source, re.MULTILINE)
+    assert sections == ["config", "data", "model and optimizer", "resume", "the loop"]

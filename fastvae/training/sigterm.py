@@ -4,6 +4,9 @@ checkpoint. (SIGINT, Ctrl-C, stops it at once, from the last checkpoint.)"""
 from __future__ import annotations
 
 import signal
+from pathlib import Path
+
+from fastvae.training.errors import Stopped
 
 
 class SigtermCatcher:
@@ -20,3 +23,10 @@ class SigtermCatcher:
 
     def __exit__(self, *exc) -> None:
         signal.signal(signal.SIGTERM, self._previous)
+
+
+def stopped(step: int, ckpt_path: Path, *, say: bool) -> Stopped:
+    """The end of a run that SIGTERM stopped after ``step``, saved in ``ckpt_path``: its line is said
+    (``say``) by rank 0, which saved; the other ranks exit with it, quietly."""
+    message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
+    return Stopped(message if say else None, signal.SIGTERM)
