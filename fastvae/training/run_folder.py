@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -137,10 +138,14 @@ def resume(ckpt_path: Path, args: argparse.Namespace, model: nn.Module, optimize
            scaler: torch.amp.GradScaler, data_record: dict | None, total_steps: int, *, say: bool) -> tuple[int, int]:
     """With --resume, load the run's checkpoint, if there is one, into ``model``, ``optimizer`` and
     ``scaler`` after checking it is of this run and data; the step it is at and the run's
-    --beta-period. Whether there is no checkpoint, or one older than the data record, is said when ``say``."""
+    --beta-period. What there is to say (no checkpoint; one older than the digest or the data
+    record) is said when ``say``: by rank 0 alone under DDP, though every rank loads and checks it."""
     step, saved_args = 0, {}
     if args.resume and ckpt_path.exists():
-        ckpt = checkpoint.load(ckpt_path, resumable=True)
+        with warnings.catch_warnings():
+            if not say:
+                warnings.simplefilter("ignore", checkpoint.CheckpointWarning)
+            ckpt = checkpoint.load(ckpt_path, resumable=True)
         checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
         saved_args = ckpt.get("args", {})
         check_same_run(saved_args, args, ckpt_path)
