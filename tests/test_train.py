@@ -26,6 +26,7 @@ from fastvae.training import inputs as inputs_module
 from fastvae.training import loop as loop_module
 from fastvae.training import options as options_module
 from fastvae.training import step as step_module
+from fastvae.training.graphed_step import GraphedStep
 from fastvae.training.options import resolve_device
 from fastvae.training.errors import ConfigError
 from fastvae.training.step import beta_at, free_bits_kl
@@ -856,6 +857,35 @@ def test_the_graphed_step_in_the_loop_gives_the_eager_run_bit_for_bit_and_resume
     assert train(tmp_path / "from_a_gpu", "--steps", 10, *options, "--resume") == 0
     for run in ("graphed_then_eager", "eager_then_graphed", "from_a_gpu"):
         assert step_losses(tmp_path / run) == expected, run
+
+
+@pytest.mark.parametrize(
+    "options, rows",
+    [
+        (("--steps", 6, "--every", 3, "--log-every", 7), 3),  # --every is the shorter period
+        (("--steps", 6, "--every", 100, "--log-every", 4), 4),
+        (("--steps", 5, "--every", 100, "--log-every", 2**16 - 1), 5),  # the whole run between two checks
+    ],
+)
+def test_the_graphed_steps_ring_has_a_row_for_each_of_the_most_steps_between_two_checks(tmp_path, monkeypatch,
+                                                                                      options, rows):
+    # A CPU stands in for a GPU, as above: the ring is made at the first step, in the graph's pool on a GPU.
+    monkeypatch.setattr(options_module, "check_graphable", lambda *args: None)
+    monkeypatch.setattr(inputs_module, "data_fits_on", lambda *args: True)
+    made = []
+
+    class Recorded(GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(step_module, "GraphedStep", Recorded)
+    assert train(tmp_path / "graphed", *options, "--cuda-graph") == 0
+    (graphed,) = made
+    assert graphed.history.shape == (rows, 3)
+    # No row was written over before its check read it.
+    assert train(tmp_path / "eager", *options) == 0
+    assert step_losses(tmp_path / "graphed") == step_losses(tmp_path / "eager")
 
 
 def test_the_loop_fits_on_one_screen_and_reads_top_to_bottom():

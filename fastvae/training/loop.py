@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
             batches, kept = inputs.batches_from(step, device, args)
             net = world.wrap(model, device)
             train_step = build_step(args.compile, net, optimizer, scaler, autocast, loss, device,
-                                    graph_on=kept if args.cuda_graph else None, rows=args.log_every)
+                                    graph_on=kept if args.cuda_graph else None,
+                                    rows=min(args.log_every, args.every, total_steps))
             log = resources.enter_context(closing(run_folder.MetricsLog(out, step, overwrite=args.overwrite))) \
                 if world.master else None
             if world.master:
