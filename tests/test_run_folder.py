@@ -83,17 +83,24 @@ def undigested_run(out, *, spoil=False):
     return older
 
 
-@pytest.mark.parametrize("say", [True, False])
-def test_only_the_rank_that_says_warns_of_a_checkpoint_without_a_digest(tmp_path, say):
-    older = undigested_run(tmp_path)
-    args = build_parser("train").parse_args(["train", *TINY, "--out", str(tmp_path), "--steps", "4", "--resume"])
+def resume(out, *, say):
+    """run_folder.resume of the run in ``out`` into a new model, as --resume does on a rank that says
+    what it finds (``say``) or not: the CheckpointWarnings it gave, the step, the model and its Adam."""
+    args = build_parser("train").parse_args(["train", *TINY, "--out", str(out), "--steps", "4", "--resume"])
     model = VAE(3, 16, 4, (8, 16))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        step, _ = run_folder.resume(tmp_path / "ckpt.pt", args, model, optimizer, scaler, None, 4, say=say)
+        step, _ = run_folder.resume(out / "ckpt.pt", args, model, optimizer, scaler, None, 4, say=say)
     said = [str(w.message) for w in caught if issubclass(w.category, checkpoint.CheckpointWarning)]
+    return said, step, model, optimizer
+
+
+@pytest.mark.parametrize("say", [True, False])
+def test_only_the_rank_that_says_warns_of_a_checkpoint_without_a_digest(tmp_path, say):
+    older = undigested_run(tmp_path)
+    said, step, model, optimizer = resume(tmp_path, say=say)
     assert said == ([f"{tmp_path / 'ckpt.pt'} {OLD}"] if say else [])
     # Every rank loads it, quiet or not.
     assert step == 2
@@ -105,12 +112,8 @@ def test_only_the_rank_that_says_warns_of_a_checkpoint_without_a_digest(tmp_path
 @pytest.mark.parametrize("say", [True, False])
 def test_a_quiet_rank_still_refuses_a_damaged_checkpoint_without_a_digest(tmp_path, say):
     undigested_run(tmp_path, spoil=True)
-    args = build_parser("train").parse_args(["train", *TINY, "--out", str(tmp_path), "--steps", "4", "--resume"])
-    model = VAE(3, 16, 4, (8, 16))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    with pytest.raises(checkpoint.CheckpointError, match="damaged, or not a fastvae checkpoint \\(it holds junk\\)"):
-        run_folder.resume(tmp_path / "ckpt.pt", args, model, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                          None, 4, say=say)
+    with pytest.raises(checkpoint.CheckpointError, match=r"damaged, or not a fastvae checkpoint \(it holds junk\)"):
+        resume(tmp_path, say=say)
 
 
 def test_under_torchrun_a_checkpoint_without_a_digest_is_warned_of_once(tmp_path):
