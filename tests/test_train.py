@@ -178,6 +178,35 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exac
     same_run(stopped, tmp_path / "whole")
 
 
+# `fastvae train` with the garbage collector off, so that only what reference counting frees is
+# gone when the run returns; SIGTERM comes to it after 12 steps.
+RUN_WITHOUT_GC = """
+import gc, multiprocessing, os, signal, sys, threading, time
+from pathlib import Path
+gc.disable()
+from fastvae.cli import main
+metrics = Path(sys.argv[sys.argv.index("--out") + 1]) / "metrics.jsonl"
+def sigterm_after_12_steps():
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 12:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=sigterm_after_12_steps, daemon=True).start()
+status = main(sys.argv[1:])
+print(f"status {status}, workers alive {len(multiprocessing.active_children())}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("steps, status", [(6, 0), (99999, 143)], ids=["done", "stopped-by-sigterm"])
+def test_the_workers_are_gone_when_the_run_returns(tmp_path, steps, status):
+    # A reference cycle of torch's (see the loop's end) may hold the loop's frame until a garbage
+    # collection: its DataLoader workers, left to Python's exit, made the exit wait for them.
+    command = [sys.executable, "-c", RUN_WITHOUT_GC, "train", *TINY, "--out", str(tmp_path), "--steps", str(steps),
+               "--every", "5", "--workers", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"status {status}, workers alive 0", result.stderr[-3000:]
+
+
 def test_a_folder_in_use_is_refused_until_its_holder_dies(tmp_path, capsys):
     lock = tmp_path / ".fastvae.lock"
     process = start_run(tmp_path)

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # there. A refused rank 0 leaves the others waiting for it below, until torchrun stops them.
     lock = run_folder.prepare_out(out, resume=args.resume, overwrite=args.overwrite, lock=world.master)
     torch.manual_seed(args.seed)
-    net = train_step = None
+    net = train_step = batches = None
     try:
         with ExitStack() as resources:
             resources.enter_context(lock or nullcontext())
@@ -100,9 +100,10 @@ def run(args: argparse.Namespace) -> int:
                 print(_done(step, results, args.latent_dim, [ckpt_path, *grids]))
             return 0
     finally:
-        # DDP's reducer holds the process group. Left to be freed with this frame, after the group
-        # is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
-        net = train_step = None
+        # Freed here, as this frame can outlive the run until a garbage collection (torch.fx's wrap(), imported in
+        # Adam(), holds its callers' frames in a cycle): DDP's reducer, left, hung gloo's teardown (torch 2.11, one
+        # run in four), and Python's exit waited for ever for the DataLoader's workers, which ignore its SIGTERM.
+        net = train_step = batches = None
         world.leave(sys.exc_info()[1])
 
 
