@@ -122,19 +122,22 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by fastvae train")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="folder to write into: a new or empty one, or one that holds only an earlier "
-                             "export (config.json, model.safetensors), which is replaced; any other is refused")
+                             "export (config.json, model.safetensors), which is replaced; any other is refused. "
+                             "The temporaries a killed export left there are deleted first")
 
 
 def run_export(args: argparse.Namespace) -> int:
     from fastvae import pretrained
+    from fastvae._files import remove_stale_temporaries
     from fastvae.model import VAE
     from fastvae.training.errors import ConfigError
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; name a folder")
-    export_files = {pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME}
-    others = sorted(p.name for p in out.iterdir() if p.name not in export_files) if out.is_dir() else []
+    if out.is_dir():  # a running export's temporary is its own to finish: it is refused below
+        remove_stale_temporaries(out, pretrained.FILES)
+    others = sorted(p.name for p in out.iterdir() if not pretrained.FILES.fullmatch(p.name)) if out.is_dir() else []
     if others:
         raise ConfigError(
             f"--out {out} holds files other than an export's ({', '.join(others[:3])}"

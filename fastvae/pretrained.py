@@ -7,6 +7,7 @@ safetensors metadata, and loading checks it: a damaged file is refused, not used
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from fastvae.checkpoint import CheckpointError, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# The files save writes, by name: all that `fastvae export` replaces in its --out, and those whose
+# temporaries a killed export leaves there.
+FILES = re.compile(f"{re.escape(CONFIG_NAME)}|{re.escape(WEIGHTS_NAME)}")
 CLASS_NAME = "fastvae.VAE"
 # What config.json must hold: the entries of VAE.config that are always there.
 CONFIG_KEYS = ("in_channels", "image_size", "latent_dim", "hidden_dims")

@@ -2,6 +2,7 @@
 and model.safetensors) and `fastvae export`; a damaged or hostile file is one CheckpointError."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from fastvae import VAE, checkpoint
 from fastvae.checkpoint import CheckpointError
 from fastvae.cli import main
+from test_run_folder import gone_pid
 from test_train import REPO, train
 
 
@@ -180,6 +182,43 @@ def test_export_refuses_a_folder_that_holds_other_files(run, tmp_path, capsys):
     assert main([*argv, str(tmp_path / "empty")]) == 0
     assert main([*argv, str(tmp_path / "empty")]) == 0  # an earlier export: replaced
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def export(run, out):
+    """`fastvae export` of the run into ``out``, in a process of its own, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fastvae", "export", "--checkpoint", str(run / "ckpt.pt"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_export_deletes_the_temporaries_that_a_killed_export_left(run, saved):
+    dead = gone_pid()
+    for name in (f"model.safetensors.{dead}.0123abcd.tmp", f"config.json.{dead}.89abcdef.tmp"):
+        (saved / name).write_bytes(b"half a file")
+    result = export(run, saved)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == f"wrote {saved / 'model.safetensors'} and {saved / 'config.json'}\n"
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+    expected = VAE.from_checkpoint(run / "ckpt.pt").state_dict()
+    for name, tensor in VAE.from_pretrained(saved).state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.safetensors.{live}.0123abcd.tmp",  # a running export's (this test's process stands for it)
+        "notes.txt.{dead}.0123abcd.tmp",  # a dead writer's, but of a file no export writes
+        "config.json.{dead}.xyz.tmp",  # not a name write_atomically gives
+    ],
+)
+def test_export_refuses_a_running_exports_temporary_and_any_not_its_own(run, saved, name):
+    name = name.format(live=os.getpid(), dead=gone_pid())
+    (saved / name).write_bytes(b"half a file")
+    result = export(run, saved)
+    assert result.returncode == 2
+    assert result.stderr == (f"fastvae export: error: --out {saved} holds files other than an export's ({name}); "
+                             "name a new or empty folder\n")
+    assert (saved / name).read_bytes() == b"half a file"
 
 
 def test_export_of_a_damaged_checkpoint_is_one_line(run, tmp_path):

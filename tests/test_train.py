@@ -1,3 +1,4 @@
+import inspect
 import json
 import math
 import os
@@ -22,8 +23,10 @@ from fastvae.images import save_grid
 from fastvae.reference import kl_divergence
 from fastvae.training import evaluation as evaluation_module
 from fastvae.training import inputs as inputs_module
+from fastvae.training import loop as loop_module
 from fastvae.training import options as options_module
 from fastvae.training import step as step_module
+from fastvae.training.graphed_step import GraphedStep
 from fastvae.training.options import resolve_device
 from fastvae.training.errors import ConfigError
 from fastvae.training.step import beta_at, free_bits_kl
@@ -173,6 +176,35 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exac
     assert train(stopped, "--steps", saved + 7, "--every", 5, "--resume") == 0
     assert train(tmp_path / "whole", "--steps", saved + 7, "--every", 5) == 0
     same_run(stopped, tmp_path / "whole")
+
+
+# `fastvae train` with the garbage collector off, so that only what reference counting frees is
+# gone when the run returns; SIGTERM comes to it after 12 steps.
+RUN_WITHOUT_GC = """
+import gc, multiprocessing, os, signal, sys, threading, time
+from pathlib import Path
+gc.disable()
+from fastvae.cli import main
+metrics = Path(sys.argv[sys.argv.index("--out") + 1]) / "metrics.jsonl"
+def sigterm_after_12_steps():
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 12:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+threading.Thread(target=sigterm_after_12_steps, daemon=True).start()
+status = main(sys.argv[1:])
+print(f"status {status}, workers alive {len(multiprocessing.active_children())}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("steps, status", [(6, 0), (99999, 143)], ids=["done", "stopped-by-sigterm"])
+def test_the_workers_are_gone_when_the_run_returns(tmp_path, steps, status):
+    # A reference cycle of torch's (see the loop's end) may hold the loop's frame until a garbage
+    # collection: its DataLoader workers, left to Python's exit, made the exit wait for them.
+    command = [sys.executable, "-c", RUN_WITHOUT_GC, "train", *TINY, "--out", str(tmp_path), "--steps", str(steps),
+               "--every", "5", "--workers", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == f"status {status}, workers alive 0", result.stderr[-3000:]
 
 
 def test_a_folder_in_use_is_refused_until_its_holder_dies(tmp_path, capsys):
@@ -854,3 +886,41 @@ def test_the_graphed_step_in_the_loop_gives_the_eager_run_bit_for_bit_and_resume
     assert train(tmp_path / "from_a_gpu", "--steps", 10, *options, "--resume") == 0
     for run in ("graphed_then_eager", "eager_then_graphed", "from_a_gpu"):
         assert step_losses(tmp_path / run) == expected, run
+
+
+@pytest.mark.parametrize(
+    "options, rows",
+    [
+        (("--steps", 6, "--every", 3, "--log-every", 7), 3),  # --every is the shorter period
+        (("--steps", 6, "--every", 100, "--log-every", 4), 4),
+        (("--steps", 5, "--every", 100, "--log-every", 2**16 - 1), 5),  # the whole run between two checks
+    ],
+)
+def test_the_graphed_steps_ring_has_a_row_for_each_of_the_most_steps_between_two_checks(tmp_path, monkeypatch,
+                                                                                      options, rows):
+    # A CPU stands in for a GPU, as above: the ring is made at the first step, in the graph's pool on a GPU.
+    monkeypatch.setattr(options_module, "check_graphable", lambda *args: None)
+    monkeypatch.setattr(inputs_module, "data_fits_on", lambda *args: True)
+    made = []
+
+    class Recorded(GraphedStep):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(step_module, "GraphedStep", Recorded)
+    assert train(tmp_path / "graphed", *options, "--cuda-graph") == 0
+    (graphed,) = made
+    assert graphed.history.shape == (rows, 3)
+    # No row was written over before its check read it.
+    assert train(tmp_path / "eager", *options) == 0
+    assert step_losses(tmp_path / "graphed") == step_losses(tmp_path / "eager")
+
+
+def test_the_loop_fits_on_one_screen_and_reads_top_to_bottom():
+    # The house style (STYLE.md section 4): run() reads as nanoGPT's loop does, and what is not the
+    # loop's own reading (the save at a check, the SIGTERM stop) is called by name.
+    source = inspect.getsource(loop_module.run)
+    assert len(source.splitlines()) <= 80
+    sections = re.findall(r"# ---- (.+?) -+$", source, re.MULTILINE)
+    assert sections == ["config", "data", "model and optimizer", "resume", "the loop"]

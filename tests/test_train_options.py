@@ -34,7 +34,7 @@ def usable_cpus():
         ("--batch-size", "int >= 1 and < 2**63"),
         ("--beta-period", "int >= 1 and < 2**63"),
         ("--every", "int >= 1 and < 2**63"),
-        ("--log-every", "int >= 1 and < 2**63"),
+        ("--log-every", "int >= 1 and < 2**16"),
         ("--seed", "int >= 0 and < 2**64"),
         ("--workers", f"int >= 0 and <= {usable_cpus()} (the CPUs this process may use)"),
     ],
@@ -44,6 +44,21 @@ def test_a_huge_integer_option_is_refused_in_one_line(tmp_path, option, expected
     assert result.returncode == 2
     assert result.stderr == f"fastvae train: error: argument {option}: expected {expected}, got '{HUGE}' (see --help)\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_log_every_is_bounded_by_what_the_losses_between_two_checks_may_hold(tmp_path, capsys):
+    # Those losses wait on the device until the check: a typo of a period must not ask for terabytes.
+    result = fastvae("train", *TINY, "--out", tmp_path / "run", "--log-every", 4000000000000)
+    assert result.returncode == 2
+    assert result.stderr == ("fastvae train: error: argument --log-every: expected int >= 1 and < 2**16, "
+                             "got '4000000000000' (see --help)\n")
+    assert not (tmp_path / "run").exists()
+    parse = build_parser("train").parse_args
+    assert parse(["train", "--log-every", str(2**16 - 1)]).log_every == 2**16 - 1
+    with pytest.raises(SystemExit) as refused:
+        parse(["train", "--log-every", str(2**16)])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.endswith("argument --log-every: expected int >= 1 and < 2**16, got '65536' (see --help)\n")
 
 
 @pytest.mark.parametrize("dims", [f"8,{HUGE}", f"{2**16},8", "8,0"])

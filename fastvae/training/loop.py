@@ -10,7 +10,6 @@ Several (DDP):     torchrun --nproc_per_node 2 -m fastvae train --steps 500 --ou
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from contextlib import ExitStack, closing, nullcontext
 from pathlib import Path
@@ -18,13 +17,13 @@ from pathlib import Path
 import torch
 
 from fastvae.model import VAE
-from fastvae.training import evaluation, run_folder
-from fastvae.training.checks import LossHistory, Progress, check_finite_state
+from fastvae.training import run_folder
+from fastvae.training.checkpointing import Checkpointer
+from fastvae.training.checks import LossHistory, Progress
 from fastvae.training.distributed import World, global_batchnorm
-from fastvae.training.errors import Stopped
 from fastvae.training.inputs import Inputs
 from fastvae.training.options import DEFAULT_STEPS, check_run_options, resolve_device
-from fastvae.training.sigterm import SigtermCatcher
+from fastvae.training.sigterm import SigtermCatcher, stopped
 from fastvae.training.step import Loss, autocast_for, beta_at, build_step
 
 
@@ -40,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     # there. A refused rank 0 leaves the others waiting for it below, until torchrun stops them.
     lock = run_folder.prepare_out(out, resume=args.resume, overwrite=args.overwrite, lock=world.master)
     torch.manual_seed(args.seed)
-    net = train_step = None
+    net = train_step = batches = None
     try:
         with ExitStack() as resources:
             resources.enter_context(lock or nullcontext())
@@ -56,14 +55,13 @@ def run(args: argparse.Namespace) -> int:
             optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
             scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
             # ---- resume -----------------------------------------------------------------------
-            step, saved_args = run_folder.resume(ckpt_path, args, model, optimizer, scaler, inputs.record,
-                                                 say=world.master)
-            # The default period follows the run's length, which a resume may extend: it keeps the first one's.
-            beta_period = args.beta_period or saved_args.get("beta_period") or max(1, total_steps // 4)
+            step, beta_period = run_folder.resume(ckpt_path, args, model, optimizer, scaler, inputs.record,
+                                                  total_steps, say=world.master)
             batches, kept = inputs.batches_from(step, device, args)
             net = world.wrap(model, device)
             train_step = build_step(args.compile, net, optimizer, scaler, autocast, loss, device,
-                                    graph_on=kept if args.cuda_graph else None, rows=args.log_every)
+                                    graph_on=kept if args.cuda_graph else None,
+                                    rows=min(args.log_every, args.every, total_steps))
             log = resources.enter_context(closing(run_folder.MetricsLog(out, step, overwrite=args.overwrite))) \
                 if world.master else None
             if world.master:
@@ -72,13 +70,8 @@ def run(args: argparse.Namespace) -> int:
                 if world.master:
                     print(f"nothing to do: {ckpt_path} is at step {step} of {total_steps}")
                 return 0
-
-            def save(with_grids: bool) -> list[Path] | None:
-                grids = evaluation.write_grids(model, inputs.grid_images, out, step, args.seed) if with_grids else None
-                log.flush()
-                run_folder.save(ckpt_path, step, model, optimizer, scaler, inputs.record, args, beta_period)
-                return grids
-
+            checkpointer = Checkpointer(args, ckpt_path, model, optimizer, scaler, inputs, beta_period, world, device,
+                                        autocast, loss.backend, log)
             # ---- the loop ---------------------------------------------------------------------
             sigterm = resources.enter_context(SigtermCatcher())
             progress = resources.enter_context(closing(Progress(total_steps, step, args.batch_size, show=world.master)))
@@ -97,25 +90,20 @@ def run(args: argparse.Namespace) -> int:
                 progress.show(step, *history.check(step, world, log, ckpt_path))
                 # torchrun sends SIGTERM to every rank, but not at one instant. On the last step, the run ends as usual.
                 stopping = world.any(sigterm.caught, device) and step < total_steps
-                if evaluating or stopping:
-                    check_finite_state(model, optimizer, step, ckpt_path)
-                if evaluating:
-                    results = evaluation.check_held_out(model, inputs.eval_loader, device, autocast, loss.backend,
-                                                        step, world, log, ckpt_path)
-                if evaluating or stopping:  # by rank 0; every rank stops if it could not
-                    grids = world.on_rank0(lambda: save(with_grids=evaluating), device)
-                if stopping:  # said by rank 0, which saved; the other ranks exit with it, quietly
-                    message = f"stopped by SIGTERM after step {step}, saved in {ckpt_path}; continue with --resume"
-                    raise Stopped(message if world.master else None, signal.SIGTERM)
+                if evaluating or stopping:  # every rank checks and stops together; rank 0 writes
+                    results, grids = checkpointer.save(step, evaluate=evaluating)
+                if stopping:
+                    raise stopped(step, ckpt_path, say=world.master)
                 progress.restart_clock(step)
             progress.close()
             if world.master:
                 print(_done(step, results, args.latent_dim, [ckpt_path, *grids]))
             return 0
     finally:
-        # DDP's reducer holds the process group. Left to be freed with this frame, after the group
-        # is destroyed, it hung gloo's teardown on torch 2.11 (one run in four, here).
-        net = train_step = None
+        # Freed here, as this frame can outlive the run until a garbage collection (torch.fx's wrap(), imported in
+        # Adam(), holds its callers' frames in a cycle): DDP's reducer, left, hung gloo's teardown (torch 2.11, one
+        # run in four), and Python's exit waited for ever for the DataLoader's workers, which ignore its SIGTERM.
+        net = train_step = batches = None
         world.leave(sys.exc_info()[1])
 
 

@@ -43,6 +43,10 @@ GRAPHABLE_COMPILE_MODES = ("off", "default")
 WIDTH_LIMIT = (2**16, "2**16")
 # Counts (steps, images, batch sizes) reach torch and numpy as int64s.
 COUNT_LIMIT = (2**63, "2**63")
+# --log-every stays under this: the losses of the steps between two checks wait on the device until
+# the check, a tensor (an allocation) a step, or with --cuda-graph a row each of a ring made at the
+# first step; a typo such as 4000000000000 would ask for terabytes there.
+LOG_EVERY_LIMIT = (2**16, "2**16")
 
 
 def _hidden_dims(text: str) -> tuple[int, ...]:
@@ -180,8 +184,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="start afresh in an --out that holds a run, deleting the files it wrote there")
     group.add_argument("--every", type=positive_int, default=100,
                        help="steps between evaluations, PNG grids and checkpoints (default: 100)")
-    group.add_argument("--log-every", type=positive_int, default=10,
-                       help="steps between NaN checks and progress updates; every step is logged (default: 10)")
+    group.add_argument("--log-every", type=number_at_least(int, 1, below=LOG_EVERY_LIMIT), default=10,
+                       help=f"steps between NaN checks and progress updates, under {LOG_EVERY_LIMIT[1]}: the losses "
+                            "of the steps between two checks wait on the device until the check; every step is "
+                            "logged (default: 10)")
 
 
 def resolve_device(name: str | None) -> torch.device:

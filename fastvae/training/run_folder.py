@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -134,21 +135,28 @@ def check_same_data(ckpt: dict, current: dict, folder: str, path: Path, *, say: 
 
 
 def resume(ckpt_path: Path, args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer,
-           scaler: torch.amp.GradScaler, data_record: dict | None, *, say: bool) -> tuple[int, dict]:
+           scaler: torch.amp.GradScaler, data_record: dict | None, total_steps: int, *, say: bool) -> tuple[int, int]:
     """With --resume, load the run's checkpoint, if there is one, into ``model``, ``optimizer`` and
-    ``scaler`` after checking it is of this run and data; the step it is at and the options it saved."""
+    ``scaler`` after checking it is of this run and data; the step it is at and the run's
+    --beta-period. What there is to say (no checkpoint; one older than the digest or the data
+    record) is said when ``say``: by rank 0 alone under DDP, though every rank loads and checks it."""
+    step, saved_args = 0, {}
     if args.resume and ckpt_path.exists():
-        ckpt = checkpoint.load(ckpt_path, resumable=True)
+        with warnings.catch_warnings():
+            if not say:
+                warnings.simplefilter("ignore", checkpoint.CheckpointWarning)
+            ckpt = checkpoint.load(ckpt_path, resumable=True)
         checkpoint.check_config(ckpt["config"], model.config, ckpt_path)
         saved_args = ckpt.get("args", {})
         check_same_run(saved_args, args, ckpt_path)
         if args.data is not None and not args.allow_changed_data:
             check_same_data(ckpt, data_record, args.data, ckpt_path, say=say)
         checkpoint.restore(ckpt, ckpt_path, model, optimizer, scaler)
-        return ckpt["step"], saved_args
-    if args.resume and say:
+        step = ckpt["step"]
+    elif args.resume and say:
         print(f"no checkpoint in {ckpt_path.parent}; starting from scratch")
-    return 0, {}
+    # The default period follows the run's length, which a resume may extend: it keeps the first one's.
+    return step, args.beta_period or saved_args.get("beta_period") or max(1, total_steps // 4)
 
 
 def save(ckpt_path: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,

@@ -126,7 +126,8 @@ def build_step(mode: str, net: nn.Module, optimizer: torch.optim.Optimizer, scal
     With ``graph_on``, the training set kept on the GPU, the step (compiled or not) is captured
     whole into one CUDA graph (--cuda-graph, see graphed_step.py): the batch it takes is then the
     indices into that set, and its losses a row of a ring of ``rows``, which the loop reads at
-    least that often. Adam is made capturable wherever the step runs from CUDA graphs, also when
+    least that often: the most steps between two of its checks, so that the ring holds no row
+    more than they need. Adam is made capturable wherever the step runs from CUDA graphs, also when
     a checkpoint of another run filled it.
     """
     graphed = graph_on is not None
