@@ -9,6 +9,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import traceback
+from multiprocessing import resource_sharer
 from typing import Iterator
 
 from torch.utils.data import DataLoader
@@ -74,7 +76,28 @@ def init_worker(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # blocked since the fork (see start); one pending is dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _RUN_SIGNALS)
+    sys.excepthook = _quiet_when_the_run_hangs_up(sys.excepthook)
     _die_with_parent()
+
+
+def _quiet_when_the_run_hangs_up(excepthook):
+    """``excepthook``, silent for a connection that the run broke while taking a batch from the
+    worker.
+
+    A worker hands each batch's shared memory to the run over a connection to multiprocessing's
+    resource sharer, a thread of the worker that reports its errors through sys.excepthook. A run
+    stopped (Ctrl-C) while it takes one resets that connection, and the worker would print a
+    traceback after the run's last line. The run has ended; it alone says how.
+    """
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, ConnectionError) and any(
+            frame.f_code.co_filename == resource_sharer.__file__ for frame, _ in traceback.walk_tb(tb)
+        ):
+            return
+        excepthook(exc_type, exc, tb)
+
+    return hook
 
 
 def _die_with_parent() -> None:
