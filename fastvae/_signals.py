@@ -14,8 +14,9 @@ class HeldSignal:
     was before; on exit that handler is back. With ``let_through_after`` N, the signal after the
     first N reaches that handler at once, and it stays for the rest of the block.
 
-    Only the main thread may enter it (signal.signal's rule), and not where the handler there was
-    is one installed outside Python (signal.getsignal gives None): it could not be put back.
+    It holds nothing (``holding`` is False, and the signal goes where it went) outside the main
+    thread, the only one that may set handlers, and where the handler there was is one installed
+    outside Python (signal.getsignal gives None), which could not be put back.
     """
 
     def __init__(self, signum: int, let_through_after: int | None = None) -> None:
@@ -25,7 +26,10 @@ class HeldSignal:
 
     def __enter__(self) -> HeldSignal:
         self.received = 0
-        self._previous = signal.signal(self.signum, self._note)
+        self.holding = (threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(self.signum) is not None)
+        if self.holding:
+            self._previous = signal.signal(self.signum, self._note)
         return self
 
     def _note(self, signum: int, frame: object) -> None:
@@ -35,7 +39,8 @@ class HeldSignal:
             signal.raise_signal(signum)  # runs the handler now, here: Ctrl-C's KeyboardInterrupt
 
     def __exit__(self, *exc: object) -> None:
-        signal.signal(self.signum, self._previous)
+        if self.holding:
+            signal.signal(self.signum, self._previous)
 
 
 @contextlib.contextmanager
@@ -44,9 +49,6 @@ def ctrl_c_deferred(*, second_stops: bool = True) -> Iterator[None]:
     before. With ``second_stops``, a second one reaches that handler at once, as the usual "press
     Ctrl-C again to stop now" expects (for Python's default handler, a KeyboardInterrupt from
     where the block was); without, every one is held, and one delivered after."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield
-        return
     ctrl_c = HeldSignal(signal.SIGINT, let_through_after=1 if second_stops else None)
     try:
         with ctrl_c:

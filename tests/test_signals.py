@@ -77,13 +77,18 @@ def test_ctrl_c_ignored_before_the_block_stays_ignored_in_it():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_is_not_deferred_outside_the_main_thread():
+# Each use of HeldSignal: the Ctrl-C deferral of a write, and the training loop's SIGTERM.
+HOLDERS = pytest.mark.parametrize("holder", [ctrl_c_deferred, SigtermCatcher], ids=["ctrl_c_deferred", "sigterm"])
+
+
+@HOLDERS
+def test_no_signal_is_held_outside_the_main_thread(holder):
     # There signal.signal raises ValueError: the block runs as it is.
     outcome = []
 
     def block():
         try:
-            with ctrl_c_deferred():
+            with holder():
                 outcome.append("ran")
         except BaseException as exc:  # noqa: BLE001  (reported to the test below)
             outcome.append(exc)
@@ -94,12 +99,13 @@ def test_ctrl_c_is_not_deferred_outside_the_main_thread():
     assert outcome == ["ran"]
 
 
-def test_ctrl_c_is_not_deferred_over_a_handler_installed_outside_python(monkeypatch):
+@HOLDERS
+def test_no_signal_is_held_over_a_handler_installed_outside_python(monkeypatch, holder):
     # signal.getsignal gives None for one: signal.signal could not put it back.
     def refused(*args):
         raise AssertionError("a handler installed outside Python would be lost")
 
     monkeypatch.setattr(signal, "getsignal", lambda signum: None)
     monkeypatch.setattr(signal, "signal", refused)
-    with ctrl_c_deferred():
+    with holder():
         pass
