@@ -377,6 +377,34 @@ def test_a_nan_held_out_loss_stops_every_process_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads by their names in Linux's /proc")
+def test_gloo_threads_end_when_the_run_leaves_not_at_exit(tmp_path):
+    # Left running into the interpreter's exit, a gloo thread that frees a tensor there aborts the
+    # rank; torch.distributed.nn, imported after the process group, kept it (and them) alive.
+    script = tmp_path / "count_gloo_threads.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fastvae.cli import main\n"
+        "from fastvae.training.distributed import World\n"
+        "def gloo_threads():\n"
+        "    names = [open(f'/proc/self/task/{task}/comm').read() for task in os.listdir('/proc/self/task')]\n"
+        "    return sum('gloo' in name for name in names)\n"
+        "real_leave = World.leave\n"
+        "def leave(self, leaving):\n"
+        "    before = gloo_threads()\n"
+        "    real_leave(self, leaving)\n"
+        "    print(f'rank {self.rank}: gloo threads {before} -> {gloo_threads()}')\n"
+        "World.leave = leave\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = run_on_two_processes(tmp_path / "run", "--steps", 2, "--every", 2, program=(str(script),))
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = sorted(re.findall(r"rank (\d): gloo threads (\d+) -> (\d+)", result.stdout))
+    assert [rank for rank, _, _ in counts] == ["0", "1"], result.stdout
+    for rank, before, after in counts:
+        assert int(before) > 0 and int(after) == 0, (rank, before, after)
+
+
 def test_a_failed_write_on_rank_0_stops_every_process_in_one_line_each(tmp_path):
     # Rank 0 alone writes the run's files: when its checkpoint does not fit, rank 1 must stop
     # with it, not die in its next collective.

@@ -51,6 +51,14 @@ class World:
 
     def start(self, device: torch.device) -> None:
         if self.distributed:
+            # torch.distributed.nn's functions default to group=group.WORLD, which Python evaluates
+            # on import. Imported after the process group exists (DDP imports it, through
+            # torch._dynamo), they hold that group for ever (torch 2.11 to 2.14), so leave() could
+            # not end gloo's threads: one freeing a tensor as Python exited aborted the rank
+            # ("terminate called without an active exception", 1 run in 25 on 2 busy CPUs).
+            # Imported before, they hold None.
+            import torch.distributed.nn  # noqa: F401
+
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     def wrap(self, model: VAE, device: torch.device) -> nn.Module:
