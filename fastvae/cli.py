@@ -161,6 +161,14 @@ def _command(name: str) -> tuple[Callable, Callable]:
     return module.add_arguments, module.run
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write. Under torchrun the ranks share stderr, and print() writes
+    the text and the newline apart (Python's stderr is unbuffered): another rank's line could land
+    between them."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _one_line(exc: BaseException) -> str:
     # An error raised in a DataLoader worker comes back with the worker's traceback in its message,
     # ending with the original "module.Error: message" line.
@@ -178,7 +186,7 @@ def _checkpoint_warnings_in_one_line(command: str) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, CheckpointWarning):
-            print(f"fastvae {command}: warning: {message}", file=sys.stderr)
+            _say(f"fastvae {command}: warning: {message}")
         else:
             shown(message, category, filename, lineno, file, line)
 
@@ -215,18 +223,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _checkpoint_warnings_in_one_line(args.command)
             return run(args)
     except (ConfigError, DataError, CheckpointError, RankZeroFailed) as exc:
-        print(f"fastvae {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        _say(f"fastvae {args.command}: error: {_one_line(exc)}")
         return 2
     except OSError as exc:  # a file the run could not write after all: a full disk, a folder in the way
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"fastvae {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _say(f"fastvae {args.command}: error: {where}{exc.strerror or exc}")
         return 2
     except DivergedError as exc:
-        print(f"fastvae {args.command}: {_one_line(exc)}", file=sys.stderr)
+        _say(f"fastvae {args.command}: {_one_line(exc)}")
         return 1
     except Stopped as exc:
         if exc.message is not None:
-            print(f"fastvae {args.command}: {exc.message}", file=sys.stderr)
+            _say(f"fastvae {args.command}: {exc.message}")
         return 128 + exc.signum
     except KeyboardInterrupt:
         pass  # answered below, once this exception and the run's frames it holds are gone
@@ -234,5 +242,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     # workers first, so that no worker's dying output (cut off where the run's exit kills it)
     # lands after the run's last line.
     gc.collect()
-    print(f"fastvae {args.command}: interrupted", file=sys.stderr)
+    _say(f"fastvae {args.command}: interrupted")
     return 130

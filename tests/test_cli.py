@@ -127,6 +127,29 @@ def test_user_errors_are_one_line_with_status_2(argv, message, trained, tmp_path
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+class _Writes:
+    """A stderr that keeps its writes apart."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_a_line_on_stderr_is_one_write(tmp_path, monkeypatch):
+    # Under torchrun the ranks share stderr: another rank's line can land between two writes of one.
+    (tmp_path / "ckpt.pt").mkdir()
+    stderr = _Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["train", *TINY, "--out", str(tmp_path), "--resume"]) == 2
+    assert stderr.writes == [f"fastvae train: error: {tmp_path / 'ckpt.pt'} is not a file; move it out of the way\n"]
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("this must never run",))
