@@ -119,9 +119,10 @@ class World:
         if not (self.distributed and dist.is_initialized()):
             return
         # Where every rank leaves here together (done, diverged, stopped or rank 0's write failed,
-        # all decided in a collective), none tears its connections down while another still works:
-        # a rank that did so while rank 0 wrote its grids died in gloo's teardown (SIGABRT, once in
-        # CI). A rank leaving alone (its own error) must not wait for the others.
+        # all decided in a collective), none closes its connections (destroying the group does, see
+        # start) while another still works, say rank 0 on its grids. (The SIGABRT once blamed on
+        # that was, most likely, the abort at exit that start prevents.) A rank leaving alone (its
+        # own error) must not wait for the others.
         if leaving is None or isinstance(leaving, (DivergedError, Stopped)) or self.rank_zero_failed:
             dist.barrier()
         dist.destroy_process_group()
