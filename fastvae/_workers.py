@@ -86,12 +86,14 @@ def _quiet_when_the_run_hangs_up(excepthook):
 
     A worker hands each batch's shared memory to the run over a connection to multiprocessing's
     resource sharer, a thread of the worker that reports its errors through sys.excepthook. A run
-    stopped (Ctrl-C) while it takes one resets that connection, and the worker would print a
-    traceback after the run's last line. The run has ended; it alone says how.
+    stopped (Ctrl-C) while it takes one breaks that connection: reset (ConnectionResetError) if
+    it left the sharer's challenge unread, closed (EOFError) if it read it, cut inside a message
+    (OSError) or under a send (BrokenPipeError). The worker would print a traceback after the
+    run's last line, and in the middle of it. The run has ended; it alone says how.
     """
 
     def hook(exc_type, exc, tb):
-        if issubclass(exc_type, ConnectionError) and any(
+        if issubclass(exc_type, (OSError, EOFError)) and any(
             frame.f_code.co_filename == resource_sharer.__file__ for frame, _ in traceback.walk_tb(tb)
         ):
             return

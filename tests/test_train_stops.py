@@ -182,7 +182,8 @@ def test_workers_are_started_only_with_their_init():
 
 # A worker's batch handed over by multiprocessing's resource sharer, and the run hanging up on it
 # mid-way, as a run stopped by Ctrl-C while it takes a batch does: it connects to the worker's
-# sharer and closes before it reads the sharer's challenge, which resets the connection there.
+# sharer and closes before it reads the sharer's challenge, which resets the connection there
+# ("unread"), or after, which the sharer sees as the end of the connection ("read").
 RUN_HANGS_UP_ON_A_BATCH = """
 import os, socket, sys, time
 from multiprocessing import resource_sharer
@@ -193,20 +194,24 @@ read_end, _ = os.pipe()
 resource_sharer.DupFd(read_end)  # shares it: the sharer's thread starts listening
 run = socket.socket(socket.AF_UNIX)
 run.connect(resource_sharer._resource_sharer._address)
-time.sleep(0.5)  # the challenge is sent, and left unread
+time.sleep(0.5)  # the challenge is sent
+if sys.argv[2] == "read":
+    run.recv(4096)
 run.close()
 time.sleep(0.5)  # the sharer's thread reports what it got
 sys.excepthook(ValueError, ValueError("any other error"), None)
 """
 
 
+@pytest.mark.parametrize(("challenge", "error"), [("unread", "ConnectionResetError"), ("read", "EOFError")])
 @pytest.mark.parametrize("process", ["worker", "other"])
-def test_a_worker_says_nothing_when_the_run_hangs_up_on_a_batch(process):
-    result = subprocess.run([sys.executable, "-c", RUN_HANGS_UP_ON_A_BATCH, process], cwd=REPO,
+def test_a_worker_says_nothing_when_the_run_hangs_up_on_a_batch(process, challenge, error):
+    result = subprocess.run([sys.executable, "-c", RUN_HANGS_UP_ON_A_BATCH, process, challenge], cwd=REPO,
                             capture_output=True, text=True, timeout=60, start_new_session=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # Outside a worker the sharer's report is Python's usual traceback: what the worker silences.
-    assert ("ConnectionResetError" in result.stderr) == (process == "other"), result.stderr[-3000:]
+    assert ("resource_sharer.py" in result.stderr) == (process == "other"), result.stderr[-3000:]
+    assert (f"\n{error}" in result.stderr) == (process == "other"), result.stderr[-3000:]
     assert "ValueError: any other error" in result.stderr
 
 
