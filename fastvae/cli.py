@@ -216,13 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from fastvae.checkpoint import CheckpointError
     from fastvae.data import DataError
-    from fastvae.training.errors import ConfigError, DivergedError, RankZeroFailed, Stopped
+    from fastvae.training.errors import ConfigError, DivergedError, RankFailed, RankZeroFailed, Stopped
 
     try:
         with warnings.catch_warnings():
             _checkpoint_warnings_in_one_line(args.command)
             return run(args)
-    except (ConfigError, DataError, CheckpointError, RankZeroFailed) as exc:
+    except (ConfigError, DataError, CheckpointError, RankFailed, RankZeroFailed) as exc:
         _say(f"fastvae {args.command}: error: {_one_line(exc)}")
         return 2
     except OSError as exc:  # a file the run could not write after all: a full disk, a folder in the way

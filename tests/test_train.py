@@ -405,6 +405,47 @@ def test_gloo_threads_end_when_the_run_leaves_not_at_exit(tmp_path):
         assert int(before) > 0 and int(after) == 0, (rank, before, after)
 
 
+# `fastvae train` whose rank FAILING meets a bad image in its own part of the data, alone, in
+# its third batch.
+ONE_RANK_FAILS = """
+import os, sys
+from fastvae.data import DataError
+from fastvae.training.inputs import Inputs
+from fastvae.cli import main
+real_batches_from = Inputs.batches_from
+def batches_from(self, *args):
+    batches, kept = real_batches_from(self, *args)
+    def failing():
+        for n, batch in enumerate(batches, 1):
+            if n == 3 and os.environ["RANK"] == os.environ["FAILING"]:
+                raise DataError("img_0042.png is not an image")
+            yield batch
+    return failing(), kept
+Inputs.batches_from = batches_from
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_rank_that_fails_alone_says_why_and_the_other_says_it_stopped_with_it(tmp_path, failing):
+    # The other rank's next collective breaks as the failing rank leaves: it must say so in one
+    # line, not in the 30 lines of gloo's traceback, and not hang.
+    script = tmp_path / "one_rank_fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    command, env = two_processes(tmp_path / "run", "--steps", 20, "--every", 10, program=(str(script),))
+    result = subprocess.run(command, cwd=REPO, env={**env, "FAILING": str(failing)}, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    # Each line may land right after rank 0's progress bar on one line.
+    said = re.findall(r"fastvae train: [^\r\n]*", result.stderr)
+    assert sorted(said) == [
+        "fastvae train: error: img_0042.png is not an image",
+        f"fastvae train: error: rank {failing} stopped with an error (its line says why); stopped with it",
+    ], result.stderr[-3000:]
+    assert not re.search(f'File "{OWN_SOURCE}"', result.stderr), result.stderr[-3000:]
+    assert "gloo" not in result.stderr, result.stderr[-3000:]
+
+
 def test_a_failed_write_on_rank_0_stops_every_process_in_one_line_each(tmp_path):
     # Rank 0 alone writes the run's files: when its checkpoint does not fit, rank 1 must stop
     # with it, not die in its next collective.

@@ -9,6 +9,7 @@ follows the single-process one to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, TypeVar
 
@@ -20,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastvae import ops
 from fastvae.model import VAE
-from fastvae.training.errors import DivergedError, RankZeroFailed, Stopped
+from fastvae.training.errors import DivergedError, RankFailed, RankZeroFailed, Stopped
+from fastvae.training.sigterm import SigtermCatcher
 
 T = TypeVar("T")
 
@@ -115,17 +117,63 @@ class World:
 
     def leave(self, leaving: BaseException | None) -> None:
         """End the process group, as the run leaves with the exception ``leaving`` or None. The DDP
-        wrapper must be gone by then (see the loop)."""
+        wrapper must be gone by then (see the loop).
+
+        A rank that leaves alone with an error of its own says so to the others first. One that
+        leaves because a collective broke under it raises RankFailed where another rank said so.
+        """
         if not (self.distributed and dist.is_initialized()):
             return
-        # Where every rank leaves here together (done, diverged, stopped or rank 0's write failed,
-        # all decided in a collective), none closes its connections (destroying the group does, see
-        # start) while another still works, say rank 0 on its grids. (The SIGABRT once blamed on
-        # that was, most likely, the abort at exit that start prevents.) A rank leaving alone (its
-        # own error) must not wait for the others.
-        if leaving is None or isinstance(leaving, (DivergedError, Stopped)) or self.rank_zero_failed:
-            dist.barrier()
-        dist.destroy_process_group()
+        # torchrun stops the other ranks with SIGTERM once one has failed: this one is on its way
+        # out already, and must get to its line.
+        with SigtermCatcher():
+            try:
+                # Where every rank leaves here together (done, diverged, stopped or rank 0's write
+                # failed, all decided in a collective), none closes its connections (destroying the
+                # group does, see start) while another still works, say rank 0 on its grids. A rank
+                # leaving alone must not wait for the others.
+                if leaving is None or isinstance(leaving, (DivergedError, Stopped)) or self.rank_zero_failed:
+                    dist.barrier()
+                elif _broken_collective(leaving):
+                    failed = self._failed_ranks()
+                    if len(failed) == 1:
+                        raise RankFailed(f"rank {failed[0]} stopped with an error (its line says why); stopped with it")
+                    if failed:
+                        ranks = ", ".join(map(str, failed))
+                        raise RankFailed(f"ranks {ranks} stopped with errors (their lines say why); stopped with them")
+                elif isinstance(leaving, Exception):
+                    self._mark_failed()
+            finally:
+                dist.destroy_process_group()
+
+    # Set by a rank that leaves with an error of its own, in the store that torchrun keeps for the
+    # run. Set before that rank's connections close, so it is there when another rank's collective
+    # breaks on them.
+    _FAILED_KEY = "fastvae/failed/{}"
+
+    def _mark_failed(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the store gone too: the others keep their traceback
+            # add(), unlike set(), waits for the store's answer: the key is in before this rank goes on.
+            _default_store().add(self._FAILED_KEY.format(self.rank), 1)
+
+    def _failed_ranks(self) -> list[int]:
+        others = [rank for rank in range(self.size) if rank != self.rank]
+        with contextlib.suppress(RuntimeError):
+            store = _default_store()
+            return [rank for rank in others if store.check([self._FAILED_KEY.format(rank)])]
+        return []
+
+
+def _broken_collective(error: BaseException) -> bool:
+    # gloo reports a peer's closed connection as a plain RuntimeError (torch 2.11 to 2.14); its
+    # newer errors, and NCCL's, are DistErrors. fastvae's own errors and torch's other ones (out
+    # of memory, say) subclass RuntimeError: this rank's own, not a broken collective.
+    return type(error) is RuntimeError or isinstance(error, dist.DistError)
+
+
+def _default_store() -> dist.Store:
+    # The process group's store, which torch.distributed keeps private (stable since torch 1.x).
+    return dist.distributed_c10d._get_default_store()
 
 
 class ShardedForward(nn.Module):

@@ -16,6 +16,11 @@ class RankZeroFailed(RuntimeError):
     ranks stop with it rather than in their next collective."""
 
 
+class RankFailed(RuntimeError):
+    """Under DDP, another rank stopped with an error of its own (its line says why), alone: this
+    one stops with it in one line, not with the traceback of the collective that rank left."""
+
+
 class Stopped(Exception):
     """A signal stopped the run after a checkpoint; the process should exit with 128 + ``signum``,
     the status of a process the signal killed, so that a scheduler sees what it expects. The
