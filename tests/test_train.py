@@ -405,7 +405,7 @@ def test_gloo_threads_end_when_the_run_leaves_not_at_exit(tmp_path):
         assert int(before) > 0 and int(after) == 0, (rank, before, after)
 
 
-# `fastvae train` whose rank FAILING meets a bad image in its own part of the data, alone, in
+# `fastvae train` whose rank {failing} meets a bad image in its own part of the data, alone, in
 # its third batch.
 ONE_RANK_FAILS = """
 import os, sys
@@ -417,7 +417,7 @@ def batches_from(self, *args):
     batches, kept = real_batches_from(self, *args)
     def failing():
         for n, batch in enumerate(batches, 1):
-            if n == 3 and os.environ["RANK"] == os.environ["FAILING"]:
+            if n == 3 and os.environ["RANK"] == "{failing}":
                 raise DataError("img_0042.png is not an image")
             yield batch
     return failing(), kept
@@ -431,10 +431,8 @@ def test_a_rank_that_fails_alone_says_why_and_the_other_says_it_stopped_with_it(
     # The other rank's next collective breaks as the failing rank leaves: it must say so in one
     # line, not in the 30 lines of gloo's traceback, and not hang.
     script = tmp_path / "one_rank_fails.py"
-    script.write_text(ONE_RANK_FAILS)
-    command, env = two_processes(tmp_path / "run", "--steps", 20, "--every", 10, program=(str(script),))
-    result = subprocess.run(command, cwd=REPO, env={**env, "FAILING": str(failing)}, capture_output=True,
-                            text=True, timeout=300)
+    script.write_text(ONE_RANK_FAILS.format(failing=failing))
+    result = run_on_two_processes(tmp_path / "run", "--steps", 20, "--every", 10, program=(str(script),))
     assert result.returncode != 0
     # Each line may land right after rank 0's progress bar on one line.
     said = re.findall(r"fastvae train: [^\r\n]*", result.stderr)

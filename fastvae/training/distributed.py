@@ -135,12 +135,8 @@ class World:
                 if leaving is None or isinstance(leaving, (DivergedError, Stopped)) or self.rank_zero_failed:
                     dist.barrier()
                 elif _broken_collective(leaving):
-                    failed = self._failed_ranks()
-                    if len(failed) == 1:
-                        raise RankFailed(f"rank {failed[0]} stopped with an error (its line says why); stopped with it")
-                    if failed:
-                        ranks = ", ".join(map(str, failed))
-                        raise RankFailed(f"ranks {ranks} stopped with errors (their lines say why); stopped with them")
+                    if failed := self._failed_ranks():
+                        raise RankFailed(failed)
                 elif isinstance(leaving, Exception):
                     self._mark_failed()
             finally:

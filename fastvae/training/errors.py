@@ -17,8 +17,16 @@ class RankZeroFailed(RuntimeError):
 
 
 class RankFailed(RuntimeError):
-    """Under DDP, another rank stopped with an error of its own (its line says why), alone: this
-    one stops with it in one line, not with the traceback of the collective that rank left."""
+    """Under DDP, other ranks (``ranks``) stopped with errors of their own (their lines say why),
+    alone: this one stops with them in one line, not with the traceback of the collective they left."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        if len(ranks) == 1:
+            super().__init__(f"rank {ranks[0]} stopped with an error (its line says why); stopped with it")
+        else:
+            listed = ", ".join(map(str, ranks))
+            super().__init__(f"ranks {listed} stopped with errors (their lines say why); stopped with them")
+        self.ranks = ranks
 
 
 class Stopped(Exception):
